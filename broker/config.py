@@ -1,0 +1,519 @@
+"""The configuration file: TOML in, frozen pydantic models out, every problem reported at once.
+
+The key names are a contract (SPEC section 4): users' files depend on them. Every model
+forbids unknown keys so a typo is an error instead of a silently ignored setting, and
+secrets are accepted only through `*_env` / `*_file` keys so they never sit in a file that
+gets pasted into a bug report.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterBadDateError, croniter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from broker.errors import ConfigError, SecretError
+from broker.units import parse_duration, parse_hostport
+
+CONFIG_ENV = "GPU_BROKER_CONFIG"
+DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/gpu-broker/config.toml"))
+
+# Keys that would hold a secret inline. They are not fields of any model, so without this
+# table a user writing `api_key = "..."` would only be told "unknown key".
+_INLINE_SECRET_KEYS = {"api_key", "api_token", "token", "password", "secret", "key"}
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    return parse_duration(value)
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("expected a duration longer than zero")
+    return value
+
+
+def _listen(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+def _cron(value: str) -> str:
+    text = value.strip()
+    fields = text.split()
+    if not text.startswith("@") and len(fields) != 5:
+        raise ValueError(
+            f'expected a 5-field cron expression like "0 22 * * *", got "{value}"'
+        )
+    if not croniter.is_valid(text):
+        raise ValueError(f'expected a cron expression like "0 22 * * *", got "{value}"')
+    try:
+        croniter(text, datetime(2024, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ValueError(f'the cron expression "{value}" never fires') from None
+    return text
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f'expected an IANA time zone like "Europe/Berlin", got "{value}"'
+        ) from None
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+PositiveDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_positive)]
+ListenAddress = Annotated[str, AfterValidator(_listen)]
+CronExpression = Annotated[str, AfterValidator(_cron)]
+TimeZoneName = Annotated[str, AfterValidator(_timezone)]
+
+
+def system_timezone() -> str:
+    """The machine's own zone: `$TZ`, else `/etc/localtime`'s target, else UTC."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        target = os.readlink("/etc/localtime")
+        candidates.append(target.split("zoneinfo/", 1)[-1])
+    except OSError:
+        pass
+    for name in candidates:
+        if name:
+            try:
+                ZoneInfo(name)
+                return name
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return "UTC"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """Mixin for sections that take one secret as `<name>_env` or `<name>_file`."""
+
+    @staticmethod
+    def _read_secret(key: str, env: str | None, file: Path | None) -> str | None:
+        if env:
+            value = os.environ.get(env)
+            if not value:
+                raise SecretError(f"{key}_env", f"environment variable {env} is not set")
+            return value.strip()
+        if file:
+            try:
+                value = file.expanduser().read_text().strip()
+            except OSError as err:
+                raise SecretError(f"{key}_file", f"cannot read {file}: {err.strerror}") from None
+            if not value:
+                raise SecretError(f"{key}_file", f"{file} is empty")
+            return value
+        return None
+
+
+class BrokerSection(SecretRef):
+    state_dir: Path = Path("~/.local/share/gpu-broker")
+    database_url: str | None = None
+    timezone: TimeZoneName = Field(default_factory=system_timezone)
+    sample_interval: PositiveDuration = timedelta(seconds=1)
+    api_listen: ListenAddress = "127.0.0.1:9477"
+    api_token_env: str | None = "GPU_BROKER_TOKEN"
+    api_token_file: Path | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_database_url_yet(cls, value: str | None) -> str | None:
+        if value is not None:
+            # Refused rather than ignored: a fleet owner would otherwise believe every
+            # broker writes to the shared database while each writes its own file.
+            raise ValueError(
+                "the PostgreSQL ledger is not available in this version; remove this key "
+                "to use the SQLite ledger in state_dir"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> BrokerSection:
+        if self.api_token_file is not None and "api_token_env" in self.model_fields_set:
+            raise ValueError("set api_token_env or api_token_file, not both")
+        return self
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def api_token(self) -> str | None:
+        """The bearer token for POST routes; `SecretError` when a named source is empty."""
+        if self.api_token_file is not None:
+            return self._read_secret("broker.api_token", None, self.api_token_file)
+        return self._read_secret("broker.api_token", self.api_token_env, None)
+
+
+class FakeGpu(_Model):
+    name: str = "NVIDIA GeForce RTX 3090"
+    uuid: str | None = None
+    memory_mb: int = Field(default=24576, gt=0)
+    idle_watts: float = Field(default=22.0, ge=0)
+    load_watts: float = Field(default=350.0, gt=0)
+
+    @model_validator(mode="after")
+    def _load_above_idle(self) -> FakeGpu:
+        if self.load_watts < self.idle_watts:
+            raise ValueError("load_watts must be at least idle_watts")
+        return self
+
+
+class GpusSection(_Model):
+    backend: Literal["nvml", "fake", "auto"] = "auto"
+    idle_utilization_pct: float = Field(default=5, ge=0, le=100)
+    idle_memory_mb: int = Field(default=600, ge=0)
+    fake: list[FakeGpu] = Field(
+        default_factory=lambda: [FakeGpu(), FakeGpu()],
+        description="GPUs simulated when backend is fake (or auto without a driver)",
+    )
+
+
+_SYSTEMD_UNIT = re.compile(r"systemd:[A-Za-z0-9:_.@\\-]+")
+
+
+class ServiceSection(_Model):
+    name: str = Field(min_length=1)
+    kind: Literal["ollama", "comfyui", "openai"]
+    upstream: str
+    gate_listen: ListenAddress | None = None
+    gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    drain: str = "api"
+    drain_command: str | None = None
+    resume_command: str | None = None
+    max_hold: Duration = timedelta(seconds=30)
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+            raise ValueError(
+                f'expected an http(s) URL like "http://127.0.0.1:11435", got "{value}"'
+            )
+        return value.rstrip("/")
+
+    @field_validator("drain")
+    @classmethod
+    def _drain_kind(cls, value: str) -> str:
+        if value in ("api", "command") or _SYSTEMD_UNIT.fullmatch(value):
+            return value
+        raise ValueError(f'expected "api", "systemd:UNIT" or "command", got "{value}"')
+
+    @model_validator(mode="after")
+    def _commands_for_command_drain(self) -> ServiceSection:
+        if self.drain == "command" and not (self.drain_command and self.resume_command):
+            raise ValueError('drain = "command" needs drain_command and resume_command')
+        if self.drain != "command" and (self.drain_command or self.resume_command):
+            raise ValueError(
+                'drain_command and resume_command are used only with drain = "command"'
+            )
+        return self
+
+
+class PolicySection(_Model):
+    idle_window: PositiveDuration = timedelta(minutes=15)
+    drain_timeout: PositiveDuration = timedelta(minutes=2)
+    min_listed: Duration = timedelta(minutes=30)
+    max_cycles_per_day: int = Field(default=6, ge=1)
+    local_hold: Duration = timedelta(minutes=10)
+    max_commitment: PositiveDuration = timedelta(hours=2)
+    reclaim: Literal["graceful", "displace-interruptible"] = "graceful"
+
+
+# Longer windows would make "is it open?" depend on occurrences far in the past; a week
+# covers every schedule a person writes ("weekends", "every night").
+MAX_WINDOW = timedelta(days=7)
+
+
+class WindowSection(_Model):
+    cron: CronExpression
+    duration: PositiveDuration
+
+    @field_validator("duration")
+    @classmethod
+    def _not_too_long(cls, value: timedelta) -> timedelta:
+        if value > MAX_WINDOW:
+            raise ValueError("expected at most 7d; use a cron that fires more often instead")
+        return value
+
+
+class TariffSection(WindowSection):
+    price_per_kwh: float = Field(ge=0)
+    carbon_g_per_kwh: float | None = Field(default=None, ge=0)
+
+
+class EnergySection(_Model):
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    price_per_kwh: float = Field(default=0.30, ge=0)
+    overhead_watts: float = Field(default=0, ge=0)
+    carbon_g_per_kwh: float = Field(default=0, ge=0)
+    tariff: list[TariffSection] = Field(default_factory=list)
+
+
+class VastProvider(SecretRef):
+    kind: Literal["vast"]
+    machine_id: int = Field(gt=0)
+    api_key_env: str | None = "VAST_API_KEY"
+    api_key_file: Path | None = None
+    base_url: str = "https://console.vast.ai"
+    price_gpu: float = Field(gt=0, description="USD per GPU-hour, on-demand")
+    min_bid: float | Literal["auto"] = "auto"
+    price_disk: float = Field(default=0.10, ge=0, description="USD per GB-month")
+    min_chunk: int = Field(default=1, ge=1)
+
+    @field_validator("min_bid")
+    @classmethod
+    def _min_bid(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int) and value < 0:
+            raise ValueError('expected "auto" or a price of at least 0')
+        return value
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is not None:
+            return self._read_secret("provider.api_key", None, self.api_key_file)
+        return self._read_secret("provider.api_key", self.api_key_env, None)
+
+
+class RunpodProvider(SecretRef):
+    kind: Literal["runpod"]
+    machine_id: str | None = None
+    api_key_env: str | None = "RUNPOD_API_KEY"
+    api_key_file: Path | None = None
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is not None:
+            return self._read_secret("provider.api_key", None, self.api_key_file)
+        return self._read_secret("provider.api_key", self.api_key_env, None)
+
+
+class PaperProvider(_Model):
+    kind: Literal["paper"]
+    seed: int = 0
+    price_gpu: float = Field(default=0.20, gt=0, description="USD per GPU-hour we ask")
+    market_price_gpu: float = Field(
+        default=0.20, gt=0, description="USD per GPU-hour renters expect"
+    )
+
+
+ProviderSection = Annotated[
+    VastProvider | RunpodProvider | PaperProvider, Field(discriminator="kind")
+]
+
+
+class Config(_Model):
+    broker: BrokerSection = Field(default_factory=BrokerSection)
+    gpus: GpusSection = Field(default_factory=GpusSection)
+    services: list[ServiceSection] = Field(default_factory=list)
+    policy: PolicySection = Field(default_factory=PolicySection)
+    windows: list[WindowSection] = Field(default_factory=list)
+    energy: EnergySection = Field(default_factory=EnergySection)
+    provider: ProviderSection = Field(default_factory=lambda: PaperProvider(kind="paper"))
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems: list[str] = []
+        names = [s.name for s in self.services]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"services: the name {name!r} is used twice")
+        listens: dict[tuple[str, int], str] = {
+            parse_hostport(self.broker.api_listen): "broker.api_listen"
+        }
+        for i, service in enumerate(self.services):
+            if service.gate_listen is None:
+                continue
+            addr = parse_hostport(service.gate_listen)
+            if addr in listens:
+                problems.append(
+                    f"services[{i}].gate_listen: {service.gate_listen} is already used by "
+                    f"{listens[addr]}"
+                )
+            listens[addr] = f"services[{i}].gate_listen"
+            up = service.upstream.split("://", 1)[1].split("/", 1)[0]
+            if ":" in up and parse_hostport(up) == addr:
+                problems.append(
+                    f"services[{i}].gate_listen: the gate cannot listen on its own upstream "
+                    f"({service.upstream}); move the service (e.g. OLLAMA_HOST) to another port"
+                )
+        if self.gpus.backend == "fake":
+            count = len(self.gpus.fake)
+            for i, service in enumerate(self.services):
+                for gpu in service.gpus:
+                    if gpu >= count:
+                        problems.append(
+                            f"services[{i}].gpus: GPU {gpu} does not exist "
+                            f"(gpus.fake has {count})"
+                        )
+        if problems:
+            # Raised as ValueError so pydantic reports them with the other problems.
+            raise ValueError("\n".join(problems))
+        return self
+
+    def resolve_paths(self, base: Path) -> Config:
+        """Expand `~` and make relative paths relative to the config file's folder."""
+
+        def fix(path: Path) -> Path:
+            path = path.expanduser()
+            return path if path.is_absolute() else (base / path)
+
+        broker = self.broker.model_copy(update={"state_dir": fix(self.broker.state_dir)})
+        return self.model_copy(update={"broker": broker})
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def find_config(explicit: str | os.PathLike[str] | None) -> Path:
+    """`-c FILE`, else `$GPU_BROKER_CONFIG`, else ./config.toml, else /etc/gpu-broker/."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.exists():
+            return candidate
+    tried = ", ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+    raise ConfigError(
+        [f"no configuration file: pass -c FILE, set ${CONFIG_ENV}, or create one of {tried}"]
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate one file. Raises `ConfigError` with every problem found."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError([f"cannot read the file: {err.strerror}"], source=str(path)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(["the file is not UTF-8 text"], source=str(path)) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"invalid TOML: {err}"], source=str(path)) from None
+    return parse_config(data, source=str(path)).resolve_paths(path.resolve().parent)
+
+
+def parse_config(data: Mapping[str, Any], source: str | None = None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err.errors(), data), source=source) from None
+
+
+def _describe(errors: Iterable[ErrorDetails], data: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    for error in errors:
+        path = _key_path(error["loc"], data)
+        # A whole-file cross-check (empty path) names its own key paths, one per line.
+        for line in _message(error, data).splitlines():
+            problems.append(f"{path}: {line}" if path else line)
+    return list(dict.fromkeys(problems))
+
+
+def _key_path(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> str:
+    out = ""
+    node: Any = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        # A discriminated union adds the tag ("vast") to the location; it is not a key.
+        if isinstance(node, Mapping) and part not in node and node.get("kind") == part:
+            continue
+        out += f".{part}" if out else part
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return out
+
+
+def _message(error: ErrorDetails, data: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1])
+        parent = _known_keys(error["loc"][:-1], data)
+        if key in _INLINE_SECRET_KEYS or key.endswith(("_key", "_token", "_password")):
+            if f"{key}_env" in parent:
+                return (
+                    f"secrets are not accepted inline; use {key}_env (an environment variable) "
+                    f"or {key}_file (a file only the broker can read)"
+                )
+            return "secrets are not accepted inline, and this section takes none"
+        close = difflib.get_close_matches(key, parent, n=1)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("value_error", "assertion_error"):
+        return str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "union_tag_invalid":
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        return f"expected kind to be one of {expected}, got {given!r}"
+    if kind == "union_tag_not_found":
+        return "required key 'kind' is missing"
+    message = str(error["msg"])
+    message = message[0].lower() + message[1:]
+    if isinstance(given, Mapping | list):
+        return message
+    return f"{message}, got {given!r}"
+
+
+def _known_keys(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> list[str]:
+    model: Any = Config
+    node: Any = data
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, Mapping) and part not in node and node.get("kind") == part:
+            model = {"vast": VastProvider, "runpod": RunpodProvider, "paper": PaperProvider}[part]
+            continue
+        is_model = isinstance(model, type) and issubclass(model, BaseModel)
+        field = model.model_fields.get(part) if is_model else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    """The model class inside `list[Model]`, `Model | None` or a plain `Model`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
