@@ -1,0 +1,1 @@
+"""Time-based decisions: availability windows and tariff periods."""
