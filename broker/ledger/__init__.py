@@ -1,0 +1,39 @@
+"""The ledger: the broker's durable memory. `open_ledger` picks the store the config names."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from broker.config import BrokerSection
+from broker.ledger.base import (
+    EarningsRecord,
+    EnergyRecord,
+    JournalEntry,
+    Ledger,
+    StateInterval,
+)
+from broker.ledger.sqlite import SqliteLedger
+
+LEDGER_FILE = "ledger.sqlite3"
+
+__all__ = [
+    "LEDGER_FILE",
+    "EarningsRecord",
+    "EnergyRecord",
+    "JournalEntry",
+    "Ledger",
+    "SqliteLedger",
+    "StateInterval",
+    "ledger_path",
+    "open_ledger",
+]
+
+
+def ledger_path(broker: BrokerSection) -> Path:
+    return broker.state_dir / LEDGER_FILE
+
+
+async def open_ledger(broker: BrokerSection, host: str | None = None) -> Ledger:
+    """Open (creating and migrating as needed) the ledger the config names."""
+    return await SqliteLedger.open(ledger_path(broker), host=host or socket.gethostname())

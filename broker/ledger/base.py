@@ -1,0 +1,141 @@
+"""What the broker keeps: state intervals, energy, earnings and a journal of its actions.
+
+`Ledger` is the interface every store implements (SQLite now; PostgreSQL for fleets later).
+All times are timezone-aware UTC datetimes; the store decides how to keep them. Callers pass
+every timestamp in, so a store never reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal, Protocol
+
+Scope = Literal["pool", "gpu"]
+JournalStatus = Literal["intent", "done", "failed", "note"]
+EarningsSource = Literal["provider", "estimate"]
+
+
+@dataclass(frozen=True)
+class StateInterval:
+    scope: Scope
+    subject: str  # pool name or GPU UUID
+    state: str
+    start: datetime
+    end: datetime | None  # None while the state is still in force
+    reason: str = ""
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class EnergyRecord:
+    """Energy one GPU drew over [start, end) while the pool was in `pool_state`."""
+
+    gpu_uuid: str
+    gpu_index: int
+    pool_state: str
+    start: datetime
+    end: datetime
+    joules: float  # what the GPU itself drew (energy counter, or integrated power)
+    overhead_joules: float = 0.0  # this GPU's share of host draw NVML does not see
+    method: Literal["counter", "integrated", "mixed"] = "counter"
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class EarningsRecord:
+    """One provider's earnings for one machine on one day (the provider's own day)."""
+
+    provider: str
+    machine_id: str
+    day: date
+    amount: float
+    currency: str
+    source: EarningsSource
+    updated: datetime
+    detail: dict[str, Any] = field(default_factory=dict)
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A decision or an external action. An `intent` is written before the action is taken
+    and later completed as `done` or `failed`, so a restart can see what was in flight."""
+
+    at: datetime
+    kind: str  # e.g. "list", "unlist", "drain", "transition", "request_held"
+    status: JournalStatus
+    subject: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+    outcome: str | None = None
+    outcome_at: datetime | None = None
+    host: str = ""
+
+
+class Ledger(Protocol):
+    """The storage interface. Every method is safe to await from the event loop."""
+
+    @property
+    def schema_version(self) -> int: ...
+
+    @property
+    def host(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+    async def record_state(
+        self, scope: Scope, subject: str, state: str, at: datetime, reason: str = ""
+    ) -> None:
+        """Close the interval in force for (scope, subject) at `at` and open `state`."""
+        ...
+
+    async def close_states(self, at: datetime) -> int:
+        """Close every open interval of this host at `at` (clean shutdown). Returns how many."""
+        ...
+
+    async def state_intervals(
+        self, start: datetime, end: datetime, scope: Scope | None = None, subject: str | None = None
+    ) -> list[StateInterval]:
+        """Intervals of this host overlapping [start, end), unclipped, ordered by start."""
+        ...
+
+    async def add_energy(self, records: Sequence[EnergyRecord]) -> None: ...
+
+    async def energy(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[EnergyRecord]:
+        """Records of this host that overlap [start, end), ordered by start."""
+        ...
+
+    async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:
+        """Insert or replace by (provider, machine_id, day); returns rows that changed.
+
+        A provider-reported figure replaces an estimate; an estimate never replaces a
+        provider figure.
+        """
+        ...
+
+    async def earnings(self, first_day: date, last_day: date) -> list[EarningsRecord]:
+        """Records for days first_day..last_day inclusive, ordered by day."""
+        ...
+
+    async def journal(self, entry: JournalEntry) -> int:
+        """Append an entry; returns its id."""
+        ...
+
+    async def complete(
+        self, entry_id: int, status: JournalStatus, at: datetime, outcome: str = ""
+    ) -> None:
+        """Mark an intent done or failed."""
+        ...
+
+    async def journal_entries(
+        self,
+        since: datetime | None = None,
+        status: JournalStatus | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[JournalEntry]:
+        """Entries of this host, oldest first."""
+        ...

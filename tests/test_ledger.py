@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.config import BrokerSection
+from broker.errors import LedgerError, LedgerVersionError
+from broker.ledger import (
+    EarningsRecord,
+    EnergyRecord,
+    JournalEntry,
+    SqliteLedger,
+    ledger_path,
+    open_ledger,
+)
+from broker.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
+
+T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
+
+
+def minutes(n: float) -> datetime:
+    return T0 + timedelta(minutes=n)
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> SqliteLedger:
+    ledger = await SqliteLedger.open(tmp_path / "state" / "ledger.sqlite3", host="box")
+    yield ledger  # type: ignore[misc]
+    await ledger.close()
+
+
+async def test_created_on_first_use_in_wal_mode(tmp_path: Path) -> None:
+    broker = BrokerSection(state_dir=tmp_path / "new" / "dir")
+    ledger = await open_ledger(broker, host="box")
+    try:
+        path = ledger_path(broker)
+        assert path.exists()
+        assert ledger.schema_version == SCHEMA_VERSION
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        conn.close()
+    finally:
+        await ledger.close()
+
+
+async def test_state_intervals_close_the_previous_one(ledger: SqliteLedger) -> None:
+    await ledger.record_state("pool", "default", "LOCAL", minutes(0))
+    await ledger.record_state("pool", "default", "IDLE", minutes(10), "all GPUs idle")
+    await ledger.record_state("gpu", "GPU-a", "local", minutes(0))
+    await ledger.record_state("pool", "default", "DRAINING", minutes(25))
+    pool = await ledger.state_intervals(minutes(0), minutes(60), scope="pool")
+    assert [(i.state, i.start, i.end, i.reason) for i in pool] == [
+        ("LOCAL", minutes(0), minutes(10), ""),
+        ("IDLE", minutes(10), minutes(25), "all GPUs idle"),
+        ("DRAINING", minutes(25), None, ""),
+    ]
+    overlapping = await ledger.state_intervals(minutes(12), minutes(13))
+    assert {(i.scope, i.state) for i in overlapping} == {("pool", "IDLE"), ("gpu", "local")}
+    assert await ledger.close_states(minutes(30)) == 2
+    assert all(i.end is not None for i in await ledger.state_intervals(minutes(0), minutes(60)))
+
+
+async def test_energy_round_trip_and_range(ledger: SqliteLedger) -> None:
+    records = [
+        EnergyRecord("GPU-a", 0, "listed", minutes(i), minutes(i + 1), 1320.0, 1800.0, "counter")
+        for i in range(5)
+    ]
+    await ledger.add_energy(records)
+    await ledger.add_energy([])
+    got = await ledger.energy(minutes(1.5), minutes(3))
+    assert [r.start for r in got] == [minutes(1), minutes(2)]
+    assert got[0] == EnergyRecord(
+        "GPU-a", 0, "listed", minutes(1), minutes(2), 1320.0, 1800.0, "counter", host="box"
+    )
+    assert await ledger.energy(minutes(0), minutes(10), gpu_uuid="GPU-b") == []
+
+
+async def test_earnings_are_counted_once(ledger: SqliteLedger) -> None:
+    day = date(2026, 11, 25)
+    estimate = EarningsRecord("vast", "42", day, 3.10, "USD", "estimate", minutes(0))
+    reported = EarningsRecord(
+        "vast", "42", day, 3.25, "USD", "provider", minutes(60), {"gpu_earn": 3.0}
+    )
+    assert await ledger.upsert_earnings([estimate]) == 1
+    assert await ledger.upsert_earnings([estimate]) == 0  # same again: nothing changes
+    assert await ledger.upsert_earnings([reported]) == 1  # the provider's figure replaces it
+    assert await ledger.upsert_earnings([reported, reported]) == 0
+    later_estimate = EarningsRecord("vast", "42", day, 9.99, "USD", "estimate", minutes(90))
+    assert await ledger.upsert_earnings([later_estimate]) == 0  # never over a provider figure
+    [row] = await ledger.earnings(day, day)
+    assert (row.amount, row.source, row.detail) == (3.25, "provider", {"gpu_earn": 3.0})
+    other_day = EarningsRecord("vast", "42", day + timedelta(days=1), 1.0, "USD", "provider", T0)
+    await ledger.upsert_earnings([other_day])
+    assert len(await ledger.earnings(day, day + timedelta(days=1))) == 2
+
+
+async def test_journal_intent_then_outcome(ledger: SqliteLedger) -> None:
+    entry_id = await ledger.journal(
+        JournalEntry(minutes(0), "list", "intent", "vast:42", {"end_date": 1764108000.0})
+    )
+    await ledger.journal(JournalEntry(minutes(1), "transition", "note", "default"))
+    [pending] = await ledger.journal_entries(status="intent")
+    assert (pending.id, pending.kind, pending.payload) == (
+        entry_id,
+        "list",
+        {"end_date": 1764108000.0},
+    )
+    await ledger.complete(entry_id, "done", minutes(2), "listed until 00:00")
+    assert await ledger.journal_entries(status="intent") == []
+    [done] = await ledger.journal_entries(kinds=["list"])
+    assert (done.status, done.outcome) == ("done", "listed until 00:00")
+    assert done.outcome_at == minutes(2)
+    with pytest.raises(LedgerError, match="not an open intent"):
+        await ledger.complete(entry_id, "failed", minutes(3))
+    assert len(await ledger.journal_entries(since=minutes(1))) == 1
+
+
+async def test_naive_datetimes_are_refused(ledger: SqliteLedger) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await ledger.record_state("pool", "p", "LOCAL", datetime(2026, 1, 1))
+
+
+async def test_database_work_runs_off_the_event_loop(ledger: SqliteLedger) -> None:
+    threads: list[str] = []
+    original = ledger._read
+
+    def spy(sql: str, params: object) -> object:
+        threads.append(threading.current_thread().name)
+        return original(sql, params)  # type: ignore[arg-type]
+
+    ledger._read = spy  # type: ignore[assignment,method-assign]
+    await ledger.journal_entries()
+    assert threads and threads[0].startswith("ledger")
+    assert threads[0] != threading.current_thread().name
+
+
+async def test_a_reader_sees_committed_rows_while_the_service_writes(
+    ledger: SqliteLedger,
+) -> None:
+    await ledger.record_state("pool", "default", "LISTED", minutes(0))
+    reader = sqlite3.connect(f"file:{ledger.path}?mode=ro", uri=True)
+    try:
+        await asyncio.gather(
+            *(ledger.record_state("gpu", f"GPU-{i}", "listed", minutes(i)) for i in range(20))
+        )
+        assert reader.execute("SELECT COUNT(*) FROM state_intervals").fetchone()[0] == 21
+    finally:
+        reader.close()
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+
+def _v1_database(path: Path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO earnings (provider, machine_id, day, amount, currency, updated_ts, host) "
+        "VALUES ('vast', '42', '2026-11-01', 4.5, 'USD', 0, 'box')"
+    )
+    conn.execute(
+        "INSERT INTO state_intervals (host, scope, subject, state, start_ts) "
+        "VALUES ('box', 'pool', 'default', 'RENTED', ?)",
+        (T0.timestamp(),),
+    )
+    conn.close()
+
+
+async def test_migrates_a_version_1_ledger_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    _v1_database(path)
+    ledger = await SqliteLedger.open(path, host="box")
+    try:
+        assert (ledger.migrated_from, ledger.schema_version) == (1, SCHEMA_VERSION)
+        [row] = await ledger.earnings(date(2026, 11, 1), date(2026, 11, 1))
+        assert (row.amount, row.source) == (4.5, "provider")  # old rows were provider-reported
+        [interval] = await ledger.state_intervals(T0, T0 + timedelta(hours=1))
+        assert (interval.state, interval.end) == ("RENTED", None)
+        await ledger.upsert_earnings(
+            [EarningsRecord("paper", "local", date(2026, 11, 2), 1.0, "USD", "estimate", T0)]
+        )
+    finally:
+        await ledger.close()
+    reopened = await SqliteLedger.open(path, host="box")
+    assert reopened.migrated_from == SCHEMA_VERSION  # nothing left to do the second time
+    await reopened.close()
+
+
+async def test_a_failing_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    _v1_database(path)
+    broken = [MIGRATIONS[0], ("CREATE INDEX fine ON energy (host)", "NOT SQL AT ALL")]
+    with pytest.raises(LedgerError, match="cannot use the ledger"):
+        await SqliteLedger.open(path, host="box", migrations=broken)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "fine" not in indexes
+    conn.close()
+
+
+async def test_a_ledger_from_a_newer_broker_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(LedgerVersionError, match="newer than this gpu-broker knows"):
+        await SqliteLedger.open(path, host="box")
+
+
+async def test_an_unusable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(LedgerError, match="cannot open the ledger"):
+        await SqliteLedger.open(blocker / "ledger.sqlite3", host="box")
+
+
+async def test_rows_of_other_hosts_are_not_mixed_in(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    a = await SqliteLedger.open(path, host="a")
+    b = await SqliteLedger.open(path, host="b")
+    try:
+        await a.record_state("pool", "default", "LISTED", T0)
+        await b.record_state("pool", "default", "LOCAL", T0)
+        assert [i.state for i in await a.state_intervals(T0, minutes(1))] == ["LISTED"]
+        assert [i.state for i in await b.state_intervals(T0, minutes(1))] == ["LOCAL"]
+    finally:
+        await a.close()
+        await b.close()
