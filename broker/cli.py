@@ -1,0 +1,241 @@
+"""The `gpu-broker` command. The only place that reads the real clock and configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from rich.console import Console
+from rich.table import Table
+
+from broker import __version__
+from broker.clock import Clock, SystemClock
+from broker.config import Config, RunpodProvider, VastProvider, find_config, load_config
+from broker.errors import BrokerError, ConfigError
+from broker.ledger import ledger_path
+from broker.ledger.sqlite import SCHEMA_VERSION
+from broker.scheduling.tariffs import TariffSchedule
+from broker.scheduling.windows import Calendar
+from broker.units import format_duration
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+def main(argv: Sequence[str] | None = None, clock: Clock | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    # Piped output gets a wide console so a table row stays one line for grep and scripts.
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        path = find_config(args.config)
+        config = load_config(path)
+        return int(args.handler(args, config, path, clock or SystemClock(), out))
+    except ConfigError as error:
+        where = error.source or "configuration"
+        count = len(error.problems)
+        err.print(f"gpu-broker: {where}: {count} problem{'s' if count != 1 else ''}", markup=False)
+        for problem in error.problems:
+            err.print(f"  {problem}", markup=False)
+        return EXIT_USAGE
+    except BrokerError as error:
+        err.print(f"gpu-broker: {error}", markup=False)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu-broker",
+        description="Rent out idle local GPUs and reclaim them when local requests arrive.",
+    )
+    parser.add_argument("--version", action="version", version=f"gpu-broker {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $GPU_BROKER_CONFIG, then ./config.toml, "
+        "then /etc/gpu-broker/config.toml)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    windows = sub.add_parser(
+        "windows",
+        parents=[common],
+        help="show the upcoming availability windows and tariff periods in local time",
+    )
+    windows.add_argument(
+        "--next", type=_positive_int, default=5, metavar="N", help="how many (default 5)"
+    )
+    windows.set_defaults(handler=cmd_windows)
+
+    check = sub.add_parser(
+        "check", parents=[common], help="validate the config and what it points to"
+    )
+    check.set_defaults(handler=cmd_check)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def local_time(t: datetime, tz: ZoneInfo) -> str:
+    return t.astimezone(tz).strftime("%a %Y-%m-%d %H:%M %Z")
+
+
+# -- windows ------------------------------------------------------------------------------
+
+
+def cmd_windows(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    tz = config.broker.tz
+    now = clock.now()
+    out.print(f"Now: {local_time(now, tz)} ({config.broker.timezone})")
+    if not config.windows:
+        out.print("No [[windows]] configured: gpu-broker will never list this machine.")
+    else:
+        calendar = Calendar.from_config(config.windows, tz)
+        table = Table(title="Availability windows", title_justify="left")
+        table.add_column("opens")
+        table.add_column("closes")
+        table.add_column("length", justify="right")
+        table.add_column("now")
+        for interval in calendar.openings(now, args.next):
+            is_now = now in interval
+            closes = local_time(interval.end, tz)
+            if interval.open_ended:
+                closes = f"after {closes}"
+            table.add_row(
+                local_time(interval.start, tz),
+                closes,
+                ("> " if interval.open_ended else "") + format_duration(interval.duration),
+                "open now" if is_now else "",
+            )
+        out.print(table)
+
+    energy = config.energy
+    default = f"{energy.price_per_kwh:.4g} {energy.currency}/kWh"
+    if not energy.tariff:
+        out.print(f"Electricity: {default} at all times.")
+        return EXIT_OK
+    schedule = TariffSchedule.from_config(energy, tz)
+    table = Table(title=f"Tariff periods (otherwise {default})", title_justify="left")
+    table.add_column("from")
+    table.add_column("until")
+    table.add_column("price", justify="right")
+    table.add_column("carbon", justify="right")
+    for segment in schedule.upcoming(now, args.next):
+        table.add_row(
+            local_time(segment.interval.start, tz),
+            local_time(segment.interval.end, tz),
+            f"{segment.rate.price_per_kwh:.4g} {energy.currency}/kWh",
+            f"{segment.rate.carbon_g_per_kwh:.4g} g/kWh",
+        )
+    out.print(table)
+    return EXIT_OK
+
+
+# -- check --------------------------------------------------------------------------------
+
+
+def cmd_check(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    problems: list[str] = []
+    warnings: list[str] = []
+    out.print(f"ok   config {path} is valid")
+
+    tz = config.broker.tz
+    if config.windows:
+        calendar = Calendar.from_config(config.windows, tz)
+        now = clock.now()
+        current = calendar.current(now)
+        if current:
+            out.print(f"ok   windows: open now, until {local_time(current.end, tz)}")
+        else:
+            upcoming = calendar.openings(now, 1)
+            when = local_time(upcoming[0].start, tz) if upcoming else "not within a month"
+            out.print(f"ok   windows: closed now, next opens {when}")
+    else:
+        warnings.append("windows: none configured, so the machine is never listed")
+
+    try:
+        if config.broker.api_token() is None:
+            warnings.append(
+                "broker: no api_token_env or api_token_file, so POST /api/reclaim, "
+                "/api/pause and /api/resume refuse every request"
+            )
+        else:
+            out.print("ok   broker.api_token is set")
+    except ConfigError as error:
+        warnings.extend(
+            f"{p} (POST /api/reclaim, /api/pause and /api/resume will refuse every request)"
+            for p in error.problems
+        )
+
+    provider = config.provider
+    if isinstance(provider, VastProvider | RunpodProvider):
+        try:
+            provider.api_key()
+            out.print(f"ok   provider.{provider.kind}: API key is set")
+        except ConfigError as error:
+            problems.extend(error.problems)
+    else:
+        out.print("ok   provider: paper market (simulated renters, no account needed)")
+
+    problems.extend(_check_ledger(config, out))
+
+    for warning in warnings:
+        out.print(f"warn {warning}", markup=False)
+    for problem in problems:
+        out.print(f"FAIL {problem}", markup=False)
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def _check_ledger(config: Config, out: Console) -> list[str]:
+    path = ledger_path(config.broker)
+    if path.exists():
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error as error:
+            return [f"broker.state_dir: cannot read the ledger {path}: {error}"]
+        if version > SCHEMA_VERSION:
+            return [
+                f"broker.state_dir: the ledger {path} is at schema version {version}, "
+                f"newer than this gpu-broker ({SCHEMA_VERSION})"
+            ]
+        note = "" if version == SCHEMA_VERSION else f", will migrate to {SCHEMA_VERSION}"
+        out.print(f"ok   ledger {path} (schema {version}{note})")
+        return []
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"broker.state_dir: cannot create {path.parent}: {parent} is not writable"]
+    out.print(f"ok   ledger will be created at {path}")
+    return []
