@@ -34,3 +34,35 @@ class LedgerError(BrokerError):
 
 class LedgerVersionError(LedgerError):
     """The ledger was written by a newer gpu-broker than this one."""
+
+
+class ProviderError(BrokerError):
+    """A marketplace call failed. The message carries the platform's own words."""
+
+
+class ProviderUnavailable(ProviderError):
+    """Temporary: rate limited (429), a 5xx, a timeout or a refused connection. Retried."""
+
+
+class ProviderAuthError(ProviderError):
+    """The platform refused the credentials (401/403). Never retried."""
+
+
+class ProviderRejected(ProviderError):
+    """The platform refused the request itself (a 4xx other than 429). Never retried."""
+
+
+class ProviderStateMismatch(ProviderError):
+    """A write was answered as done but reading the state back shows otherwise."""
+
+
+class ServiceError(BrokerError):
+    """A local inference service could not be reached or did not do what was asked."""
+
+
+class DrainError(ServiceError):
+    """A service could not be drained (models unloaded, VRAM freed) in time."""
+
+
+class GpuError(BrokerError):
+    """The GPU backend failed as a whole (driver gone, worker thread stuck)."""
