@@ -174,16 +174,88 @@ class BrokerSection(SecretRef):
 
 
 class FakeGpu(_Model):
+    """One simulated GPU, for machines without NVIDIA hardware, demos and tests.
+
+    Without a `timeline` it idles at `idle_watts` forever. A timeline is a list of steps;
+    each step takes effect `at` a duration after the backend started and keeps its values
+    until the next step. A key left out of a step keeps the previous step's value, so a step
+    can change one thing. Power follows utilisation (`idle_watts` at 0 %, `load_watts` at
+    100 %, linear between) unless a step sets `power_w`, which holds for that step only.
+    `processes` replaces the whole list of processes on the GPU (`[]` clears it).
+
+    Faults, to see how the broker copes: `unsupported` names fields the driver would answer
+    "not supported" for (`energy_mj` = a GPU without an energy counter, as before Volta),
+    `no_permission` fields it would refuse, `lost_at` when the GPU falls off the bus (it stays
+    lost), `energy_resets_at` when the energy counter restarts from zero (a driver reload).
+
+        fake = [{ name = "NVIDIA GeForce RTX 3090", idle_watts = 22, load_watts = 350,
+                  energy_resets_at = ["12h"], timeline = [
+            { at = "0s", utilization_pct = 0, memory_used_mb = 250 },
+            { at = "2h", utilization_pct = 95, memory_used_mb = 18000,
+              processes = [{ pid = 4242, name = "ollama", memory_mb = 17500 }] },
+            { at = "2h30m", utilization_pct = 0, memory_used_mb = 250, processes = [] },
+        ] }]
+    """
+
+    class Process(_Model):
+        pid: int = Field(gt=0)
+        name: str | None = None
+        memory_mb: float = Field(default=0, ge=0)
+
+    class Step(_Model):
+        at: Duration
+        utilization_pct: float | None = Field(default=None, ge=0, le=100)
+        memory_used_mb: float | None = Field(default=None, ge=0)
+        power_w: float | None = Field(default=None, ge=0)
+        temperature_c: float | None = None
+        processes: list[FakeGpu.Process] | None = None
+
     name: str = "NVIDIA GeForce RTX 3090"
     uuid: str | None = None
     memory_mb: int = Field(default=24576, gt=0)
     idle_watts: float = Field(default=22.0, ge=0)
     load_watts: float = Field(default=350.0, gt=0)
+    max_watts: float | None = Field(
+        default=None, gt=0, description="power limit the driver reports; default load_watts"
+    )
+    timeline: list[Step] = Field(default_factory=list)
+    # Field names as in broker.gpu.base.GpuSample (`processes` for the process list).
+    unsupported: list[
+        Literal[
+            "utilization_pct", "memory_used_mb", "power_w", "energy_mj", "pstate",
+            "temperature_c", "processes",
+        ]
+    ] = Field(default_factory=list)
+    no_permission: list[
+        Literal[
+            "utilization_pct", "memory_used_mb", "power_w", "energy_mj", "pstate",
+            "temperature_c", "processes",
+        ]
+    ] = Field(default_factory=list)
+    lost_at: Duration | None = None
+    energy_resets_at: list[Duration] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _load_above_idle(self) -> FakeGpu:
         if self.load_watts < self.idle_watts:
             raise ValueError("load_watts must be at least idle_watts")
+        if self.max_watts is not None and self.max_watts < self.load_watts:
+            raise ValueError("max_watts must be at least load_watts")
+        times = [step.at for step in self.timeline]
+        if times != sorted(set(times)):
+            raise ValueError("timeline: the steps' `at` must increase from step to step")
+        ceiling = self.max_watts or self.load_watts
+        for step in self.timeline:
+            if step.power_w is not None and step.power_w > ceiling:
+                raise ValueError(
+                    f"timeline: power_w {step.power_w:g} is more than the card's limit "
+                    f"({ceiling:g} W: max_watts, else load_watts)"
+                )
+            if step.memory_used_mb is not None and step.memory_used_mb > self.memory_mb:
+                raise ValueError(
+                    f"timeline: memory_used_mb {step.memory_used_mb:g} is more than "
+                    f"memory_mb {self.memory_mb}"
+                )
         return self
 
 
@@ -191,6 +263,17 @@ class GpusSection(_Model):
     backend: Literal["nvml", "fake", "auto"] = "auto"
     idle_utilization_pct: float = Field(default=5, ge=0, le=100)
     idle_memory_mb: int = Field(default=600, ge=0)
+    # How long a GPU must look idle without a break before it counts as idle, so a gap
+    # between two requests does not read as "idle".
+    idle_debounce: Duration = timedelta(seconds=30)
+    # Process names (or full paths) that may stay on an idle GPU: the local services' own
+    # runners. Any other compute or graphics process keeps the GPU busy.
+    allowed_processes: list[str] = Field(default_factory=list)
+    # Listing processes costs milliseconds per GPU; utilisation and power are read every
+    # broker.sample_interval, processes only this often.
+    process_interval: PositiveDuration = timedelta(seconds=5)
+    # A driver call that hangs (a GPU falling off the bus) must not stall the broker.
+    sample_timeout: PositiveDuration = timedelta(seconds=5)
     fake: list[FakeGpu] = Field(
         default_factory=lambda: [FakeGpu(), FakeGpu()],
         description="GPUs simulated when backend is fake (or auto without a driver)",
@@ -210,6 +293,10 @@ class ServiceSection(_Model):
     drain_command: str | None = None
     resume_command: str | None = None
     max_hold: Duration = timedelta(seconds=30)
+    # Gate limits: a head or body over these is answered 431 / 413 instead of relayed.
+    # The body default leaves room for base64 images sent to multimodal models.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
 
     @field_validator("upstream")
     @classmethod
@@ -288,6 +375,23 @@ class VastProvider(SecretRef):
     min_bid: float | Literal["auto"] = "auto"
     price_disk: float = Field(default=0.10, ge=0, description="USD per GB-month")
     min_chunk: int = Field(default=1, ge=1)
+    # min_bid = "auto": the floor is the GPUs' power under load x the tariff x (1 + margin),
+    # near what Vast advises (the cost of power under load), so a bid never runs at a loss.
+    min_bid_margin: float = Field(default=0.25, ge=0)
+    # Vast prices are USD while energy.currency may not be: USD for one unit of it.
+    usd_per_currency: float = Field(default=1.0, gt=0)
+    # Vast rate-limits each endpoint to one call every few seconds.
+    request_spacing: Duration = timedelta(seconds=2)
+    request_timeout: PositiveDuration = timedelta(seconds=30)
+    retry_attempts: int = Field(default=5, ge=1)
+    # Renter containers (C.<contract>) show which GPUs a renter holds; unreadable = unknown.
+    # "" turns the reading off (TOML has no null).
+    docker_socket: Path | None = Path("/var/run/docker.sock")
+
+    @field_validator("docker_socket", mode="before")
+    @classmethod
+    def _no_socket(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("min_bid")
     @classmethod
@@ -307,6 +411,10 @@ class RunpodProvider(SecretRef):
     machine_id: str | None = None
     api_key_env: str | None = "RUNPOD_API_KEY"
     api_key_file: Path | None = None
+    base_url: str = "https://api.runpod.io"
+    request_spacing: Duration = timedelta(seconds=2)
+    request_timeout: PositiveDuration = timedelta(seconds=30)
+    retry_attempts: int = Field(default=5, ge=1)
 
     def api_key(self) -> str | None:
         if self.api_key_file is not None:
@@ -321,6 +429,21 @@ class PaperProvider(_Model):
     market_price_gpu: float = Field(
         default=0.20, gt=0, description="USD per GPU-hour renters expect"
     )
+    min_bid: float | None = Field(
+        default=None, ge=0, description="USD per GPU-hour interruptible floor; none = any bid"
+    )
+    arrivals_per_hour: float = Field(
+        default=0.5, ge=0, description="renters arriving at the market price, full duration"
+    )
+    # Demand falls as exp(-elasticity x relative overprice): at elasticity 4 an ask 25 %
+    # above the market draws about a third of the renters.
+    price_elasticity: float = Field(default=4.0, ge=0)
+    full_demand_after: PositiveDuration = Field(
+        default=timedelta(hours=4),
+        description="offers shorter than this draw proportionally fewer renters",
+    )
+    interruptible_share: float = Field(default=0.3, ge=0, le=1)
+    mean_rental: PositiveDuration = timedelta(hours=3)
 
 
 ProviderSection = Annotated[
