@@ -1,0 +1,225 @@
+"""The gate's control surface: what the scheduler drives and what it reads back.
+
+The gate itself only relays bytes; this object decides whether an inference request may
+go upstream now, must wait for the GPUs to come back, or is refused because a renter's
+contract outlasts the hold. All waiting runs on the injected Clock, so tests advance a
+FakeClock instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
+from enum import StrEnum
+
+from broker.clock import Clock
+
+log = logging.getLogger(__name__)
+
+ReclaimCallback = Callable[[], Awaitable[None]]
+
+
+class GateMode(StrEnum):
+    OPEN = "open"  # pass everything through
+    GUARDED = "guarded"  # inference asks for a reclaim and waits for release()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an inference request is answered 503 instead of being forwarded."""
+
+    retry_after_s: int
+    rented_until: datetime | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class GateStats:
+    mode: GateMode
+    in_flight: int  # inference requests being served by the upstream now
+    held: int  # inference requests waiting for the GPUs now
+    held_total: int  # ever held (released or refused later)
+    rejected_total: int  # ever answered 503
+    last_request_at: datetime | None  # arrival of the latest inference request
+
+
+class GateControl:
+    """Hold-and-release state for one service's gate.
+
+    `guard()` before the GPUs leave local use (draining, listing); `release()` once they are
+    back. While guarded, the first inference request calls `on_reclaim` (once per guarded
+    spell, again after it fails) and every inference request waits up to `max_hold`. With
+    `set_rented_until(t)` and `t` beyond the hold, requests are refused at once.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        name: str,
+        max_hold: timedelta,
+        on_reclaim: ReclaimCallback | None = None,
+        display_tz: tzinfo | None = None,
+    ) -> None:
+        self._clock = clock
+        self.name = name
+        self.max_hold = max_hold
+        self.on_reclaim = on_reclaim
+        self._display_tz = display_tz
+        self._mode = GateMode.OPEN
+        self._wake: asyncio.Future[None] | None = None  # resolved on any change of state
+        self._rented_until: datetime | None = None
+        self._reclaim_task: asyncio.Task[None] | None = None
+        self._reclaim_asked = False
+        self.in_flight = 0
+        self.held = 0
+        self.held_total = 0
+        self.rejected_total = 0
+        self.last_request_at: datetime | None = None
+        self.last_request_monotonic: float | None = None
+
+    # ---- driven by the scheduler
+    @property
+    def mode(self) -> GateMode:
+        return self._mode
+
+    @property
+    def rented_until(self) -> datetime | None:
+        return self._rented_until
+
+    def guard(self) -> None:
+        if self._mode is GateMode.GUARDED:
+            return
+        self._mode = GateMode.GUARDED
+        self._reclaim_asked = False
+        log.info("gate %s: guarded, inference requests will be held", self.name)
+
+    def release(self) -> None:
+        """GPUs are local again: forward everything, wake every held request."""
+        if self._mode is GateMode.OPEN:
+            return
+        self._mode = GateMode.OPEN
+        self._rented_until = None
+        self._notify()
+        log.info("gate %s: open, %d held request(s) released", self.name, self.held)
+
+    def set_rented_until(self, until: datetime | None) -> None:
+        """A renter's contract keeps the GPUs until `until` (None: not known / no contract)."""
+        if until is not None and until.tzinfo is None:
+            raise ValueError("rented_until must be timezone-aware")
+        self._rented_until = until
+        self._notify()  # held requests re-check: a long contract refuses them now
+
+    def stats(self) -> GateStats:
+        return GateStats(
+            self._mode,
+            self.in_flight,
+            self.held,
+            self.held_total,
+            self.rejected_total,
+            self.last_request_at,
+        )
+
+    async def aclose(self) -> None:
+        task = self._reclaim_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # ---- used by the gate for every inference request
+    async def admit(self) -> Refusal | None:
+        """None when the request may go upstream now; a Refusal to answer 503."""
+        self.last_request_at = self._clock.now()
+        self.last_request_monotonic = self._clock.monotonic()
+        if self._mode is GateMode.OPEN:
+            return None
+        self._ask_reclaim()
+        if self._outlasts_hold():
+            self.rejected_total += 1
+            return self._refusal()
+        self.held += 1
+        self.held_total += 1
+        try:
+            released = await self._wait_for_release()
+        finally:
+            self.held -= 1
+        if released:
+            return None
+        self.rejected_total += 1
+        return self._refusal()
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+
+    # ---- internals
+    def _outlasts_hold(self) -> bool:
+        until = self._rented_until
+        return until is not None and until - self._clock.now() > self.max_hold
+
+    async def _wait_for_release(self) -> bool:
+        """Wait for release(); false at max_hold or once a contract is known to outlast it."""
+        deadline = self._clock.monotonic() + self.max_hold.total_seconds()
+        timer = asyncio.ensure_future(self._clock.sleep_until(deadline))
+        try:
+            while True:
+                if self._mode is GateMode.OPEN:
+                    return True
+                if timer.done() or self._outlasts_hold():
+                    return False
+                # One shared future wakes every held request at once; asyncio.wait leaves it
+                # alone when this request gives up or its client leaves.
+                await asyncio.wait((self._changed(), timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+
+    def _changed(self) -> asyncio.Future[None]:
+        if self._wake is None or self._wake.done():
+            self._wake = asyncio.get_running_loop().create_future()
+        return self._wake
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _ask_reclaim(self) -> None:
+        if self.on_reclaim is None or self._reclaim_asked:
+            return
+        self._reclaim_asked = True
+        self._reclaim_task = asyncio.create_task(
+            self._run_reclaim(self.on_reclaim), name=f"gate-{self.name}-reclaim"
+        )
+
+    async def _run_reclaim(self, callback: ReclaimCallback) -> None:
+        log.info("gate %s: local inference request while guarded, asking for a reclaim", self.name)
+        try:
+            await callback()
+        except Exception:
+            self._reclaim_asked = False  # let the next request ask again
+            log.exception("gate %s: reclaim callback failed", self.name)
+
+    def _refusal(self) -> Refusal:
+        now = self._clock.now()
+        until = self._rented_until
+        if until is not None and until > now:
+            wait_s = max(1, math.ceil((until - now).total_seconds()))
+            shown = until.astimezone(self._display_tz or until.tzinfo).isoformat(
+                timespec="seconds"
+            )
+            message = (
+                f"the GPUs of this server are rented until {shown}; "
+                f"gpu-broker will hand them back then, retry after {wait_s} s"
+            )
+            return Refusal(wait_s, until, message)
+        wait_s = max(1, math.ceil(self.max_hold.total_seconds()))
+        message = (
+            "the GPUs of this server are being reclaimed from a renter and were not free "
+            f"within {wait_s} s; retry in {wait_s} s"
+        )
+        return Refusal(wait_s, None, message)
