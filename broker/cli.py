@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sqlite3
@@ -18,9 +19,10 @@ from rich.table import Table
 from broker import __version__
 from broker.clock import Clock, SystemClock
 from broker.config import Config, RunpodProvider, VastProvider, find_config, load_config
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, ProviderError
 from broker.ledger import ledger_path
 from broker.ledger.sqlite import SCHEMA_VERSION
+from broker.providers import create_provider
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
 from broker.units import format_duration
@@ -201,6 +203,8 @@ def cmd_check(
             out.print(f"ok   provider.{provider.kind}: API key is set")
         except ConfigError as error:
             problems.extend(error.problems)
+        else:
+            problems.extend(_check_provider(config, clock, out))
     else:
         out.print("ok   provider: paper market (simulated renters, no account needed)")
 
@@ -211,6 +215,27 @@ def cmd_check(
     for problem in problems:
         out.print(f"FAIL {problem}", markup=False)
     return EXIT_USAGE if problems else EXIT_OK
+
+
+def _check_provider(config: Config, clock: Clock, out: Console) -> list[str]:
+    """Ask the marketplace itself whether it takes the key and knows the machine."""
+    kind = config.provider.kind
+
+    async def probe() -> list[str]:
+        # Two tries, not the configured count: someone is waiting at the terminal.
+        async with create_provider(config, clock, retry_attempts=2) as provider:
+            if provider.capabilities.note:
+                out.print(f"note provider.{kind}: {provider.capabilities.note}", markup=False)
+            return await provider.probe()
+
+    try:
+        lines = asyncio.run(probe())
+    except ProviderError as error:
+        message = str(error)
+        return [message if message.startswith("provider.") else f"provider.{kind}: {message}"]
+    for line in lines:
+        out.print(f"ok   provider.{kind}: {line}", markup=False)
+    return []
 
 
 def _check_ledger(config: Config, out: Console) -> list[str]:

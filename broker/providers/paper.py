@@ -1,0 +1,199 @@
+"""A simulated marketplace with Vast.ai's contract rules, to try gpu-broker without an account.
+
+Renters arrive as a Poisson process. The rate falls with the ask above the market price
+and with a shorter offered duration (few renters want a machine for twenty minutes). It is
+driven by the injected clock and a seeded `random.Random`: nothing runs in the background;
+each call first plays the market forward to `clock.now()`. Arrivals are drawn in "demand
+time" (the integral of the rate), so how often the broker polls does not change what
+happens: the same seed and the same offers give the same renters.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import random
+from datetime import date, datetime, timedelta
+
+from broker.clock import Clock
+from broker.config import PaperProvider
+from broker.errors import ProviderRejected
+from broker.ledger.base import EarningsRecord
+from broker.providers.base import (
+    Capabilities,
+    ListResult,
+    Offer,
+    Provider,
+    ProviderStatus,
+    RentalKind,
+)
+from broker.providers.contracts import Contract, ContractBook, RentRefused
+
+
+class PaperMarket(Provider):
+    kind = "paper"
+    machine_id = "paper"
+
+    def __init__(self, config: PaperProvider, clock: Clock, *, gpu_count: int) -> None:
+        if gpu_count < 1:
+            raise ValueError("the paper market needs at least one GPU")
+        self.config = config
+        self._clock = clock
+        self._rng = random.Random(config.seed)
+        self.book = ContractBook(num_gpus=gpu_count)
+        self._sim_time = clock.now()
+        self._rate = 0.0  # arrivals per hour under the current offer
+        self._demand_due = self._rng.expovariate(1.0)  # demand time of the next arrival
+        self._displacement: Contract | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            can_list=True,
+            granularity="machine",
+            can_displace_interruptible=True,
+            earnings_source="estimate",
+            note="paper market: simulated renters, earnings are estimates",
+        )
+
+    # -- the simulation ---------------------------------------------------------------
+
+    def arrival_rate(self, offer: Offer, now: datetime) -> float:
+        """Renters per hour this offer draws."""
+        config = self.config
+        over = max(0.0, offer.price_gpu / config.market_price_gpu - 1.0)
+        price_factor = math.exp(-config.price_elasticity * over)
+        if offer.end_date is None:
+            duration_factor = 1.0
+        else:
+            offered = (offer.end_date - now).total_seconds()
+            duration_factor = min(1.0, max(0.0, offered / config.full_demand_after.total_seconds()))
+        return config.arrivals_per_hour * price_factor * duration_factor
+
+    def _play_until(self, now: datetime) -> None:
+        while True:
+            self.book.advance(self._sim_time)
+            if not self.book.offer.listed:
+                self._rate = 0.0
+            step_end = now
+            offer_end = self.book.offer.end_date if self.book.offer.listed else None
+            if offer_end is not None and self._sim_time < offer_end < step_end:
+                step_end = offer_end  # the rate drops to zero when the offer lapses
+            hours = max(0.0, (step_end - self._sim_time).total_seconds() / 3600)
+            if self._rate > 0 and self._rate * hours >= self._demand_due:
+                arrival = self._sim_time + timedelta(hours=self._demand_due / self._rate)
+                self._sim_time = max(arrival, self._sim_time)
+                self._demand_due = self._rng.expovariate(1.0)
+                self.book.advance(self._sim_time)
+                self._arrive(self._sim_time)
+                continue
+            self._demand_due -= self._rate * hours
+            self._sim_time = step_end
+            if step_end >= now:
+                break
+        self.book.advance(now)
+
+    def _arrive(self, at: datetime) -> None:
+        """One renter: interruptible with a bid under the market, or on-demand at our ask,
+        for up to the offer's end date."""
+        rng = self._rng
+        config = self.config
+        gpus = rng.randint(max(1, self.book.offer.min_chunk), self.book.num_gpus)
+        stay = timedelta(hours=rng.expovariate(3600 / config.mean_rental.total_seconds()))
+        try:
+            if rng.random() < config.interruptible_share:
+                bid = round(config.market_price_gpu * rng.uniform(0.4, 0.9), 3)
+                self.book.rent(at, RentalKind.INTERRUPTIBLE, gpus, bid=bid, leaves_at=at + stay)
+            else:
+                self.book.rent(at, RentalKind.ON_DEMAND, gpus, leaves_at=at + stay)
+        except RentRefused:
+            pass  # the renter went elsewhere
+
+    def _sync(self) -> datetime:
+        now = self._clock.now()
+        self._play_until(now)
+        return now
+
+    # -- the provider interface -------------------------------------------------------
+
+    def make_offer(
+        self,
+        end_date: datetime | None,
+        *,
+        load_watts_per_gpu: float | None = None,
+        price_per_kwh: float | None = None,
+    ) -> Offer:
+        return Offer(
+            price_gpu=self.config.price_gpu, end_date=end_date, min_bid=self.config.min_bid
+        )
+
+    async def list(self, offer: Offer) -> ListResult:
+        now = self._sync()
+        extended = self.book.list_offer(
+            now, offer.price_gpu, offer.end_date, offer.min_bid, offer.min_chunk
+        )
+        self._rate = self.arrival_rate(offer, now)
+        return ListResult(extended=extended)
+
+    async def unlist(self) -> None:
+        now = self._sync()
+        self.book.unlist(now)
+        self._rate = 0.0
+
+    async def status(self) -> ProviderStatus:
+        now = self._sync()
+        offer = self.book.offer
+        return ProviderStatus(
+            machine_id=self.machine_id,
+            observed_at=now,
+            listed=offer.listed,
+            offer_end=offer.end_date if offer.listed else None,
+            rentals=self.book.rentals(),
+            gpu_occupancy=self.book.occupancy(),
+            locked_until=self.book.locked_until(),
+            online=True,
+            price_gpu=offer.price_gpu if offer.listed else None,
+            min_bid=offer.min_bid if offer.listed else None,
+            note=self.capabilities.note,
+        )
+
+    async def earnings(self, first_day: date, last_day: date) -> builtins.list[EarningsRecord]:
+        now = self._sync()
+        return [
+            EarningsRecord(
+                provider="paper",
+                machine_id=self.machine_id,
+                day=day,
+                amount=round(amount, 6),
+                currency="USD",
+                source="estimate",
+                updated=now,
+            )
+            for day, amount in sorted(self.book.earnings_by_day.items())
+            if first_day <= day <= last_day
+        ]
+
+    async def displace_interruptible(self) -> None:
+        """Rent our own offer on-demand, free of charge, as a Vast host would: it pushes
+        interruptible renters off and blocks new ones until `end_displacement()`."""
+        now = self._sync()
+        if self._displacement is not None and self._displacement.active:
+            return
+        firm = self.book.rentals()
+        if firm.on_demand or firm.reserved:
+            raise ProviderRejected("paper: on-demand renters hold GPUs; they cannot be displaced")
+        self._displacement = self.book.rent(
+            now, RentalKind.ON_DEMAND, self.book.num_gpus, self_rental=True
+        )
+
+    async def end_displacement(self) -> None:
+        now = self._sync()
+        if self._displacement is not None:
+            self.book.end(now, self._displacement.id)
+            self._displacement = None
+
+    async def probe(self) -> builtins.list[str]:
+        return [
+            f"paper market with {self.book.num_gpus} GPUs (seed {self.config.seed}): "
+            "simulated renters, no account needed"
+        ]

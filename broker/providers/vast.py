@@ -1,0 +1,440 @@
+"""Vast.ai, host side: list, unlist, watch and count earnings for one machine.
+
+The requests are the official client's (`vastai` on PyPI, checked by a conformance test):
+the same paths with their trailing slashes, JSON-encoded query values, and every
+`create_asks` key with the unset ones as null. Each write is read back, because a write
+answered `success` is not proof the machine is listed (or unlisted) the way we asked.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from broker.clock import Clock
+from broker.config import VastProvider
+from broker.errors import ProviderError, ProviderRejected, ProviderStateMismatch
+from broker.ledger.base import EarningsRecord
+from broker.providers.base import (
+    Capabilities,
+    ListResult,
+    Occupancy,
+    Offer,
+    Provider,
+    ProviderStatus,
+    Rentals,
+    auto_min_bid,
+    utc_day_bounds,
+)
+from broker.providers.docker import DockerRenters
+from broker.providers.http import JsonApi, key_source
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+_OCCUPANCY: dict[str, Occupancy] = {
+    "x": "free", "D": "on-demand", "I": "interruptible", "R": "reserved"
+}  # fmt: skip
+
+
+class VastMachine(BaseModel):
+    """A machine as `GET /machines` shows it. No schema is published, so every field is
+    optional and unknown ones are kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: int | None = None
+    machine_id: int | None = None
+    hostname: str | None = None
+    listed: bool | None = None
+    num_gpus: int | None = None
+    gpu_name: str | None = None
+    listed_gpu_cost: float | None = None
+    min_bid_price: float | None = None
+    listed_min_gpu_count: int | None = None
+    end_date: float | None = None
+    client_end_date: float | None = None
+    gpu_occupancy: str | None = None
+    current_rentals_running: int | None = None
+    current_rentals_running_on_demand: int | None = None
+    current_rentals_on_demand: int | None = None
+    current_rentals_resident: int | None = None
+    reliability2: float | None = None
+    timeout: float | None = None
+    earn_hour: float | None = None
+    earn_day: float | None = None
+    error_description: str | None = None
+
+    @property
+    def ident(self) -> int | None:
+        return self.id if self.id is not None else self.machine_id
+
+
+class VastDay(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    day: float | str
+    gpu_earn: float | None = None
+    sto_earn: float | None = None
+    bwu_earn: float | None = None
+    bwd_earn: float | None = None
+
+
+class VastEarnings(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    per_day: list[VastDay] = []
+
+
+def _when(value: float | None) -> datetime | None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _day(value: float | str) -> date:
+    """Vast counts days since the epoch; accept an ISO date too."""
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value[:10])
+        except ValueError:
+            value = float(value)
+    return date(1970, 1, 1) + timedelta(days=math.floor(value))
+
+
+class VastMarket(Provider):
+    kind = "vast"
+
+    def __init__(
+        self,
+        config: VastProvider,
+        clock: Clock,
+        *,
+        api_key: str | None = None,
+        docker: DockerRenters | None = None,
+        energy_currency: str = "USD",
+        retry_attempts: int | None = None,
+    ) -> None:
+        self.config = config
+        self.machine_id = str(config.machine_id)
+        self._clock = clock
+        self._docker = docker
+        self._energy_currency = energy_currency
+        key = api_key if api_key is not None else config.api_key()
+        if not key:
+            raise ProviderError("provider.api_key: no api_key_env or api_key_file is set")
+        self._api = JsonApi(
+            platform="Vast.ai",
+            base_url=config.base_url,
+            api_key=key,
+            key_source=key_source(config),
+            clock=clock,
+            spacing=config.request_spacing.total_seconds(),
+            timeout=config.request_timeout.total_seconds(),
+            attempts=retry_attempts or config.retry_attempts,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            can_list=True,
+            granularity="machine",
+            # Needs a self-rental (an on-demand instance on our own offer); not built yet.
+            can_displace_interruptible=False,
+            earnings_source="provider",
+        )
+
+    async def start(self) -> None:
+        await self._api.start()
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    # -- offers ----------------------------------------------------------------------
+
+    def make_offer(
+        self,
+        end_date: datetime | None,
+        *,
+        load_watts_per_gpu: float | None = None,
+        price_per_kwh: float | None = None,
+    ) -> Offer:
+        config = self.config
+        min_bid: float | None
+        if config.min_bid != "auto":
+            min_bid = float(config.min_bid)
+        elif load_watts_per_gpu is not None and price_per_kwh is not None:
+            min_bid = auto_min_bid(
+                load_watts_per_gpu, price_per_kwh, config.min_bid_margin, config.usd_per_currency
+            )
+        else:
+            # Without a measurement a floor could be below the power bill; the on-demand
+            # price is the safe side (interruptible renters then pay what others pay).
+            log.warning("min_bid = auto without a load power measurement: using price_gpu")
+            min_bid = config.price_gpu
+        return Offer(
+            price_gpu=config.price_gpu,
+            end_date=end_date,
+            # A floor above the on-demand price would only turn bids away.
+            min_bid=min(min_bid, config.price_gpu),
+            min_chunk=config.min_chunk,
+            price_disk=config.price_disk,
+        )
+
+    def create_asks_body(self, offer: Offer) -> dict[str, Any]:
+        """The official client's body: every key, unset ones null (min_chunk never null:
+        the server refuses it)."""
+        return {
+            "machine": self.config.machine_id,
+            "price_gpu": offer.price_gpu,
+            "price_disk": offer.price_disk,
+            "price_inetu": None,
+            "price_inetd": None,
+            "price_min_bid": offer.min_bid,
+            "min_chunk": offer.min_chunk,
+            "end_date": offer.end_date.timestamp() if offer.end_date else None,
+            "credit_discount_max": None,
+            "duration": None,
+            "vol_size": None,
+            "vol_price": None,
+        }
+
+    async def list(self, offer: Offer) -> ListResult:
+        answer = await self._api.request(
+            "PUT", "/api/v0/machines/create_asks/", body=self.create_asks_body(offer)
+        )
+        self._check_success(answer, "list")
+        extended = int(answer.get("extended") or 0) if isinstance(answer, dict) else 0
+        await self._confirm(lambda m: self._offer_differences(m, offer), "list")
+        log.info(
+            "vast: machine %s listed at %.3f USD/GPU-h until %s (%d contracts extended)",
+            self.machine_id, offer.price_gpu, offer.end_date, extended,
+        )  # fmt: skip
+        return ListResult(extended=extended)
+
+    async def unlist(self) -> None:
+        answer = await self._api.request(
+            "DELETE", f"/api/v0/machines/{self.config.machine_id}/asks/", body={}
+        )
+        self._check_success(answer, "unlist")
+
+        def differences(machine: VastMachine) -> builtins.list[str]:
+            return [] if machine.listed is False else [f"listed is {machine.listed}, not False"]
+
+        await self._confirm(differences, "unlist")
+        log.info("vast: machine %s unlisted", self.machine_id)
+
+    @staticmethod
+    def _check_success(answer: Any, what: str) -> None:
+        if isinstance(answer, dict) and answer.get("success") is False:
+            message = answer.get("msg") or answer.get("error") or "no reason given"
+            raise ProviderRejected(f"Vast.ai refused to {what} the machine: {message}")
+
+    def _offer_differences(self, machine: VastMachine, offer: Offer) -> builtins.list[str]:
+        found: builtins.list[str] = []
+        if machine.listed is not True:
+            found.append(f"listed is {machine.listed}, not True")
+
+        def differs(name: str, got: float | None, want: float | None, tol: float) -> None:
+            # A field the platform leaves out cannot be confirmed, nor contradicted.
+            if got is not None and want is not None and abs(got - want) > tol:
+                found.append(f"{name} is {got}, not {want}")
+
+        differs("listed_gpu_cost", machine.listed_gpu_cost, offer.price_gpu, 0.0005)
+        differs("min_bid_price", machine.min_bid_price, offer.min_bid, 0.0005)
+        differs(
+            "end_date",
+            machine.end_date,
+            offer.end_date.timestamp() if offer.end_date else None,
+            1.0,
+        )
+        if machine.listed_min_gpu_count is not None:
+            differs("listed_min_gpu_count", machine.listed_min_gpu_count, offer.min_chunk, 0)
+        return found
+
+    async def _confirm(
+        self, differences: Callable[[VastMachine], builtins.list[str]], what: str
+    ) -> None:
+        """Read the machine back; a second look first, as the platform may lag a moment."""
+        problems: builtins.list[str] = []
+        for _ in range(2):
+            problems = differences(await self.machine())
+            if not problems:
+                return
+        raise ProviderStateMismatch(
+            f"Vast.ai answered the {what} of machine {self.machine_id} as done, but it shows "
+            + "; ".join(problems)
+        )
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def machines(self) -> builtins.list[VastMachine]:
+        answer = await self._api.request("GET", "/api/v0/machines", query=[("owner", "me")])
+        rows = answer.get("machines") if isinstance(answer, dict) else None
+        if not isinstance(rows, list):
+            raise ProviderError(f"Vast.ai: unexpected answer to GET /machines: {answer!r:.200}")
+        return [self._machine(row) for row in rows]
+
+    async def machine(self) -> VastMachine:
+        answer = await self._api.request(
+            "GET",
+            f"/api/v0/machines/{self.config.machine_id}",
+            query=[("owner", "me")],
+            endpoint="GET /api/v0/machines/{id}",
+        )
+        # A bare one-element list; tolerate the `{"machines": [...]}` shape as well.
+        rows = answer.get("machines") if isinstance(answer, dict) else answer
+        if not isinstance(rows, list):
+            raise ProviderError(f"Vast.ai: unexpected answer for the machine: {answer!r:.200}")
+        for row in rows:
+            machine = self._machine(row)
+            if machine.ident in (None, self.config.machine_id):
+                return machine
+        raise ProviderRejected(
+            f"Vast.ai: machine {self.machine_id} is not among this account's machines"
+        )
+
+    @staticmethod
+    def _machine(row: Any) -> VastMachine:
+        try:
+            return VastMachine.model_validate(row)
+        except ValidationError as error:
+            raise ProviderError(f"Vast.ai: a machine record is not understood: {error}") from None
+
+    async def status(self) -> ProviderStatus:
+        machine = await self.machine()
+        renter_gpus = await self._docker.snapshot() if self._docker else None
+        return self.status_from(machine, renter_gpus=renter_gpus)
+
+    def status_from(self, machine: VastMachine, **extra: Any) -> ProviderStatus:
+        occupancy = self._occupancy(machine)
+        rentals = self._rentals(machine, occupancy)
+        rented = rentals.total > 0 or any(o not in ("free", "unknown") for o in occupancy)
+        return ProviderStatus(
+            machine_id=self.machine_id,
+            observed_at=self._clock.now(),
+            listed=machine.listed,
+            offer_end=_when(machine.end_date) if machine.listed else None,
+            rentals=rentals,
+            gpu_occupancy=occupancy,
+            locked_until=_when(machine.client_end_date) if rented else None,
+            online=None if machine.timeout is None else machine.timeout <= 0,
+            price_gpu=machine.listed_gpu_cost,
+            min_bid=machine.min_bid_price,
+            raw=machine.model_dump(),
+            **extra,
+        )
+
+    @staticmethod
+    def _occupancy(machine: VastMachine) -> tuple[Occupancy, ...]:
+        count = machine.num_gpus or 0
+        if machine.gpu_occupancy:
+            tokens = machine.gpu_occupancy.split()
+            return tuple(_OCCUPANCY.get(t, "unknown") for t in tokens)
+        free = machine.current_rentals_running == 0
+        return tuple("free" if free else "unknown" for _ in range(count))
+
+    @staticmethod
+    def _rentals(machine: VastMachine, occupancy: tuple[Occupancy, ...]) -> Rentals:
+        running = machine.current_rentals_running
+        firm = machine.current_rentals_running_on_demand
+        if running is None:
+            busy = sum(o not in ("free", "unknown") for o in occupancy)
+            return Rentals(unknown_kind=1 if busy else 0)
+        firm = min(firm if firm is not None else 0, running)
+        interruptible = running - firm
+        # Vast counts reserved contracts among the on-demand ones; the GPU tokens tell
+        # whether any are reserved. With both kinds present the split is a lower bound.
+        reserved_gpus = occupancy.count("reserved")
+        on_demand_gpus = occupancy.count("on-demand")
+        if not reserved_gpus:
+            reserved = 0
+        elif not on_demand_gpus:
+            reserved = firm
+        else:
+            reserved = min(reserved_gpus, max(firm - 1, 0))
+        return Rentals(
+            on_demand=firm - reserved, interruptible=interruptible, reserved=reserved
+        )
+
+    # -- earnings --------------------------------------------------------------------
+
+    async def machine_earnings(
+        self, start: datetime, end: datetime, machine_id: int | None = -1
+    ) -> VastEarnings:
+        """`vastai show earnings --start_date S --end_date E [--machine_id M]`."""
+        machid = self.config.machine_id if machine_id == -1 else machine_id
+        answer = await self._api.request(
+            "GET",
+            "/api/v0/users/me/machine-earnings",
+            query=[
+                ("owner", "me"),
+                ("sday", start.timestamp() / DAY),
+                ("eday", end.timestamp() / DAY),
+                ("machid", machid),
+            ],
+        )
+        try:
+            return VastEarnings.model_validate(answer)
+        except ValidationError as error:
+            raise ProviderError(f"Vast.ai: earnings not understood: {error}") from None
+
+    async def earnings(self, first_day: date, last_day: date) -> builtins.list[EarningsRecord]:
+        start, end = utc_day_bounds(first_day, last_day)
+        answer = await self.machine_earnings(start, end)
+        now = self._clock.now()
+        records: dict[date, EarningsRecord] = {}
+        for row in answer.per_day:
+            day = _day(row.day)
+            if not first_day <= day <= last_day:
+                continue
+            detail = {
+                "gpu_earn": row.gpu_earn or 0.0,
+                "sto_earn": row.sto_earn or 0.0,
+                "bwu_earn": row.bwu_earn or 0.0,
+                "bwd_earn": row.bwd_earn or 0.0,
+            }
+            records[day] = EarningsRecord(
+                provider="vast",
+                machine_id=self.machine_id,
+                day=day,
+                amount=round(sum(detail.values()), 6),
+                currency="USD",
+                source="provider",
+                updated=now,
+                detail=detail,
+            )
+        return [records[d] for d in sorted(records)]
+
+    # -- check -----------------------------------------------------------------------
+
+    async def probe(self) -> builtins.list[str]:
+        machines = await self.machines()
+        mine = next((m for m in machines if m.ident == self.config.machine_id), None)
+        if mine is None:
+            ids = ", ".join(str(m.ident) for m in machines) or "none"
+            raise ProviderRejected(
+                f"provider.machine_id: machine {self.machine_id} is not among this account's "
+                f"machines (found: {ids})"
+            )
+        status = self.status_from(mine)
+        gpus = f"{mine.num_gpus or '?'}x {mine.gpu_name or 'GPU'}"
+        if status.listed:
+            until = status.offer_end.isoformat() if status.offer_end else "no end date"
+            listing = f"listed at {status.price_gpu} USD/GPU-h until {until}"
+        else:
+            listing = "not listed"
+        online = {True: "online", False: "OFFLINE", None: "online state unknown"}[status.online]
+        rentals = f"{status.rentals.total} rental(s) running"
+        if status.locked_until:
+            rentals += f", locked until {status.locked_until.isoformat()}"
+        return [
+            "API key accepted",
+            f"machine {self.machine_id}: {gpus}, {online}, {listing}, {rentals}",
+        ]

@@ -1,0 +1,1 @@
+"""Fake upstreams that speak the real wire protocols, for tests."""

@@ -1,0 +1,419 @@
+"""A fake Vast.ai API (host side) on a real local port, behaving like the platform.
+
+It speaks the wire protocol the official `vastai` client speaks and follows the platform's
+contract rules (through `broker.providers.contracts`, which the paper market shares):
+offers with end dates, rentals that keep the end date and price they started with,
+unlisting that ends nothing, extension when the end date moves later, on-demand displacing
+interruptible, earnings per day. Time is the injected clock's.
+
+Tests drive it: `add_rental`, `end_rental`, `set_online`, and faults (`fail`, `garbage`,
+`slow`, `drop_writes`, `rate_limit`). Every request is recorded in `requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from broker.clock import Clock, FakeClock
+from broker.providers.base import RentalKind
+from broker.providers.contracts import Contract, ContractBook, RentRefused
+
+T = TypeVar("T")
+DAY = 86400.0
+EPOCH = date(1970, 1, 1)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    method: str
+    path: str
+    query: str  # raw, as sent
+    body: Any  # decoded JSON, or None when there was no body
+    raw_body: bytes
+    authorization: str | None
+    content_type: str | None
+
+
+@dataclass
+class Fault:
+    kind: str  # "status" | "garbage" | "slow"
+    times: int
+    status: int = 500
+    body: str = ""
+    seconds: float = 0.0
+    path: str | None = None  # only requests whose path starts with this
+
+    def matches(self, request: web.Request) -> bool:
+        return self.times > 0 and (self.path is None or request.path.startswith(self.path))
+
+
+@dataclass
+class FakeMachine:
+    id: int
+    book: ContractBook
+    gpu_name: str = "RTX 3090"
+    online: bool = True
+    price_disk: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FakeVast:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        machines: dict[int, int] | None = None,
+        api_keys: set[str] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.api_keys = api_keys if api_keys is not None else {"test-key"}
+        self.machines = {
+            mid: FakeMachine(mid, ContractBook(num_gpus=n))
+            for mid, n in (machines or {4242: 4}).items()
+        }
+        self.requests: list[Recorded] = []
+        self.faults: list[Fault] = []
+        self.dropped_writes = 0
+        self._rate_limits: dict[str, float] = {}
+        self._last_call: dict[str, float] = {}
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self._middleware])
+        app.add_routes(
+            [
+                web.get("/api/v0/users/current", self._user),
+                web.get("/api/v0/users/current/", self._user),
+                web.put("/api/v0/machines/create_asks/", self._create_asks),
+                web.delete("/api/v0/machines/{id}/asks/", self._unlist),
+                web.get("/api/v0/machines", self._machines),
+                web.get("/api/v0/machines/{id}", self._machine),
+                web.get("/api/v0/users/me/machine-earnings", self._earnings),
+            ]
+        )
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- controls for tests -----------------------------------------------------------
+
+    def machine(self, machine_id: int = 4242) -> FakeMachine:
+        return self.machines[machine_id]
+
+    def add_rental(
+        self,
+        kind: RentalKind | str,
+        gpus: int = 1,
+        *,
+        machine_id: int = 4242,
+        bid: float | None = None,
+        leaves_at: datetime | None = None,
+    ) -> Contract:
+        """A renter rents the live offer (raises `RentRefused` as the platform would)."""
+        return self.machine(machine_id).book.rent(
+            self.clock.now(), RentalKind(kind), gpus, bid=bid, leaves_at=leaves_at
+        )
+
+    def end_rental(self, contract_id: int, *, machine_id: int = 4242) -> None:
+        self.machine(machine_id).book.end(self.clock.now(), contract_id)
+
+    def set_online(self, online: bool, *, machine_id: int = 4242) -> None:
+        self.machine(machine_id).online = online
+
+    def fail(self, status: int, times: int = 1, body: str = "", path: str | None = None) -> None:
+        """The next `times` requests answer `status` (429 comes as plain text, no
+        Retry-After, as Vast sends it)."""
+        if not body:
+            body = (
+                "Too Many Requests"
+                if status == 429
+                else json.dumps({"success": False, "error": "server_error", "msg": "oops"})
+            )
+        self.faults.append(Fault("status", times, status=status, body=body, path=path))
+
+    def garbage(self, times: int = 1, path: str | None = None) -> None:
+        """Answer 200 with an HTML page, as a proxy in front of the API sometimes does."""
+        body = "<html><body>502 Bad Gateway</body></html>"
+        self.faults.append(Fault("garbage", times, body=body, path=path))
+
+    def slow(self, seconds: float, times: int = 1, path: str | None = None) -> None:
+        """Wait `seconds` of real time before answering (for client timeouts)."""
+        self.faults.append(Fault("slow", times, seconds=seconds, path=path))
+
+    def drop_writes(self, times: int = 1) -> None:
+        """Answer the next writes `success` without doing them."""
+        self.dropped_writes += times
+
+    def rate_limit(self, endpoint_prefix: str, seconds: float) -> None:
+        """429 when a path starting with the prefix is called again within `seconds`
+        (on the fake's clock)."""
+        self._rate_limits[endpoint_prefix] = seconds
+
+    def calls(self, *, method: str | None = None, path: str | None = None) -> list[Recorded]:
+        return [
+            r
+            for r in self.requests
+            if (method is None or r.method == method) and (path is None or r.path == path)
+        ]
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.requests.append(
+            Recorded(
+                request.method,
+                request.path,
+                request.query_string,
+                body,
+                raw,
+                request.headers.get("Authorization"),
+                request.headers.get("Content-Type"),
+            )
+        )
+        for fault in self.faults:
+            if fault.matches(request):
+                fault.times -= 1
+                if fault.kind == "status":
+                    ctype = "text/plain" if fault.status == 429 else "application/json"
+                    return web.Response(status=fault.status, text=fault.body, content_type=ctype)
+                if fault.kind == "garbage":
+                    return web.Response(text=fault.body, content_type="text/html")
+                await asyncio.sleep(fault.seconds)
+                break
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.api_keys:
+            return web.json_response(
+                {"success": False, "error": "auth_error", "msg": "Invalid user key"}, status=401
+            )
+        now_mono = self.clock.monotonic()
+        for prefix, spacing in self._rate_limits.items():
+            if request.path.startswith(prefix):
+                key = f"{request.method} {prefix}"
+                last = self._last_call.get(key)
+                self._last_call[key] = now_mono
+                if last is not None and now_mono - last < spacing:
+                    return web.Response(status=429, text="Too Many Requests")
+        for machine in self.machines.values():
+            machine.book.advance(self.clock.now())
+        return await handler(request)
+
+    @staticmethod
+    def _error(status: int, msg: str, error: str = "invalid_args") -> web.Response:
+        return web.json_response({"success": False, "error": error, "msg": msg}, status=status)
+
+    def _owned(self, request: web.Request) -> FakeMachine | None:
+        try:
+            return self.machines.get(int(request.match_info["id"]))
+        except ValueError:
+            return None
+
+    # -- routes -----------------------------------------------------------------------
+
+    async def _user(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": 1, "username": "host", "host_agreement_accepted": True})
+
+    async def _create_asks(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        machine = self.machines.get(body.get("machine"))
+        if machine is None:
+            return self._error(404, f"machine {body.get('machine')} not found")
+        if body.get("min_chunk") is None:
+            return self._error(400, "min_chunk: must be an integer, got null")
+        book = machine.book
+        price = body.get("price_gpu")
+        if price is None:
+            price = book.offer.price_gpu or None
+        if price is None:
+            return self._error(400, "price_gpu is required for a first listing")
+        end = body.get("end_date")
+        end_date = datetime.fromtimestamp(end, UTC) if end is not None else None
+        if end_date is not None and end_date <= self.clock.now():
+            return self._error(400, "end_date is in the past")
+        if self.dropped_writes:
+            self.dropped_writes -= 1
+            return web.json_response({"success": True, "extended": 0})
+        extended = book.list_offer(
+            self.clock.now(), float(price), end_date, body.get("price_min_bid"),
+            int(body["min_chunk"]),
+        )  # fmt: skip
+        if body.get("price_disk") is not None:
+            machine.price_disk = float(body["price_disk"])
+        return web.json_response({"success": True, "extended": extended})
+
+    async def _unlist(self, request: web.Request) -> web.Response:
+        machine = self._owned(request)
+        if machine is None:
+            return self._error(404, "machine not found")
+        if self.dropped_writes:
+            self.dropped_writes -= 1
+        else:
+            machine.book.unlist(self.clock.now())
+        return web.json_response({"success": True, "machine_id": machine.id, "user_id": 1})
+
+    async def _machines(self, request: web.Request) -> web.Response:
+        return web.json_response({"machines": [self.render(m) for m in self.machines.values()]})
+
+    async def _machine(self, request: web.Request) -> web.Response:
+        machine = self._owned(request)
+        return web.json_response([self.render(machine)] if machine else [])
+
+    async def _earnings(self, request: web.Request) -> web.Response:
+        try:
+            sday = float(json.loads(request.query["sday"]))
+            eday = float(json.loads(request.query["eday"]))
+            machid = json.loads(request.query.get("machid", "null"))
+        except (KeyError, ValueError):
+            return self._error(400, "sday and eday are required")
+        first, last = math.floor(sday), math.floor(eday)
+        per_day: dict[int, float] = {}
+        per_machine = []
+        for machine in self.machines.values():
+            if machid is not None and machine.id != machid:
+                continue
+            total = 0.0
+            for day, amount in machine.book.earnings_by_day.items():
+                number = (day - EPOCH).days
+                if first <= number <= last:
+                    per_day[number] = per_day.get(number, 0.0) + amount
+                    total += amount
+            per_machine.append(
+                {"machine_id": machine.id, "gpu_earn": total, "sto_earn": 0.0,
+                 "bwu_earn": 0.0, "bwd_earn": 0.0}
+            )  # fmt: skip
+        rows = [
+            {"day": d, "gpu_earn": round(v, 6), "sto_earn": 0.0, "bwu_earn": 0.0, "bwd_earn": 0.0}
+            for d, v in sorted(per_day.items())
+        ]
+        total = sum(per_day.values())
+        return web.json_response(
+            {
+                "summary": {"total_gpu": total, "total_stor": 0.0, "total_bwu": 0.0,
+                            "total_bwd": 0.0},
+                "current": {"balance": total, "service_fee": 0.0, "total": total},
+                "per_machine": per_machine,
+                "per_day": rows,
+            }
+        )  # fmt: skip
+
+    def render(self, machine: FakeMachine) -> dict[str, Any]:
+        """The machine as Vast shows it, including fields gpu-broker does not read."""
+        book = machine.book
+        book.advance(self.clock.now())
+        offer = book.offer
+        running = book.running()
+        firm = [c for c in running if c.kind != RentalKind.INTERRUPTIBLE]
+        locked = book.locked_until()
+        today = self.clock.now().date()
+        return {
+            "id": machine.id,
+            "machine_id": machine.id,
+            "hostname": f"fake-{machine.id}",
+            "num_gpus": book.num_gpus,
+            "gpu_name": machine.gpu_name,
+            "listed": offer.listed,
+            "listed_gpu_cost": offer.price_gpu or None,
+            "min_bid_price": offer.min_bid,
+            "listed_min_gpu_count": offer.min_chunk,
+            "listed_storage_cost": machine.price_disk,
+            "end_date": offer.end_date.timestamp() if offer.end_date else None,
+            "client_end_date": locked.timestamp() if locked else None,
+            "gpu_occupancy": " ".join(book.occupancy_tokens()),
+            "current_rentals_running": len(running),
+            "current_rentals_running_on_demand": len(firm),
+            "current_rentals_on_demand": sum(
+                c.kind != RentalKind.INTERRUPTIBLE for c in book.active()
+            ),
+            "current_rentals_resident": len(book.active()),
+            "reliability2": 0.995,
+            "timeout": 0 if machine.online else 3600,
+            "earn_hour": sum(c.price_gpu * c.gpus for c in running),
+            "earn_day": book.earnings_by_day.get(today, 0.0),
+            "error_description": None,
+            "disk_space": 900,
+            "verification": "verified",
+            **machine.extra,
+        }
+
+
+async def drive(clock: FakeClock, awaitable: Awaitable[T], *, limit: float = 86400.0) -> T:
+    """Await `awaitable` while moving `clock` to each deadline its sleepers set (retry
+    backoff, rate-limit spacing), so virtual waits pass at once and real I/O still runs."""
+    task = asyncio.ensure_future(awaitable)
+    spent = 0.0
+    while not task.done():
+        deadline = clock.next_deadline()
+        if deadline is None:
+            await asyncio.sleep(0.001)  # real I/O in flight
+            continue
+        step = max(0.0, deadline - clock.monotonic())
+        spent += step
+        if spent > limit:
+            task.cancel()
+            raise AssertionError(f"still waiting after {limit}s of virtual time")
+        await clock.advance(step)
+    return task.result()
+
+
+def day_number(day: date) -> int:
+    return (day - EPOCH).days
+
+
+__all__ = ["Contract", "FakeVast", "Recorded", "RentRefused", "ServerThread", "day_number", "drive"]
+
+
+class ServerThread:
+    """Runs a fake server on its own event loop in a thread, for code under test that
+    calls `asyncio.run` itself (the CLI)."""
+
+    def __init__(self, start: Callable[[], Awaitable[Any]], close: Callable[[], Awaitable[Any]]):
+        self._start, self._close = start, close
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="fake-server", daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fake server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
