@@ -1,0 +1,368 @@
+"""The pool state machine of SPEC section 3, as a pure function of what the broker observes.
+
+`PoolMachine.step(observation)` returns the new state, the actions to take and the reason.
+It does no I/O and reads no clock: the observation carries the time. The daemon gathers the
+observation (telemetry, gates, provider, windows), journals the actions, performs them and
+feeds their outcome back in the next observation. Being pure, it can be driven through
+thousands of random histories by a property test that checks the invariants after each step.
+
+The invariants it is built to keep:
+1. Never listed outside a window; no offer end beyond the window's end.
+2. Never listed while a local service holds the GPUs: `List` only follows a verified drain
+   observed together with idle GPUs and no local demand.
+3. No local request is lost: local demand while listed or rented always unlists at once, and
+   held requests are released as soon as no renter holds the GPUs.
+6. Anti-flap: `min_listed` (no listing shorter than that), `max_cycles_per_day` (rolling 24h),
+   `local_hold` after a reclaim.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from broker.config import PolicySection
+from broker.units import format_duration
+
+
+class PoolState(StrEnum):
+    LOCAL = "LOCAL"
+    IDLE = "IDLE"
+    DRAINING = "DRAINING"
+    LISTED = "LISTED"
+    RENTED = "RENTED"
+    RECLAIMING = "RECLAIMING"
+    PAUSED = "PAUSED"
+    DEGRADED = "DEGRADED"
+
+
+class DrainStatus(StrEnum):
+    NONE = "none"  # no drain requested, or its outcome already consumed
+    RUNNING = "running"
+    VERIFIED = "verified"  # models unloaded and NVML shows the GPUs free
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ProviderView:
+    """What the marketplace says right now (None in the observation: it cannot be read)."""
+
+    listed: bool
+    rentals_running: int
+    locked_until: datetime | None = None  # latest contract end
+    offer_end: datetime | None = None
+    only_interruptible: bool = False
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: datetime  # wall time, UTC
+    monotonic: float
+    window_end: datetime | None  # end of the window open now; None outside every window
+    gpus_idle: bool | None  # every GPU of the pool idle; None when telemetry cannot tell
+    local_demand: bool  # an inference request in flight or held at a gate
+    provider: ProviderView | None
+    drain: DrainStatus = DrainStatus.NONE
+    paused: bool = False
+    reclaim_requested: bool = False
+
+
+# -- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Unload the local services' models and verify the GPUs are free."""
+
+
+@dataclass(frozen=True)
+class ResumeServices:
+    """Give the GPUs back to the local services (restart what a drain stopped)."""
+
+
+@dataclass(frozen=True)
+class List:
+    """Put up (or renew) the offer, ending at `end`."""
+
+    end: datetime
+    renewal: bool = False
+
+
+@dataclass(frozen=True)
+class Unlist:
+    """Withdraw the offer. Running contracts go on; no new renter can come."""
+
+
+@dataclass(frozen=True)
+class DisplaceInterruptible:
+    """End interruptible rentals the way the platform allows (see FACTS.md)."""
+
+
+Action = Drain | ResumeServices | List | Unlist | DisplaceInterruptible
+
+
+@dataclass(frozen=True)
+class GateMode:
+    """What the gates should do now; applied every step, so it is a setting, not an action.
+
+    `guarded` False: pass everything through (held requests are released). True: an inference
+    request triggers a reclaim and waits; with `rented_until` set the GPUs are known to be
+    taken until then, so a request that cannot wait that long is refused at once.
+    """
+
+    guarded: bool
+    rented_until: datetime | None = None
+
+
+OPEN = GateMode(guarded=False)
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: PoolState
+    actions: tuple[Action, ...]
+    gates: GateMode
+    reason: str
+    changed: bool
+
+
+# -- the machine --------------------------------------------------------------------------
+
+# A renewal is due when the offer has less than this share of max_commitment left, so a
+# renewal failing once or twice still leaves time before the offer lapses.
+RENEW_AT_FRACTION = 0.5
+
+
+@dataclass
+class PoolMachine:
+    policy: PolicySection
+    reclaim_displaces: bool = False
+    state: PoolState = PoolState.LOCAL
+    since: float = 0.0  # monotonic time the state began
+    local_hold_until: float | None = None
+    listings: deque[float] = field(default_factory=deque)  # monotonic times of new listings
+    offer_end: datetime | None = None  # the end date of the offer we put up
+    displaced: bool = False  # interruptible renters already asked to go in this reclaim
+    # An offer or a rental may exist. True until a provider view says otherwise, so a broker
+    # that starts while the provider cannot be read withdraws a listing it cannot see.
+    exposed: bool = True
+    services_stopped: bool = False  # a drain was started and the services not resumed since
+    gates: GateMode = OPEN
+
+    def __post_init__(self) -> None:
+        self.reclaim_displaces = self.policy.reclaim == "displace-interruptible"
+
+    def step(self, obs: Observation) -> Decision:
+        before = self.state
+        actions, reason = self._decide(obs)
+        if any(isinstance(a, Drain) for a in actions):
+            self.services_stopped = True
+        elif (
+            self.services_stopped
+            and not self.gates.guarded
+            and self.state is not PoolState.DRAINING
+        ):
+            # Whatever path led back to local use, the services get their GPUs back.
+            actions.append(ResumeServices())
+            self.services_stopped = False
+        if self.state is not before:
+            self.since = obs.monotonic
+        return Decision(self.state, tuple(actions), self.gates, reason, self.state is not before)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _go(self, state: PoolState, gates: GateMode = OPEN) -> None:
+        self.state = state
+        self.gates = gates
+
+    def _cycles_today(self, now: float) -> int:
+        while self.listings and now - self.listings[0] >= 86400:
+            self.listings.popleft()
+        return len(self.listings)
+
+    def _offer_end_for(self, obs: Observation) -> datetime | None:
+        if obs.window_end is None:
+            return None
+        return min(obs.window_end, obs.now + self.policy.max_commitment)
+
+    def _blocker(self, obs: Observation) -> str | None:
+        """Why the pool may not start towards a listing now; None when it may."""
+        if obs.window_end is None:
+            return "outside every window"
+        if obs.local_demand:
+            return "local requests"
+        if obs.gpus_idle is not True:
+            return "GPUs busy"
+        if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
+            left = timedelta(seconds=self.local_hold_until - obs.monotonic)
+            return f"local hold after a reclaim ({format_duration(left)} left)"
+        if self._cycles_today(obs.monotonic) >= self.policy.max_cycles_per_day:
+            return f"{self.policy.max_cycles_per_day} listings in the last 24h"
+        end = self._offer_end_for(obs)
+        if end is None or end - obs.now < self.policy.min_listed:
+            return f"window closes in under min_listed ({format_duration(self.policy.min_listed)})"
+        return None
+
+    def _back_to_local(self, obs: Observation, reclaimed: bool) -> list[Action]:
+        """Local services own the GPUs again (`step` adds the ResumeServices)."""
+        self._go(PoolState.PAUSED if obs.paused else PoolState.LOCAL)
+        self.offer_end = None
+        self.displaced = False
+        if reclaimed:
+            self.local_hold_until = obs.monotonic + self.policy.local_hold.total_seconds()
+        return []
+
+    def _reclaim(self, obs: Observation, view: ProviderView, why: str) -> tuple[list[Action], str]:
+        self._go(PoolState.RECLAIMING, GateMode(True, view.locked_until))
+        actions: list[Action] = []
+        if view.listed:
+            actions.append(Unlist())
+        if (
+            self.reclaim_displaces
+            and not self.displaced
+            and view.only_interruptible
+            and view.rentals_running
+        ):
+            self.displaced = True
+            actions.append(DisplaceInterruptible())
+        return actions, f"reclaiming: {why}"
+
+    # -- the transitions ------------------------------------------------------------------
+
+    def _decide(self, obs: Observation) -> tuple[list[Action], str]:
+        state = self.state
+        view = obs.provider
+        if view is not None:
+            self.exposed = view.listed or view.rentals_running > 0
+
+        if state is PoolState.DRAINING:
+            return self._decide_draining(obs)
+
+        if view is None:
+            if self.exposed:
+                # Never leave up a listing we cannot see: withdraw it, retrying every step.
+                # The gates stay guarded: renters may still hold the GPUs.
+                self._go(PoolState.DEGRADED, GateMode(True, self.gates.rented_until))
+                return [Unlist()], "degraded: the provider cannot be read"
+            if obs.paused:
+                self._go(PoolState.PAUSED)
+                return [], "paused"
+            self._go(PoolState.DEGRADED)
+            return [], "degraded: the provider cannot be read"
+
+        if state in (PoolState.LOCAL, PoolState.IDLE, PoolState.PAUSED, PoolState.DEGRADED):
+            return self._decide_unlisted(obs, view)
+
+        # LISTED, RENTED, RECLAIMING: an offer may be up or renters may hold the GPUs.
+
+        if view.rentals_running == 0 and state is PoolState.RECLAIMING and not view.listed:
+            return self._back_to_local(obs, reclaimed=True), "reclaimed: no renter left"
+
+        want_local = self._local_reason(obs)
+        if want_local:
+            if view.rentals_running == 0 and not view.listed:
+                return self._back_to_local(obs, reclaimed=True), f"unlisted: {want_local}"
+            return self._reclaim(obs, view, want_local)
+
+        if state is PoolState.RECLAIMING:
+            # Demand went away before the renters did; keep the offer down (no flapping).
+            self.gates = GateMode(True, view.locked_until)
+            actions: list[Action] = [Unlist()] if view.listed else []
+            return actions, "reclaiming: waiting for contracts to end"
+
+        if view.rentals_running > 0:
+            self._go(PoolState.RENTED, GateMode(True, view.locked_until))
+            until = view.locked_until.isoformat() if view.locked_until else "unknown"
+            reason = f"rented: {view.rentals_running} rental(s), locked until {until}"
+            return self._renewal(obs, view), reason
+
+        if not view.listed:
+            # The offer lapsed or was withdrawn from the dashboard; nobody rents.
+            return self._back_to_local(obs, reclaimed=False), "offer no longer listed"
+
+        self._go(PoolState.LISTED, GateMode(True))
+        return self._renewal(obs, view), "listed"
+
+    def _local_reason(self, obs: Observation) -> str | None:
+        if obs.paused:
+            return "paused"
+        if obs.reclaim_requested:
+            return "reclaim requested"
+        if obs.local_demand:
+            return "local request"
+        if obs.window_end is None:
+            return "window closed"
+        if self.state is PoolState.LISTED and obs.gpus_idle is not True:
+            # Nobody rents, yet something uses (or may use) the GPUs: it is local.
+            return "local GPU use" if obs.gpus_idle is False else "GPU telemetry unavailable"
+        return None
+
+    def _renewal(self, obs: Observation, view: ProviderView) -> list[Action]:
+        end = self._offer_end_for(obs)
+        current = view.offer_end or self.offer_end
+        if end is None or current is None:
+            return []
+        left = current - obs.now
+        if left > self.policy.max_commitment * RENEW_AT_FRACTION or end <= current:
+            return []
+        self.offer_end = end
+        return [List(end, renewal=True)]
+
+    def _decide_unlisted(self, obs: Observation, view: ProviderView) -> tuple[list[Action], str]:
+        if view.listed or view.rentals_running:
+            # Found an offer or renters we did not put there, or left from before a crash.
+            if view.rentals_running:
+                return self._reclaim(obs, view, "found running rentals (respected)")
+            self._go(PoolState.RECLAIMING, GateMode(True))
+            return [Unlist()], "reclaiming: found a listing that should not exist"
+        if obs.paused:
+            self._go(PoolState.PAUSED)
+            return [], "paused"
+        if obs.gpus_idle is None:
+            self._go(PoolState.DEGRADED)
+            return [], "degraded: GPU telemetry unavailable"
+        if self.state in (PoolState.PAUSED, PoolState.DEGRADED):
+            reason = "recovered" if self.state is PoolState.DEGRADED else "resumed"
+            self._go(PoolState.LOCAL)
+            return [], reason
+        blocker = self._blocker(obs)
+        if blocker:
+            self._go(PoolState.LOCAL)
+            return [], f"local: {blocker}"
+        if self.state is PoolState.LOCAL:
+            self._go(PoolState.IDLE)
+            return [], "idle: every GPU idle inside a window"
+        idle_for = obs.monotonic - self.since
+        if idle_for < self.policy.idle_window.total_seconds():
+            return [], "idle"
+        self._go(PoolState.DRAINING)
+        return [Drain()], f"draining: idle {format_duration(self.policy.idle_window)}"
+
+    def _decide_draining(self, obs: Observation) -> tuple[list[Action], str]:
+        if obs.paused or obs.local_demand or obs.window_end is None or obs.provider is None:
+            why = (
+                "paused" if obs.paused
+                else "local request" if obs.local_demand
+                else "window closed" if obs.window_end is None
+                else "the provider cannot be read"
+            )  # fmt: skip
+            return self._back_to_local(obs, reclaimed=False), f"drain aborted: {why}"
+        if obs.drain is DrainStatus.FAILED:
+            return self._back_to_local(obs, reclaimed=False), "drain failed"
+        if obs.drain is not DrainStatus.VERIFIED:
+            if obs.monotonic - self.since >= self.policy.drain_timeout.total_seconds():
+                return self._back_to_local(obs, reclaimed=False), "drain timed out"
+            return [], "draining"
+        if obs.gpus_idle is not True:
+            return self._back_to_local(obs, reclaimed=False), "drain aborted: GPUs busy"
+        blocker = self._blocker(obs)
+        end = self._offer_end_for(obs)
+        if blocker or end is None:
+            return self._back_to_local(obs, reclaimed=False), f"not listed: {blocker}"
+        self._go(PoolState.LISTED, GateMode(True))
+        self.offer_end = end
+        self.exposed = True
+        self.listings.append(obs.monotonic)
+        return [List(end)], f"listed: offer ends {end.isoformat()}"
