@@ -365,7 +365,19 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
-class VastProvider(SecretRef):
+class ProviderKey(SecretRef):
+    """A provider section whose API key comes from `api_key_env` or `api_key_file`."""
+
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is not None:
+            return self._read_secret("provider.api_key", None, self.api_key_file)
+        return self._read_secret("provider.api_key", self.api_key_env, None)
+
+
+class VastProvider(ProviderKey):
     kind: Literal["vast"]
     machine_id: int = Field(gt=0)
     api_key_env: str | None = "VAST_API_KEY"
@@ -400,13 +412,9 @@ class VastProvider(SecretRef):
             raise ValueError('expected "auto" or a price of at least 0')
         return value
 
-    def api_key(self) -> str | None:
-        if self.api_key_file is not None:
-            return self._read_secret("provider.api_key", None, self.api_key_file)
-        return self._read_secret("provider.api_key", self.api_key_env, None)
 
 
-class RunpodProvider(SecretRef):
+class RunpodProvider(ProviderKey):
     kind: Literal["runpod"]
     machine_id: str | None = None
     api_key_env: str | None = "RUNPOD_API_KEY"
@@ -416,10 +424,6 @@ class RunpodProvider(SecretRef):
     request_timeout: PositiveDuration = timedelta(seconds=30)
     retry_attempts: int = Field(default=5, ge=1)
 
-    def api_key(self) -> str | None:
-        if self.api_key_file is not None:
-            return self._read_secret("provider.api_key", None, self.api_key_file)
-        return self._read_secret("provider.api_key", self.api_key_env, None)
 
 
 class PaperProvider(_Model):

@@ -62,6 +62,29 @@ def platform_message(text: str) -> str:
     return text[:300] if text else "(no message)"
 
 
+def provider_api(
+    platform: str,
+    config: VastProvider | RunpodProvider,
+    clock: Clock,
+    api_key: str | None,
+    retry_attempts: int | None,
+) -> JsonApi:
+    """The authenticated client for a provider section: key, spacing, timeout and retries."""
+    key = api_key if api_key is not None else config.api_key()
+    if not key:
+        raise ProviderError("provider.api_key: no api_key_env or api_key_file is set")
+    return JsonApi(
+        platform=platform,
+        base_url=config.base_url,
+        api_key=key,
+        key_source=key_source(config),
+        clock=clock,
+        spacing=config.request_spacing.total_seconds(),
+        timeout=config.request_timeout.total_seconds(),
+        attempts=retry_attempts or config.retry_attempts,
+    )
+
+
 def key_source(config: VastProvider | RunpodProvider) -> str:
     """Where the key came from, for an error a user can act on. Never the key itself."""
     if config.api_key_file is not None:

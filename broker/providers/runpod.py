@@ -28,7 +28,7 @@ from broker.providers.base import (
     ProviderStatus,
     Rentals,
 )
-from broker.providers.http import JsonApi, key_source
+from broker.providers.http import key_source, provider_api
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,7 @@ class RunpodMarket(Provider):
         self.config = config
         self.machine_id = config.machine_id or ""
         self._clock = clock
-        key = api_key if api_key is not None else config.api_key()
-        if not key:
-            raise ProviderError("provider.api_key: no api_key_env or api_key_file is set")
-        self._api = JsonApi(
-            platform="RunPod",
-            base_url=config.base_url,
-            api_key=key,
-            key_source=key_source(config),
-            clock=clock,
-            spacing=config.request_spacing.total_seconds(),
-            timeout=config.request_timeout.total_seconds(),
-            attempts=retry_attempts or config.retry_attempts,
-        )
+        self._api = provider_api("RunPod", config, clock, api_key, retry_attempts)
 
     @property
     def capabilities(self) -> Capabilities:

@@ -33,7 +33,7 @@ from broker.providers.base import (
     utc_day_bounds,
 )
 from broker.providers.docker import DockerRenters
-from broker.providers.http import JsonApi, key_source
+from broker.providers.http import provider_api
 
 log = logging.getLogger(__name__)
 
@@ -126,19 +126,7 @@ class VastMarket(Provider):
         self._clock = clock
         self._docker = docker
         self._energy_currency = energy_currency
-        key = api_key if api_key is not None else config.api_key()
-        if not key:
-            raise ProviderError("provider.api_key: no api_key_env or api_key_file is set")
-        self._api = JsonApi(
-            platform="Vast.ai",
-            base_url=config.base_url,
-            api_key=key,
-            key_source=key_source(config),
-            clock=clock,
-            spacing=config.request_spacing.total_seconds(),
-            timeout=config.request_timeout.total_seconds(),
-            attempts=retry_attempts or config.retry_attempts,
-        )
+        self._api = provider_api("Vast.ai", config, clock, api_key, retry_attempts)
 
     @property
     def capabilities(self) -> Capabilities:
