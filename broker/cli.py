@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import __version__
+from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, RunpodProvider, VastProvider, find_config, load_config
 from broker.errors import BrokerError, ConfigError, ProviderError
@@ -88,6 +90,27 @@ def _parser() -> argparse.ArgumentParser:
         "check", parents=[common], help="validate the config and what it points to"
     )
     check.set_defaults(handler=cmd_check)
+
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the service in the foreground (SIGTERM/SIGINT: clean stop, SIGHUP: reload)",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser(
+        "status", parents=[common], help="ask the running service what it is doing"
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON object")
+    status.set_defaults(handler=cmd_status)
+
+    for name, what in (
+        ("reclaim", "withdraw the listing and take the GPUs back as soon as contracts allow"),
+        ("pause", "stop listing (a live offer is withdrawn) until resume"),
+        ("resume", "allow listing again after pause"),
+    ):
+        control = sub.add_parser(name, parents=[common], help=what)
+        control.set_defaults(handler=cmd_control, route=name)
     return parser
 
 
@@ -264,3 +287,66 @@ def _check_ledger(config: Config, out: Console) -> list[str]:
         return [f"broker.state_dir: cannot create {path.parent}: {parent} is not writable"]
     out.print(f"ok   ledger will be created at {path}")
     return []
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def cmd_run(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    from broker.daemon import Daemon
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        daemon = Daemon(config, clock)
+
+        def reload() -> None:
+            try:
+                new = load_config(path)
+            except ConfigError as error:
+                logging.getLogger("broker").error(
+                    "reload refused, keeping the running configuration: %s",
+                    "; ".join(error.problems),
+                )
+                return
+            daemon.reload(new)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        await daemon.start()
+        try:
+            await daemon.wait(stop)
+        finally:
+            logging.getLogger("broker").info("stopping")
+            await daemon.aclose()
+
+    asyncio.run(serve())
+    return EXIT_OK
+
+
+# -- status, reclaim, pause, resume -------------------------------------------------------
+
+
+def cmd_status(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    status = asyncio.run(ServiceClient(config.broker).status())
+    if args.json:
+        out.print_json(data=status)
+    else:
+        show_status(status, config.broker.tz, out)
+    return EXIT_OK
+
+
+def cmd_control(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    answer = asyncio.run(ServiceClient(config.broker).post(args.route))
+    out.print(str(answer.get("message", "done")), markup=False)
+    state = answer.get("state")
+    if state:
+        out.print(f"pool state: {state}", markup=False)
+    return EXIT_OK

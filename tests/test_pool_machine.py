@@ -18,6 +18,7 @@ from broker.config import PolicySection
 from broker.scheduling.pool import (
     Decision,
     DisplaceInterruptible,
+    EndDisplacement,
     Drain,
     DrainStatus,
     List,
@@ -80,7 +81,9 @@ def test_idle_drain_list_with_a_bounded_end_date() -> None:
     listed = story.at(17, drain=DrainStatus.VERIFIED)
     end = T0 + timedelta(minutes=17) + timedelta(hours=2)  # max_commitment, not window end
     assert (listed.state, listed.actions) == (PoolState.LISTED, (List(end),))
-    assert listed.gates.guarded and listed.reason.startswith("listed: offer ends")
+    assert listed.gates.guarded
+    # The log line says why, in the pool's zone (UTC here): idle for, window end, offer end.
+    assert listed.reason == "listed: idle 15m, window open until 07:00, offer ends 00:17"
 
 
 def test_the_offer_never_ends_after_the_window() -> None:
@@ -281,6 +284,20 @@ def test_pause_and_user_reclaim() -> None:
     assert reclaim.actions == (Unlist(),) and "reclaim requested" in reclaim.reason
 
 
+def test_reclaim_request_stops_an_idle_pool_and_aborts_a_drain() -> None:
+    story = Story()
+    story.at(0)
+    assert story.at(1).state is PoolState.IDLE
+    stopped = story.at(2, reclaim_requested=True)
+    assert stopped.state is PoolState.LOCAL and "reclaim requested" in stopped.reason
+    assert story.at(3, reclaim_requested=False).state is PoolState.IDLE
+    draining = story.at(18)
+    assert draining.state is PoolState.DRAINING
+    aborted = story.at(19, reclaim_requested=True)
+    assert aborted.state is PoolState.LOCAL and "reclaim requested" in aborted.reason
+    assert ResumeServices() in aborted.actions
+
+
 def test_displace_interruptible_renters_once() -> None:
     story = Story(PolicySection(reclaim="displace-interruptible"))
     story.listed()
@@ -290,6 +307,10 @@ def test_displace_interruptible_renters_once() -> None:
     assert first.actions == (Unlist(), DisplaceInterruptible())
     again = story.at(32, provider=replace(view, listed=False), local_demand=True)
     assert again.actions == ()
+    # The renters are gone: the self-rental that displaced them ends with the reclaim.
+    done = story.at(33, provider=FREE, local_demand=True)
+    assert done.state is PoolState.LOCAL
+    assert EndDisplacement() in done.actions
     on_demand = Story(PolicySection(reclaim="displace-interruptible"))
     on_demand.listed()
     view = ProviderView(listed=True, rentals_running=1, only_interruptible=False)

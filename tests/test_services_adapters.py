@@ -92,6 +92,24 @@ async def test_unreachable_service_probes_as_down(clock: FakeClock) -> None:
     assert not probe.reachable and probe.detail
 
 
+async def test_draining_a_service_that_is_not_running_unloads_nothing(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens, so no model is loaded: the API drain succeeds at once, and NVML
+    (the scheduler's check) decides whether the GPUs are really free."""
+    probe_server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe_server.sockets[0].getsockname()[1]
+    probe_server.close()
+    await probe_server.wait_closed()
+    adapter = OllamaAdapter("ollama", f"http://127.0.0.1:{port}", clock)
+    caplog.set_level("INFO")
+    try:
+        await adapter.drain(5)
+    finally:
+        await adapter.aclose()
+    assert "not running" in caplog.text and "nothing to unload" in caplog.text
+
+
 async def test_comfyui_drain_waits_for_queue_then_frees(clock: FakeClock) -> None:
     async with FakeComfyUI() as fake:
         fake.running.append("p1")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 
 from broker.config import PolicySection
@@ -100,7 +100,12 @@ class DisplaceInterruptible:
     """End interruptible rentals the way the platform allows (see FACTS.md)."""
 
 
-Action = Drain | ResumeServices | List | Unlist | DisplaceInterruptible
+@dataclass(frozen=True)
+class EndDisplacement:
+    """Undo DisplaceInterruptible once the GPUs are local again (end the self-rental)."""
+
+
+Action = Drain | ResumeServices | List | Unlist | DisplaceInterruptible | EndDisplacement
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ class PoolMachine:
     exposed: bool = True
     services_stopped: bool = False  # a drain was started and the services not resumed since
     gates: GateMode = OPEN
+    tz: tzinfo = UTC  # times in reasons are shown in this zone
 
     def __post_init__(self) -> None:
         self.reclaim_displaces = self.policy.reclaim == "displace-interruptible"
@@ -177,6 +183,12 @@ class PoolMachine:
         self.state = state
         self.gates = gates
 
+    def _clock_time(self, t: datetime, now: datetime) -> str:
+        local = t.astimezone(self.tz)
+        if t - now < timedelta(hours=20):
+            return local.strftime("%H:%M")
+        return local.strftime("%a %d %b %H:%M")
+
     def _cycles_today(self, now: float) -> int:
         while self.listings and now - self.listings[0] >= 86400:
             self.listings.popleft()
@@ -191,6 +203,8 @@ class PoolMachine:
         """Why the pool may not start towards a listing now; None when it may."""
         if obs.window_end is None:
             return "outside every window"
+        if obs.reclaim_requested:
+            return "reclaim requested"
         if obs.local_demand:
             return "local requests"
         if obs.gpus_idle is not True:
@@ -209,10 +223,11 @@ class PoolMachine:
         """Local services own the GPUs again (`step` adds the ResumeServices)."""
         self._go(PoolState.PAUSED if obs.paused else PoolState.LOCAL)
         self.offer_end = None
+        actions: list[Action] = [EndDisplacement()] if self.displaced else []
         self.displaced = False
         if reclaimed:
             self.local_hold_until = obs.monotonic + self.policy.local_hold.total_seconds()
-        return []
+        return actions
 
     def _reclaim(self, obs: Observation, view: ProviderView, why: str) -> tuple[list[Action], str]:
         self._go(PoolState.RECLAIMING, GateMode(True, view.locked_until))
@@ -274,7 +289,7 @@ class PoolMachine:
 
         if view.rentals_running > 0:
             self._go(PoolState.RENTED, GateMode(True, view.locked_until))
-            until = view.locked_until.isoformat() if view.locked_until else "unknown"
+            until = self._clock_time(view.locked_until, obs.now) if view.locked_until else "unknown"
             reason = f"rented: {view.rentals_running} rental(s), locked until {until}"
             return self._renewal(obs, view), reason
 
@@ -341,9 +356,16 @@ class PoolMachine:
         return [Drain()], f"draining: idle {format_duration(self.policy.idle_window)}"
 
     def _decide_draining(self, obs: Observation) -> tuple[list[Action], str]:
-        if obs.paused or obs.local_demand or obs.window_end is None or obs.provider is None:
+        if (
+            obs.paused
+            or obs.reclaim_requested
+            or obs.local_demand
+            or obs.window_end is None
+            or obs.provider is None
+        ):
             why = (
                 "paused" if obs.paused
+                else "reclaim requested" if obs.reclaim_requested
                 else "local request" if obs.local_demand
                 else "window closed" if obs.window_end is None
                 else "the provider cannot be read"
@@ -365,4 +387,10 @@ class PoolMachine:
         self.offer_end = end
         self.exposed = True
         self.listings.append(obs.monotonic)
-        return [List(end)], f"listed: offer ends {end.isoformat()}"
+        assert obs.window_end is not None  # the blocker checked it
+        reason = (
+            f"listed: idle {format_duration(self.policy.idle_window)}, window open until "
+            f"{self._clock_time(obs.window_end, obs.now)}, offer ends "
+            f"{self._clock_time(end, obs.now)}"
+        )
+        return [List(end)], reason

@@ -175,9 +175,15 @@ class Calendar:
         while changed and start >= t - self.horizon:
             changed = False
             for r in self.recurrences:
-                earlier = r.last_started(start - _TINY)
-                if earlier.end >= start and earlier.start < start:
-                    start, changed = earlier.start, True
+                # The earliest occurrence reaching `start` began at most one duration
+                # before it: jump there, not one cron step back (`* * * * *` would take
+                # 44,640 steps to cover the horizon).
+                for earlier in r.occurrences(start - r.duration - _TINY):
+                    if earlier.start >= start:
+                        break
+                    if earlier.end >= start:
+                        start, changed = earlier.start, True
+                        break
         return Interval(start, end, open_ended=end > limit)
 
     def end_of(self, t: datetime) -> datetime | None:

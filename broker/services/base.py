@@ -78,6 +78,11 @@ class ServiceAdapter(ABC):
                 await self._drainer.drain(limit_s)
             else:
                 await self._drain_api(limit_s)
+        except aiohttp.ClientConnectorError as err:
+            # Nothing listens: a service that is not running holds no models. Whether
+            # anything still holds the GPUs is for NVML to say (the scheduler verifies).
+            log.info("service %s: not running (%s), nothing to unload", self.name, err)
+            return
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise DrainError(f"service {self.name}: drain failed: {err}") from err
         log.info("service %s: drained", self.name)

@@ -21,6 +21,9 @@ from broker.clock import Clock
 log = logging.getLogger(__name__)
 
 ReclaimCallback = Callable[[], Awaitable[None]]
+# Told of each request held ("held") or answered 503 ("rejected"), with the service's name
+# and when; the daemon keeps these in its ledger for the report.
+EventListener = Callable[[str, str, datetime], None]
 
 
 class GateMode(StrEnum):
@@ -69,6 +72,7 @@ class GateControl:
         self.name = name
         self.max_hold = max_hold
         self.on_reclaim = on_reclaim
+        self.on_event: EventListener | None = None
         self._display_tz = display_tz
         self._mode = GateMode.OPEN
         self._wake: asyncio.Future[None] | None = None  # resolved on any change of state
@@ -139,18 +143,17 @@ class GateControl:
             return None
         self._ask_reclaim()
         if self._outlasts_hold():
-            self.rejected_total += 1
-            return self._refusal()
+            return self._reject()
         self.held += 1
         self.held_total += 1
+        self._tell("held")
         try:
             released = await self._wait_for_release()
         finally:
             self.held -= 1
         if released:
             return None
-        self.rejected_total += 1
-        return self._refusal()
+        return self._reject()
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -159,6 +162,18 @@ class GateControl:
         self.in_flight -= 1
 
     # ---- internals
+    def _reject(self) -> Refusal:
+        self.rejected_total += 1
+        self._tell("rejected")
+        return self._refusal()
+
+    def _tell(self, event: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, self.name, self._clock.now())
+            except Exception:
+                log.exception("gate %s: event listener failed", self.name)
+
     def _outlasts_hold(self) -> bool:
         until = self._rented_until
         return until is not None and until - self._clock.now() > self.max_hold

@@ -1,0 +1,134 @@
+"""The command line's side of the HTTP API: `status`, `reclaim`, `pause`, `resume`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from broker.config import BrokerSection
+from broker.errors import BrokerError
+from broker.units import parse_hostport
+
+_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class ServiceClient:
+    def __init__(self, broker: BrokerSection) -> None:
+        self._broker = broker
+        host, port = parse_hostport(broker.api_listen)
+        # A service listening on every address is reached on loopback.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        shown = f"[{host}]" if ":" in host else host
+        self.base = f"http://{shown}:{port}"
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("GET", "/api/status", {})
+
+    async def post(self, route: str) -> dict[str, Any]:
+        token = self._broker.api_token()  # raises ConfigError naming the key when unset
+        if token is None:
+            raise BrokerError(
+                "no API token: set broker.api_token_env (and that variable) or "
+                "broker.api_token_file, the same as the running service uses"
+            )
+        return await self._call("POST", f"/api/{route}", {"Authorization": f"Bearer {token}"})
+
+    async def _call(self, method: str, path: str, headers: dict[str, str]) -> dict[str, Any]:
+        url = self.base + path
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=_TIMEOUT) as session,
+                session.request(method, url, headers=headers) as response,
+            ):
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    body = None
+                if not isinstance(body, dict):
+                    raise BrokerError(f"{url}: HTTP {response.status}, not a gpu-broker answer")
+                if response.status >= 400:
+                    raise BrokerError(f"{url}: {body.get('error', f'HTTP {response.status}')}")
+                return body
+        except aiohttp.ClientConnectionError as err:
+            raise BrokerError(
+                f"gpu-broker is not running at {self.base} (broker.api_listen): {err}"
+            ) from None
+        except TimeoutError:
+            raise BrokerError(f"gpu-broker at {self.base} did not answer in time") from None
+
+
+def _when(value: object, tz: ZoneInfo) -> str:
+    if not isinstance(value, str):
+        return "-"
+    return datetime.fromisoformat(value).astimezone(tz).strftime("%a %Y-%m-%d %H:%M:%S %Z")
+
+
+def _num(value: object, unit: str = "", digits: int = 0) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return f"{value:.{digits}f}{unit}"
+    return str(value)
+
+
+def show_status(status: dict[str, Any], tz: ZoneInfo, out: Console) -> None:
+    for pool in status.get("pools", []):
+        out.print(
+            f"Pool {pool['name']}: [bold]{pool['state']}[/bold] since {_when(pool['since'], tz)}"
+        )
+        out.print(f"  {pool.get('reason', '')}", markup=False)
+        if pool.get("listed_until"):
+            out.print(f"  offer ends {_when(pool['listed_until'], tz)}")
+        if pool.get("locked_until"):
+            out.print(f"  rented until {_when(pool['locked_until'], tz)}")
+        if pool.get("paused"):
+            out.print("  paused: run `gpu-broker resume` to allow listing again")
+
+    gpus = Table(title="GPUs", title_justify="left")
+    for column in ("#", "name", "util", "memory", "power", "energy", "idle"):
+        gpus.add_column(column, justify="right" if column not in ("name", "idle") else "left")
+    for gpu in status.get("gpus", []):
+        idle = "lost" if gpu.get("lost") else ("yes" if gpu.get("idle") else gpu.get("idle_reason"))
+        gpus.add_row(
+            str(gpu["index"]),
+            gpu["name"],
+            _num(gpu["utilization_pct"], " %"),
+            _num(gpu["memory_used_mb"], " MB"),
+            _num(gpu["power_w"], " W", 1),
+            _num(gpu["energy_wh"], " Wh", 1),
+            str(idle or "no"),
+        )
+    out.print(gpus)
+
+    services = Table(title="Services", title_justify="left")
+    for column in ("name", "kind", "reachable", "gate", "in flight", "held", "last request"):
+        services.add_column(column)
+    for service in status.get("services", []):
+        services.add_row(
+            service["name"],
+            service["kind"],
+            _num(service["reachable"]),
+            f"{service.get('gate') or '-'} ({service.get('gate_mode') or 'no gate'})",
+            _num(service["in_flight"]),
+            _num(service["held"]),
+            _when(service["last_request_at"], tz),
+        )
+    out.print(services)
+
+    provider = status.get("provider", {})
+    listed = provider.get("listed")
+    out.print(
+        f"Provider {provider.get('kind')}: "
+        + ("unreachable" if listed is None else ("listed" if listed else "not listed"))
+        + f", {_num(provider.get('rentals_running'))} rental(s) running",
+        markup=False,
+    )
+    if provider.get("note"):
+        out.print(f"  {provider['note']}", markup=False)
