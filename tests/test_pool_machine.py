@@ -18,9 +18,9 @@ from broker.config import PolicySection
 from broker.scheduling.pool import (
     Decision,
     DisplaceInterruptible,
-    EndDisplacement,
     Drain,
     DrainStatus,
+    EndDisplacement,
     List,
     Observation,
     PoolMachine,

@@ -167,6 +167,7 @@ class Scheduler:
         self._released_early: set[str] = set()
         self._notes: list[JournalEntry] = []
         self._provider_acted = False
+        self.parked = False  # waiting for the next step (tests wait for this to settle)
         for gate in self.gates:
             gate.control.on_reclaim = self.on_gate_demand
             gate.control.on_event = self._gate_event
@@ -298,9 +299,11 @@ class Scheduler:
             return
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
         woken = asyncio.ensure_future(self._wake.wait())
+        self.parked = True
         try:
             await asyncio.wait((timer, woken), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.parked = False
             timer.cancel()
             woken.cancel()
 
@@ -564,9 +567,9 @@ class Scheduler:
             else:
                 log.warning("%s failed: %s", kind, err)
             await self._complete(entry, "failed", str(err))
-            # Never assume: read what the marketplace really did before the next decision.
+            # Never assume: read what the marketplace really did before the next decision
+            # (at the next tick, not at once: a failing API must not be hammered).
             self._provider_due = -1.0
-            self._wake.set()
             return False
         crashpoint(f"{kind}:called")
         await self._complete(entry, "done")
