@@ -365,7 +365,13 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
-class ProviderKey(SecretRef):
+class PolledProvider(_Model):
+    # How often the marketplace is read while an offer or a renter may exist (six times
+    # as long otherwise): how soon a new rental or a contract's end is seen.
+    poll_interval: PositiveDuration = timedelta(seconds=10)
+
+
+class ProviderKey(SecretRef, PolledProvider):
     """A provider section whose API key comes from `api_key_env` or `api_key_file`."""
 
     api_key_env: str | None = None
@@ -426,7 +432,7 @@ class RunpodProvider(ProviderKey):
 
 
 
-class PaperProvider(_Model):
+class PaperProvider(PolledProvider):
     kind: Literal["paper"]
     seed: int = 0
     price_gpu: float = Field(default=0.20, gt=0, description="USD per GPU-hour we ask")

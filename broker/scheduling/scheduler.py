@@ -63,11 +63,9 @@ log = logging.getLogger(__name__)
 
 POOL = "machine"  # on Vast a listing covers the whole machine: one pool, named for that
 
-# How often the marketplace is read: often while an offer or a renter may exist, rarely
-# otherwise (only to notice a listing made by hand). Vast asks for a few seconds between
-# calls to one endpoint.
-PROVIDER_POLL_EXPOSED = 10.0
-PROVIDER_POLL_QUIET = 60.0
+# The marketplace is read every `provider.poll_interval` while an offer or a renter may
+# exist, this many times less often otherwise (only to notice a listing made by hand).
+QUIET_POLL_FACTOR = 6
 SERVICE_POLL = 5.0
 EARNINGS_POLL = 3600.0
 # Journal kinds that are external actions; an `intent` of one of these found at start was
@@ -183,6 +181,7 @@ class Scheduler:
         self._closed_until: datetime | None = None  # no window opens before this
         self.tariffs = TariffSchedule.from_config(config.energy, config.broker.tz)
         self.pool_gpus = [d.index for d in self.sampler.devices]
+        self._poll = config.provider.poll_interval.total_seconds()
         by_name = {s.name: s for s in config.services}
         for gate in self.gates:
             section = by_name.get(gate.name)
@@ -398,12 +397,12 @@ class Scheduler:
             if self.view is not None or self.status_read is None:
                 log.warning("cannot read the provider: %s", err)
             self.view = None
-            self._provider_due = mono + PROVIDER_POLL_EXPOSED
+            self._provider_due = mono + self._poll
             return
         except Exception:
             log.exception("reading the provider failed unexpectedly")
             self.view = None
-            self._provider_due = mono + PROVIDER_POLL_EXPOSED
+            self._provider_due = mono + self._poll
             return
         self.status_read = status
         view = view_of(status)
@@ -417,9 +416,9 @@ class Scheduler:
         else:
             self._free_at = None
         exposed = view is None or view.listed or view.rentals_running > 0
-        poll = PROVIDER_POLL_EXPOSED if exposed else PROVIDER_POLL_QUIET
+        poll = self._poll if exposed else self._poll * QUIET_POLL_FACTOR
         if self.machine.state in (PoolState.LISTED, PoolState.IDLE, PoolState.DRAINING):
-            poll = PROVIDER_POLL_EXPOSED
+            poll = self._poll
         due = mono + poll
         if view is not None and view.locked_until is not None:
             # Read again the moment the last contract ends, to hand the GPUs back at once.
@@ -720,7 +719,7 @@ class Scheduler:
 
     async def _record_state(self, state: PoolState, reason: str) -> None:
         at = self._clock.now()
-        crashpoint("transition:before-ledger")
+        crashpoint(f"transition:{state.value}:before-ledger")
         await self.ledger.journal(
             JournalEntry(at=at, kind="transition", status="note", subject=POOL,
                          payload={"state": state.value, "reason": reason})
