@@ -372,6 +372,46 @@ async def test_a_lost_gpu_is_marked_lost_while_the_other_goes_on(
     assert (await backend.processes())[0] is None
 
 
+# Recorded on an NVIDIA H100 80GB HBM3 (driver 580.159.04, 700 W limit and ceiling) by
+# scripts/gpu-smoke, ticks 0.5 s apart, as a bf16 matmul load started: (watts, counter mJ).
+H100_LOAD_START = [
+    (70.4, 4_255_255),
+    (95.3, 4_296_257),
+    (453.1, 4_683_842),  # +387.6 J in 0.5 s: 775 W, a little over the 700 W limit
+    (724.6, 5_021_701),
+    (699.4, 5_383_104),
+    (699.5, 5_722_566),
+]
+
+
+async def test_a_real_load_start_is_not_clamped_as_a_counter_glitch(
+    driver: StandInDriver, clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the H100 the first half-second of a load drew ~11 % over the enforced limit;
+    the counter was right (it matched integrated power within 0.1 % over 40 s), so that
+    energy must be counted, not clamped with a warning."""
+    from broker.gpu.energy import EnergyAccountant
+    from broker.gpu.sampler import GpuSampler
+
+    for g in driver.gpus:
+        g.name, g.limit_mw, g.max_mw = "NVIDIA H100 80GB HBM3", 700_000, 700_000
+    nvml = NvmlBackend(timeout=2)
+    devices = await nvml.start()
+    energy = EnergyAccountant(devices, clock)
+    sampler = GpuSampler(nvml, clock, interval=0.5, energy=energy)
+    try:
+        for watts, mj in H100_LOAD_START:
+            for g in driver.gpus:
+                g.power_mw, g.energy_mj = int(watts * 1000), mj
+            assert await sampler.tick() is not None
+            await clock.advance(0.5)
+    finally:
+        await sampler.close()
+    counted = (H100_LOAD_START[-1][1] - H100_LOAD_START[0][1]) / 1000
+    assert energy.total_joules(devices[0].uuid) == pytest.approx(counted)
+    assert "more than the card can draw" not in caplog.text
+
+
 async def test_a_hung_call_times_out_without_blocking_the_loop(driver: StandInDriver) -> None:
     nvml = NvmlBackend(timeout=0.05)
     await nvml.start()

@@ -217,9 +217,11 @@ async def test_energy_is_attributed_to_the_pool_state_with_overhead(clock: FakeC
     assert totals[(first, "rented")][0] == pytest.approx(rented_truth, rel=0.005)
 
 
-def _snap(at: float, *samples: Any) -> Snapshot:
+def _snap(at: float, *samples: Any, read_s: float = 0.0) -> Snapshot:
     wall = datetime(2026, 11, 25, tzinfo=UTC) + timedelta(seconds=at)
-    return Snapshot(at=at, wall=wall, gpus=tuple(samples), processes={}, processes_at=None)
+    return Snapshot(
+        at=at, wall=wall, gpus=tuple(samples), processes={}, processes_at=None, read_s=read_s
+    )
 
 
 async def test_a_counter_jump_beyond_max_power_is_clamped(
@@ -237,6 +239,42 @@ async def test_a_counter_jump_beyond_max_power_is_clamped(
     # A plausible delta is taken as is, even above the power readings (they lag).
     energy.observe(_snap(20, GpuSample(0, "GPU-x", power_w=100, energy_mj=55_000_000)))
     assert energy.total_joules("GPU-x") == pytest.approx(4000 + 4000)
+
+
+async def test_the_clamp_allows_for_a_slow_read(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A counter read late in its tick (a slow batch: 80 ms seen on one H100) covers more
+    than the ticks' interval; that is not a glitch."""
+    from broker.gpu.base import GpuSample
+
+    dev = GpuDevice(0, "GPU-x", "x", 81559, 700, 700)
+    energy = EnergyAccountant([dev], clock)
+    energy.observe(_snap(0, GpuSample(0, "GPU-x", power_w=700, energy_mj=0)))
+    # 490 J between ticks 0.5 s apart is 980 W, but this read ended 0.2 s into its tick.
+    energy.observe(_snap(0.5, GpuSample(0, "GPU-x", power_w=700, energy_mj=490_000), read_s=0.2))
+    assert energy.total_joules("GPU-x") == pytest.approx(490)
+    assert "more than the card can draw" not in caplog.text
+    # The same rise with a prompt read is more than the card can draw: clamped.
+    energy.observe(_snap(1.0, GpuSample(0, "GPU-x", power_w=700, energy_mj=980_000)))
+    assert energy.total_joules("GPU-x") == pytest.approx(490 + 350)
+    assert "more than the card can draw" in caplog.text
+
+
+async def test_the_sampler_records_how_long_a_read_took() -> None:
+    from broker.clock import SystemClock
+
+    class Slow(FakeBackend):
+        async def sample(self) -> Any:
+            await asyncio.sleep(0.05)
+            return await super().sample()
+
+    clock = SystemClock()
+    sampler = GpuSampler(Slow([gpu()], clock), clock)
+    await sampler.start()
+    snap = await sampler.tick()
+    await sampler.close()
+    assert snap is not None and snap.read_s >= 0.05
 
 
 async def test_gaps_without_readings_are_bridged_by_the_counter(clock: FakeClock) -> None:

@@ -71,6 +71,10 @@ class Snapshot:
     gpus: tuple[GpuSample, ...]
     processes: ProcessMap
     processes_at: float | None  # when `processes` was read; None before the first listing
+    # How long reading `gpus` took: each GPU was read somewhere in [at, at + read_s]. On an
+    # H100 the energy counter alone took 3 ms (median) to 17 ms (p99) to read, and one
+    # sample() up to 80 ms, so a counter's true interval is not exactly the ticks' interval.
+    read_s: float = 0.0
 
     def gpu(self, index: int) -> GpuSample | None:
         for sample in self.gpus:

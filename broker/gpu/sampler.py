@@ -76,6 +76,7 @@ class GpuSampler:
         except GpuError as err:
             self._failed(err)
             return None
+        read_s = self._clock.monotonic() - at
         if at >= self._next_processes:
             self._next_processes = at + self._process_interval
             try:
@@ -94,6 +95,7 @@ class GpuSampler:
             gpus=tuple(samples),
             processes=self._processes,
             processes_at=self._processes_at,
+            read_s=read_s,
         )
         self.latest = snap
         for sample in samples:
