@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from datetime import datetime
 from typing import Any
@@ -112,7 +113,16 @@ class Daemon:
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:
-            await gate.start()
+            try:
+                await gate.start()
+            except OSError as err:
+                why = "the address is in use" if err.errno == errno.EADDRINUSE else err.strerror
+                raise BrokerError(
+                    f"services[{self._service_index(gate.name)}].gate_listen: cannot listen on "
+                    f"{config.services[self._service_index(gate.name)].gate_listen}: {why} "
+                    "(if the service itself still listens there, move it, e.g. "
+                    "OLLAMA_HOST=127.0.0.1:11435, and point upstream at it)"
+                ) from None
         self.api = ApiServer(self, config.broker)
         await self.api.start()
         self._tasks = [
@@ -123,6 +133,9 @@ class Daemon:
             "gpu-broker %s running: pool %s, %s provider, API on %s",
             __version__, scheduler.state.value, provider.kind, self.api.url,
         )  # fmt: skip
+
+    def _service_index(self, name: str) -> int:
+        return next(i for i, s in enumerate(self.config.services) if s.name == name)
 
     async def wait(self, stop: asyncio.Event) -> None:
         """Until `stop` is set; a crashed loop ends it too (raised, so the exit is 1)."""
