@@ -7,7 +7,7 @@ every timestamp in, so a store never reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
@@ -41,6 +41,51 @@ class EnergyRecord:
     overhead_joules: float = 0.0  # this GPU's share of host draw NVML does not see
     method: Literal["counter", "integrated", "mixed"] = "counter"
     host: str = ""
+
+
+@dataclass(frozen=True)
+class EnergyTotal:
+    """The energy one GPU drew in one span of `Ledger.energy_totals`, under one pool state."""
+
+    span: int  # i for the span [cuts[i], cuts[i + 1])
+    gpu_uuid: str
+    gpu_index: int
+    pool_state: str
+    joules: float
+    overhead_joules: float
+
+
+def energy_totals_of(
+    records: Iterable[EnergyRecord], cuts: Sequence[datetime], gpu_index: int | None = None
+) -> list[EnergyTotal]:
+    """What `Ledger.energy_totals` answers, computed from records in memory.
+
+    A record that straddles a cut is shared between the spans in proportion to time (its
+    power is taken as even over the record); a record of no length counts where it starts.
+    """
+    bounds = [t.timestamp() for t in cuts]
+    sums: dict[tuple[int, str, int, str], list[float]] = {}
+    for r in records:
+        if gpu_index is not None and r.gpu_index != gpu_index:
+            continue
+        start, end = r.start.timestamp(), r.end.timestamp()
+        for i in range(len(bounds) - 1):
+            a, b = bounds[i], bounds[i + 1]
+            if end > start:
+                share = (min(end, b) - max(start, a)) / (end - start)
+                if share <= 0:
+                    continue
+            elif a <= start < b:
+                share = 1.0
+            else:
+                continue
+            acc = sums.setdefault((i, r.gpu_uuid, r.gpu_index, r.pool_state), [0.0, 0.0])
+            acc[0] += r.joules * share
+            acc[1] += r.overhead_joules * share
+    return [
+        EnergyTotal(span, uuid, index, state, joules, overhead)
+        for (span, uuid, index, state), (joules, overhead) in sorted(sums.items())
+    ]
 
 
 @dataclass(frozen=True)
@@ -107,6 +152,15 @@ class Ledger(Protocol):
         self, start: datetime, end: datetime, gpu_uuid: str | None = None
     ) -> list[EnergyRecord]:
         """Records of this host that overlap [start, end), ordered by start."""
+        ...
+
+    async def energy_totals(
+        self, cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> list[EnergyTotal]:
+        """This host's energy in each span [cuts[i], cuts[i + 1]) by GPU and pool state,
+        ordered by span, GPU and state; `cuts` must increase. A record that straddles a cut
+        is shared in proportion to time, as `energy_totals_of` does. Spans with no energy
+        are left out. This is what reports read: the store sums, so a year stays fast."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:

@@ -7,16 +7,26 @@ and writes are serialised without locks of our own.
 The schema version lives in `PRAGMA user_version`. `MIGRATIONS[n]` takes a database from
 version n to n+1, inside one transaction with the version bump, so a failed migration leaves
 the file as it was.
+
+Energy is written as the daemon measures it (a record per GPU per minute, about 4 million a
+year for 8 GPUs). Records older than a day are folded into one row per GPU, pool state and
+15-minute slot (`slot` set; rows as written have it NULL), in the transaction that deletes
+them, so every joule is in exactly one row. A year is then about 300 000 rows: small on disk
+and quick to sum. Every UTC offset in use is a multiple of 15 minutes, so local days, weeks
+and months, and tariff periods starting on a quarter hour, fall on slot boundaries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -25,6 +35,7 @@ from broker.ledger.base import (
     EarningsRecord,
     EarningsSource,
     EnergyRecord,
+    EnergyTotal,
     JournalEntry,
     JournalStatus,
     Scope,
@@ -32,6 +43,16 @@ from broker.ledger.base import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Energy records are folded into sums per GPU, pool state and slot of this many seconds ...
+ROLLUP_SECONDS = 900
+# ... once they are this old (measured from the newest record written).
+RAW_RETENTION = 86_400.0
+# At most this many records are folded per write, so a large backlog (a ledger migrated from
+# version 2) is worked off a little at a time instead of stalling the daemon's writes.
+COMPACT_BATCH = 20_000
 
 Migration = Sequence[str]
 
@@ -95,6 +116,15 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX state_intervals_by_time ON state_intervals (host, start_ts)",
         "CREATE INDEX journal_by_status ON journal (host, status, ts)",
     ),
+    # v3: energy older than a day is kept as 15-minute sums per GPU and pool state (see the
+    # module's docstring); `slot` is the slot's number (start_ts // 900), NULL for a record
+    # as written. Rows already there stay as written until the next writes fold them.
+    (
+        "ALTER TABLE energy ADD COLUMN slot INTEGER",
+        """CREATE UNIQUE INDEX energy_rollup
+            ON energy (host, gpu_uuid, gpu_index, pool_state, slot) WHERE slot IS NOT NULL""",
+        "CREATE INDEX energy_raw ON energy (host, end_ts) WHERE slot IS NULL",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -143,6 +173,7 @@ class SqliteLedger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._conn: sqlite3.Connection | None = None
         self._version = 0
+        self._compacted_to: float | None = None
         self.migrated_from: int | None = None
 
     @classmethod
@@ -326,6 +357,92 @@ class SqliteLedger:
                 for r in records
             ],
         )
+        newest = max(_ts(r.end) for r in records)
+        cutoff = math.floor((newest - RAW_RETENTION) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        if self._compacted_to is not None and cutoff <= self._compacted_to:
+            return
+        try:
+            folded = await self._call(self._compact, cutoff, COMPACT_BATCH)
+        except LedgerError as err:
+            # The records are written; folding them is only housekeeping, tried again with
+            # the next write. Raising here would make the caller write them a second time.
+            log.warning("could not fold old energy records into 15-minute sums: %s", err)
+            return
+        if folded < COMPACT_BATCH:
+            self._compacted_to = cutoff
+
+    async def compact_energy(self, before: datetime) -> int:
+        """Fold every record as written that ends by `before` (rounded down to a slot) into
+        the 15-minute sums now, instead of as later writes come. Returns how many."""
+        cutoff = math.floor(_ts(before) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        total = 0
+        while True:
+            folded = await self._call(self._compact, cutoff, COMPACT_BATCH)
+            total += folded
+            if folded < COMPACT_BATCH:
+                return total
+
+    def _compact(self, cutoff: float, limit: int) -> int:
+        """Fold up to `limit` records as written that end by `cutoff` into slot sums, and
+        delete them, in one transaction. A record spanning slots is shared by time."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT id, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, "
+                "overhead_joules, method FROM energy "
+                "WHERE host = ? AND slot IS NULL AND end_ts <= ? ORDER BY end_ts LIMIT ?",
+                (self._host, cutoff, limit),
+            ).fetchall()
+            sums: dict[tuple[str, int, str, int], list[Any]] = {}
+            for _, uuid, index, state, start, end, joules, overhead, method in rows:
+                first = math.floor(start / ROLLUP_SECONDS)
+                last = max(first, math.ceil(end / ROLLUP_SECONDS) - 1)
+                for slot in range(first, last + 1):
+                    a = max(start, slot * ROLLUP_SECONDS)
+                    b = min(end, (slot + 1) * ROLLUP_SECONDS)
+                    if end > start:
+                        if b <= a:
+                            continue
+                        share = (b - a) / (end - start)
+                    else:
+                        share = 1.0
+                    acc = sums.get((uuid, index, state, slot))
+                    if acc is None:
+                        sums[(uuid, index, state, slot)] = [
+                            a, b, joules * share, overhead * share, method
+                        ]
+                    else:
+                        acc[0] = min(acc[0], a)
+                        acc[1] = max(acc[1], b)
+                        acc[2] += joules * share
+                        acc[3] += overhead * share
+                        if acc[4] != method:
+                            acc[4] = "mixed"
+            db.executemany(
+                "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
+                "joules, overhead_joules, method, slot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host, gpu_uuid, gpu_index, pool_state, slot) "
+                "WHERE slot IS NOT NULL DO UPDATE SET "
+                "start_ts = MIN(start_ts, excluded.start_ts), "
+                "end_ts = MAX(end_ts, excluded.end_ts), "
+                "joules = joules + excluded.joules, "
+                "overhead_joules = overhead_joules + excluded.overhead_joules, "
+                "method = CASE WHEN method = excluded.method THEN method ELSE 'mixed' END",
+                [
+                    (self._host, uuid, index, state, a, b, joules, overhead, method, slot)
+                    for (uuid, index, state, slot), (a, b, joules, overhead, method) in (
+                        sums.items()
+                    )
+                ],
+            )
+            db.executemany("DELETE FROM energy WHERE id = ?", [(row[0],) for row in rows])
+            db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise LedgerError(f"ledger write failed: {err}") from err
+        return len(rows)
 
     async def energy(
         self, start: datetime, end: datetime, gpu_uuid: str | None = None
@@ -352,6 +469,61 @@ class SqliteLedger:
                 host=r["host"],
             )
             for r in rows
+        ]
+
+    async def energy_totals(
+        self, cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> list[EnergyTotal]:
+        bounds = [_ts(t) for t in cuts]
+        if any(b <= a for a, b in pairwise(bounds)):
+            raise ValueError("energy_totals: the cuts must increase")
+        if len(bounds) < 2:
+            return []
+        return await self._call(self._energy_totals, bounds, gpu_index)
+
+    def _energy_totals(self, bounds: list[float], gpu_index: int | None) -> list[EnergyTotal]:
+        # A record can only reach into a span if it starts less than the longest record's
+        # length before it: that bound lets each span be read as one index range. Slot sums
+        # are never longer than a slot; records as written are few (the last day).
+        [(longest,)] = self._read(
+            "SELECT MAX(end_ts - start_ts) FROM energy "
+            "WHERE host = ? AND slot IS NULL AND end_ts > ?",
+            (self._host, bounds[0]),
+        )
+        reach = max(float(longest or 0.0), float(ROLLUP_SECONDS))
+        # The share of a record inside [a, b): by time, or whole if it has no length.
+        share = (
+            "(CASE WHEN e.end_ts > e.start_ts THEN "
+            "(MIN(e.end_ts, s.b) - MAX(e.start_ts, s.a)) / (e.end_ts - e.start_ts) "
+            "ELSE 1.0 END)"
+        )
+        sql = (
+            "WITH s (i, a, b) AS (SELECT CAST(key AS INTEGER), "
+            "json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)) "
+            f"SELECT s.i, e.gpu_uuid, e.gpu_index, e.pool_state, SUM({share} * e.joules), "
+            f"SUM({share} * e.overhead_joules) "
+            "FROM s CROSS JOIN energy AS e "
+            "WHERE e.host = ? AND e.start_ts >= s.a - ? AND e.start_ts < s.b "
+            "AND (e.end_ts > s.a OR (e.end_ts <= e.start_ts AND e.start_ts >= s.a))"
+        )
+        params: list[Any] = [json.dumps(list(pairwise(bounds))), self._host, reach]
+        if gpu_index is not None:
+            sql += " AND e.gpu_index = ?"
+            params.append(gpu_index)
+        sql += (
+            " GROUP BY s.i, e.gpu_uuid, e.gpu_index, e.pool_state "
+            "ORDER BY s.i, e.gpu_uuid, e.gpu_index, e.pool_state"
+        )
+        return [
+            EnergyTotal(
+                span=r[0],
+                gpu_uuid=r[1],
+                gpu_index=r[2],
+                pool_state=r[3],
+                joules=r[4],
+                overhead_joules=r[5],
+            )
+            for r in self._read(sql, params)
         ]
 
     # -- earnings -------------------------------------------------------------------------
