@@ -316,19 +316,34 @@ async def test_old_energy_is_folded_into_15_minute_sums_and_counted_once(
     cuts = _days(3)
     got = await ledger.energy_totals(cuts)
     want = energy_totals_of(written, cuts)
-    assert [(t.span, t.gpu_uuid, t.pool_state) for t in got] == [
-        (t.span, t.gpu_uuid, t.pool_state) for t in want
+    assert [(t.span, t.pool_state, t.gpu_uuid) for t in got] == [
+        (t.span, t.pool_state, None) for t in want
     ]
     assert _flat(got) == pytest.approx(_flat(want))
-    assert await ledger.energy_totals(cuts, gpu_index=1) == [
-        t for t in got if t.gpu_index == 1
-    ]
+    for gpu in (0, 1):
+        one = await ledger.energy_totals(cuts, gpu_index=gpu)
+        mine = energy_totals_of(written, cuts, gpu_index=gpu)
+        assert [(t.span, t.pool_state, t.gpu_uuid, t.gpu_index) for t in one] == [
+            (t.span, t.pool_state, t.gpu_uuid, gpu) for t in mine
+        ]
+        assert _flat(one) == pytest.approx(_flat(mine))
+    # The machine's slot sums hold what the GPUs' do: never counted twice, never lost.
+    conn = sqlite3.connect(ledger.path)
+    machine = conn.execute("SELECT SUM(joules), SUM(overhead_joules) FROM energy_slots").fetchone()
+    per_gpu = conn.execute(
+        "SELECT SUM(joules), SUM(overhead_joules) FROM energy WHERE slot IS NOT NULL"
+    ).fetchone()
+    conn.close()
+    assert machine == pytest.approx(per_gpu)
 
     # Folding everything now changes no total; folding again finds nothing to do.
     assert await ledger.compact_energy(end) > 0
     assert await ledger.compact_energy(end) == 0
     again = await ledger.energy_totals(cuts)
     assert _flat(again) == pytest.approx(_flat(want))
+    assert _flat(await ledger.energy_totals(cuts, gpu_index=1)) == pytest.approx(
+        _flat(energy_totals_of(written, cuts, gpu_index=1))
+    )
 
 
 async def test_a_late_record_joins_the_sum_of_its_slot(ledger: SqliteLedger) -> None:
@@ -368,8 +383,8 @@ async def test_energy_totals_share_straddling_records_by_time(ledger: SqliteLedg
     for gpu in (None, 2):
         got = await ledger.energy_totals(cuts, gpu_index=gpu)
         want = energy_totals_of(records, cuts, gpu_index=gpu)
-        assert [(g.span, g.gpu_uuid, g.pool_state) for g in got] == [
-            (w.span, w.gpu_uuid, w.pool_state) for w in want
+        assert [(g.span, g.pool_state, g.gpu_uuid, g.gpu_index) for g in got] == [
+            (w.span, w.pool_state, w.gpu_uuid, w.gpu_index) for w in want
         ]
         assert _flat(got) == pytest.approx(_flat(want))
     assert await ledger.energy_totals([T0]) == []

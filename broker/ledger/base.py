@@ -45,14 +45,15 @@ class EnergyRecord:
 
 @dataclass(frozen=True)
 class EnergyTotal:
-    """The energy one GPU drew in one span of `Ledger.energy_totals`, under one pool state."""
+    """Energy drawn in one span of `Ledger.energy_totals` under one pool state: by the whole
+    machine (`gpu_uuid` and `gpu_index` None), or by one GPU."""
 
     span: int  # i for the span [cuts[i], cuts[i + 1])
-    gpu_uuid: str
-    gpu_index: int
     pool_state: str
     joules: float
     overhead_joules: float
+    gpu_uuid: str | None = None
+    gpu_index: int | None = None
 
 
 def energy_totals_of(
@@ -64,7 +65,7 @@ def energy_totals_of(
     power is taken as even over the record); a record of no length counts where it starts.
     """
     bounds = [t.timestamp() for t in cuts]
-    sums: dict[tuple[int, str, int, str], list[float]] = {}
+    sums: dict[tuple[int, str, str, int], list[float]] = {}
     for r in records:
         if gpu_index is not None and r.gpu_index != gpu_index:
             continue
@@ -79,12 +80,15 @@ def energy_totals_of(
                 share = 1.0
             else:
                 continue
-            acc = sums.setdefault((i, r.gpu_uuid, r.gpu_index, r.pool_state), [0.0, 0.0])
+            key = (i, r.pool_state, r.gpu_uuid, r.gpu_index) if gpu_index is not None else (
+                i, r.pool_state, "", -1
+            )
+            acc = sums.setdefault(key, [0.0, 0.0])
             acc[0] += r.joules * share
             acc[1] += r.overhead_joules * share
     return [
-        EnergyTotal(span, uuid, index, state, joules, overhead)
-        for (span, uuid, index, state), (joules, overhead) in sorted(sums.items())
+        EnergyTotal(span, state, joules, overhead, uuid or None, None if index < 0 else index)
+        for (span, state, uuid, index), (joules, overhead) in sorted(sums.items())
     ]
 
 
@@ -141,9 +145,15 @@ class Ledger(Protocol):
         ...
 
     async def state_intervals(
-        self, start: datetime, end: datetime, scope: Scope | None = None, subject: str | None = None
+        self,
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
-        """Intervals of this host overlapping [start, end), unclipped, ordered by start."""
+        """Intervals of this host overlapping [start, end), unclipped, ordered by start;
+        only those in `states` when given."""
         ...
 
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None: ...
@@ -157,10 +167,11 @@ class Ledger(Protocol):
     async def energy_totals(
         self, cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> list[EnergyTotal]:
-        """This host's energy in each span [cuts[i], cuts[i + 1]) by GPU and pool state,
-        ordered by span, GPU and state; `cuts` must increase. A record that straddles a cut
-        is shared in proportion to time, as `energy_totals_of` does. Spans with no energy
-        are left out. This is what reports read: the store sums, so a year stays fast."""
+        """This host's energy in each span [cuts[i], cuts[i + 1]): the whole machine's by
+        pool state, or with `gpu_index` that GPU's by UUID and pool state; ordered by span,
+        state (and UUID). `cuts` must increase. A record straddling a cut is shared in
+        proportion to time, as `energy_totals_of` does; spans with no energy are left out.
+        This is what reports read: the store sums, so a year stays fast."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:

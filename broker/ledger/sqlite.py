@@ -11,9 +11,12 @@ the file as it was.
 Energy is written as the daemon measures it (a record per GPU per minute, about 4 million a
 year for 8 GPUs). Records older than a day are folded into one row per GPU, pool state and
 15-minute slot (`slot` set; rows as written have it NULL), in the transaction that deletes
-them, so every joule is in exactly one row. A year is then about 300 000 rows: small on disk
-and quick to sum. Every UTC offset in use is a multiple of 15 minutes, so local days, weeks
-and months, and tariff periods starting on a quarter hour, fall on slot boundaries.
+them, so every joule is in exactly one row of `energy`. A year is then about 300 000 rows:
+small on disk and quick to sum. The same transaction adds them to `energy_slots`, one row
+per slot and pool state for the whole machine, which whole-machine totals read instead of
+the per-GPU sums (never both). Every UTC offset in use is a multiple of 15 minutes, so
+local days, weeks and months, and tariff periods starting on a quarter hour, fall on slot
+boundaries.
 """
 
 from __future__ import annotations
@@ -118,12 +121,24 @@ MIGRATIONS: list[Migration] = [
     ),
     # v3: energy older than a day is kept as 15-minute sums per GPU and pool state (see the
     # module's docstring); `slot` is the slot's number (start_ts // 900), NULL for a record
-    # as written. Rows already there stay as written until the next writes fold them.
+    # as written. `energy_slots` holds the same sums over all GPUs, for whole-machine
+    # reports. Rows already there stay as written until the next writes fold them.
     (
         "ALTER TABLE energy ADD COLUMN slot INTEGER",
         """CREATE UNIQUE INDEX energy_rollup
             ON energy (host, gpu_uuid, gpu_index, pool_state, slot) WHERE slot IS NOT NULL""",
         "CREATE INDEX energy_raw ON energy (host, end_ts) WHERE slot IS NULL",
+        "CREATE INDEX energy_by_gpu ON energy (host, gpu_index, start_ts)",
+        """CREATE TABLE energy_slots (
+            host TEXT NOT NULL,
+            slot INTEGER NOT NULL,
+            pool_state TEXT NOT NULL,
+            start_ts REAL NOT NULL,
+            end_ts REAL NOT NULL,
+            joules REAL NOT NULL,
+            overhead_joules REAL NOT NULL,
+            PRIMARY KEY (host, slot, pool_state)
+        ) WITHOUT ROWID""",
     ),
 ]
 
@@ -258,6 +273,17 @@ class SqliteLedger:
             raise LedgerError(f"ledger write failed: {err}") from err
         return cursors
 
+    def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(sql, rows)
+            db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise LedgerError(f"ledger write failed: {err}") from err
+
     def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         db = self._db
         db.row_factory = sqlite3.Row
@@ -304,7 +330,12 @@ class SqliteLedger:
         return cursors[0].rowcount
 
     async def state_intervals(
-        self, start: datetime, end: datetime, scope: Scope | None = None, subject: str | None = None
+        self,
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
         sql = (
             "SELECT scope, subject, state, start_ts, end_ts, reason, host FROM state_intervals "
@@ -317,6 +348,9 @@ class SqliteLedger:
         if subject is not None:
             sql += " AND subject = ?"
             params.append(subject)
+        if states is not None:
+            sql += f" AND state IN ({', '.join('?' for _ in states)})"
+            params.extend(states)
         rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
         return [
             StateInterval(
@@ -337,22 +371,20 @@ class SqliteLedger:
         if not records:
             return
         await self._call(
-            self._write,
+            self._write_many,
+            "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
+            "joules, overhead_joules, method) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
-                    "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
-                    "joules, overhead_joules, method) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        self._host,
-                        r.gpu_uuid,
-                        r.gpu_index,
-                        r.pool_state,
-                        _ts(r.start),
-                        _ts(r.end),
-                        r.joules,
-                        r.overhead_joules,
-                        r.method,
-                    ),
+                    self._host,
+                    r.gpu_uuid,
+                    r.gpu_index,
+                    r.pool_state,
+                    _ts(r.start),
+                    _ts(r.end),
+                    r.joules,
+                    r.overhead_joules,
+                    r.method,
                 )
                 for r in records
             ],
@@ -436,6 +468,29 @@ class SqliteLedger:
                     )
                 ],
             )
+            machine: dict[tuple[int, str], list[float]] = {}
+            for (_, _, state, slot), (a, b, joules, overhead, _) in sums.items():
+                acc = machine.get((slot, state))
+                if acc is None:
+                    machine[(slot, state)] = [a, b, joules, overhead]
+                else:
+                    acc[0] = min(acc[0], a)
+                    acc[1] = max(acc[1], b)
+                    acc[2] += joules
+                    acc[3] += overhead
+            db.executemany(
+                "INSERT INTO energy_slots (host, slot, pool_state, start_ts, end_ts, joules, "
+                "overhead_joules) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host, slot, pool_state) DO UPDATE SET "
+                "start_ts = MIN(start_ts, excluded.start_ts), "
+                "end_ts = MAX(end_ts, excluded.end_ts), "
+                "joules = joules + excluded.joules, "
+                "overhead_joules = overhead_joules + excluded.overhead_joules",
+                [
+                    (self._host, slot, state, a, b, joules, overhead)
+                    for (slot, state), (a, b, joules, overhead) in machine.items()
+                ],
+            )
             db.executemany("DELETE FROM energy WHERE id = ?", [(row[0],) for row in rows])
             db.execute("COMMIT")
         except sqlite3.Error as err:
@@ -482,49 +537,71 @@ class SqliteLedger:
         return await self._call(self._energy_totals, bounds, gpu_index)
 
     def _energy_totals(self, bounds: list[float], gpu_index: int | None) -> list[EnergyTotal]:
-        # A record can only reach into a span if it starts less than the longest record's
-        # length before it: that bound lets each span be read as one index range. Slot sums
-        # are never longer than a slot; records as written are few (the last day).
+        # A record can only reach into a span if it ends less than the longest record's
+        # length after the span's end (and starts less than that before its start): that
+        # bound lets each span be read as one index range. Slot sums are never longer than
+        # a slot; records as written are few (the last day).
         [(longest,)] = self._read(
             "SELECT MAX(end_ts - start_ts) FROM energy "
-            "WHERE host = ? AND slot IS NULL AND end_ts > ?",
+            "WHERE host = ? AND slot IS NULL AND end_ts >= ?",
             (self._host, bounds[0]),
         )
-        reach = max(float(longest or 0.0), float(ROLLUP_SECONDS))
-        # The share of a record inside [a, b): by time, or whole if it has no length.
-        share = (
-            "(CASE WHEN e.end_ts > e.start_ts THEN "
-            "(MIN(e.end_ts, s.b) - MAX(e.start_ts, s.a)) / (e.end_ts - e.start_ts) "
-            "ELSE 1.0 END)"
-        )
-        sql = (
-            "WITH s (i, a, b) AS (SELECT CAST(key AS INTEGER), "
+        raw_reach = float(longest or 0.0)
+        reach = max(raw_reach, float(ROLLUP_SECONDS))
+        spans = (
+            "WITH s (i, a, b) AS MATERIALIZED (SELECT CAST(key AS INTEGER), "
             "json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)) "
-            f"SELECT s.i, e.gpu_uuid, e.gpu_index, e.pool_state, SUM({share} * e.joules), "
-            f"SUM({share} * e.overhead_joules) "
-            "FROM s CROSS JOIN energy AS e "
-            "WHERE e.host = ? AND e.start_ts >= s.a - ? AND e.start_ts < s.b "
-            "AND (e.end_ts > s.a OR (e.end_ts <= e.start_ts AND e.start_ts >= s.a))"
         )
-        params: list[Any] = [json.dumps(list(pairwise(bounds))), self._host, reach]
-        if gpu_index is not None:
-            sql += " AND e.gpu_index = ?"
-            params.append(gpu_index)
-        sql += (
-            " GROUP BY s.i, e.gpu_uuid, e.gpu_index, e.pool_state "
-            "ORDER BY s.i, e.gpu_uuid, e.gpu_index, e.pool_state"
-        )
-        return [
-            EnergyTotal(
-                span=r[0],
-                gpu_uuid=r[1],
-                gpu_index=r[2],
-                pool_state=r[3],
-                joules=r[4],
-                overhead_joules=r[5],
+        cuts = json.dumps(list(pairwise(bounds)))
+
+        def share(t: str) -> str:
+            """The part of row `t` inside [s.a, s.b): by time, or whole if it has no length."""
+            return (
+                f"(CASE WHEN {t}.end_ts > {t}.start_ts THEN "
+                f"(MIN({t}.end_ts, s.b) - MAX({t}.start_ts, s.a)) / ({t}.end_ts - {t}.start_ts) "
+                "ELSE 1.0 END)"
             )
-            for r in self._read(sql, params)
-        ]
+
+        def inside(t: str) -> str:
+            return (
+                f"{t}.start_ts < s.b AND ({t}.end_ts > s.a "
+                f"OR ({t}.end_ts <= {t}.start_ts AND {t}.start_ts >= s.a))"
+            )
+
+        if gpu_index is not None:
+            # One GPU: its records as written and its slot sums, by its index.
+            rows = self._read(
+                spans
+                + f"SELECT s.i, e.pool_state, SUM({share('e')} * e.joules), "
+                f"SUM({share('e')} * e.overhead_joules), e.gpu_uuid, e.gpu_index "
+                "FROM s CROSS JOIN energy AS e INDEXED BY energy_by_gpu "
+                "WHERE e.host = ? AND e.gpu_index = ? AND e.start_ts >= s.a - ? "
+                f"AND {inside('e')} "
+                "GROUP BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
+                "ORDER BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
+                (cuts, self._host, gpu_index, reach),
+            )
+            return [EnergyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        # The machine: records as written (by their end, in the partial index of them) and
+        # the machine's slot sums; the per-GPU slot sums hold the same joules and are not read.
+        rows = self._read(
+            spans
+            + "SELECT i, pool_state, SUM(j), SUM(o) FROM ("
+            f"SELECT s.i AS i, e.pool_state AS pool_state, {share('e')} * e.joules AS j, "
+            f"{share('e')} * e.overhead_joules AS o "
+            "FROM s CROSS JOIN energy AS e INDEXED BY energy_raw "
+            "WHERE e.host = ? AND e.slot IS NULL AND e.end_ts >= s.a AND e.end_ts < s.b + ? "
+            f"AND {inside('e')} "
+            "UNION ALL "
+            f"SELECT s.i, m.pool_state, {share('m')} * m.joules, "
+            f"{share('m')} * m.overhead_joules "
+            "FROM s CROSS JOIN energy_slots AS m "
+            f"WHERE m.host = ? AND m.slot >= CAST(s.a / {ROLLUP_SECONDS} AS INTEGER) "
+            f"AND m.slot <= CAST(s.b / {ROLLUP_SECONDS} AS INTEGER) AND {inside('m')}"
+            ") GROUP BY i, pool_state ORDER BY i, pool_state",
+            (cuts, self._host, raw_reach, self._host),
+        )
+        return [EnergyTotal(r[0], r[1], r[2], r[3]) for r in rows]
 
     # -- earnings -------------------------------------------------------------------------
 
