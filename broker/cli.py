@@ -31,7 +31,7 @@ from broker.report import (
     parse_when,
     resolve_when,
 )
-from broker.report.render import to_csv_text, to_json_text, to_tables
+from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
 from broker.units import format_duration
@@ -254,8 +254,7 @@ def cmd_report(
     elif args.format == "csv":
         out.file.write(to_csv_text(report))
     else:
-        for table in to_tables(report, out.width):
-            out.print(table)
+        out.print(to_text(report, out.width))
     return EXIT_OK
 
 

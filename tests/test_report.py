@@ -425,20 +425,20 @@ def test_table_shows_the_same_with_a_totals_line(
     assert "~: estimated earnings" in out
     lines = [line.split() for line in out.splitlines()]
     [day24] = [cells for cells in lines if cells[:1] == ["2026-11-24"]]
-    # local 21, idle 0, listed 1, rented 2 h; 2.5 GPU-h; 2.00 earned; kWh 2.1 / 0 / 0.1 /
-    # 0.9; cost 0.248; net 1.752; CO2 0.348; 2 held, 1 rejected (two decimals shown)
+    # hours local 21, idle 0, listed 1, rented 2; 2.5 GPU-h; kWh 2.1 / 0 / 0.1 / 0.9;
+    # cost 0.248, earned 2.00, net 1.752, CO2 0.348 kg; 2 held, 1 rejected (2 decimals shown)
     assert day24 == [
-        "2026-11-24", "21.00", "0.00", "1.00", "2.00", "2.50", "2.00",
-        "2.10", "0.00", "0.10", "0.90", "0.25", "1.75", "0.35", "2", "1",
+        "2026-11-24", "21.00", "0.00", "1.00", "2.00", "2.50",
+        "2.10", "0.00", "0.10", "0.90", "0.25", "2.00", "1.75", "0.35", "2", "1",
     ]  # fmt: skip
     [day25] = [cells for cells in lines if cells[:1] == ["2026-11-25"]]
     assert "~2.00" in day25  # partly estimated
     [total] = [cells for cells in lines if cells[:1] == ["total"]]
-    # 11-24 + 11-25: local 42, listed 2, rented 4 h; 5.5 GPU-h; 4.00 (partly estimated);
-    # kWh 4.2 / 0 / 0.2 / 1.94; cost 0.248 + 0.276 = 0.524; net 3.476; CO2 0.738
+    # 11-24 + 11-25: local 42, listed 2, rented 4 h; 5.5 GPU-h; kWh 4.2 / 0 / 0.2 / 1.94;
+    # cost 0.248 + 0.276 = 0.524; 4.00 earned (partly estimated); net 3.476; CO2 0.738
     assert total == [
-        "total", "42.00", "0.00", "2.00", "4.00", "5.50", "~4.00",
-        "4.20", "0.00", "0.20", "1.94", "0.52", "3.48", "0.74", "2", "1",
+        "total", "42.00", "0.00", "2.00", "4.00", "5.50",
+        "4.20", "0.00", "0.20", "1.94", "0.52", "~4.00", "3.48", "0.74", "2", "1",
     ]  # fmt: skip
 
 
@@ -631,7 +631,7 @@ def test_no_ledger_yet_is_said_plainly(tmp_path: Path, capsys: pytest.CaptureFix
 def test_a_narrow_terminal_gets_two_tables_with_the_same_figures(two_nights: Path) -> None:
     from rich.console import Console
 
-    from broker.report.render import to_tables
+    from broker.report.render import to_text
 
     async def report() -> Any:
         config = load_config(two_nights)
@@ -644,10 +644,7 @@ def test_a_narrow_terminal_gets_two_tables_with_the_same_figures(two_nights: Pat
             await ledger.close()
 
     console = Console(width=80, record=True, file=io.StringIO())
-    tables = to_tables(asyncio.run(report()), console.width)
-    assert len(tables) == 2
-    for table in tables:
-        console.print(table)
+    console.print(to_text(asyncio.run(report()), console.width))
     text = console.export_text()
     assert all(len(line) <= 80 for line in text.splitlines())
     lines = [line.split() for line in text.splitlines()]

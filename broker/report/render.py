@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
-from rich import box
-from rich.table import Table
+from rich.text import Text
 
 from broker.report.build import BUCKETS, Report, ReportRow
 
@@ -30,7 +30,12 @@ CSV_HEADER = [
 
 
 def to_json_text(report: Report) -> str:
-    return json.dumps(report.to_json(), indent=2) + "\n"
+    """The JSON object, a row to a line: easy to read, to diff and to grep."""
+    data = report.to_json()
+    head = ", ".join(f"{json.dumps(key)}: {json.dumps(data[key])}" for key in list(data)[:4])
+    rows = ",\n".join(f"  {json.dumps(row)}" for row in data["rows"])
+    totals = json.dumps(data["totals"])
+    return f'{{{head},\n "rows": [\n{rows}\n ],\n "totals": {totals}}}\n'
 
 
 def to_csv_text(report: Report) -> str:
@@ -61,90 +66,80 @@ def to_csv_text(report: Report) -> str:
     return buffer.getvalue()
 
 
-# Below this many columns the table is printed as two: hours, then energy and money.
-WIDE = 132
-
-
-def _hour_cells(row: ReportRow) -> list[str]:
-    return [*(f"{row.hours[b]:.2f}" for b in BUCKETS), f"{row.rented_gpu_hours:.2f}"]
-
-
 def _earned(row: ReportRow) -> str:
     mark = "~" if row.earnings_source == "estimate" and row.earnings else ""
     return f"{mark}{row.earnings:.2f}"
 
 
-def _energy_cells(row: ReportRow) -> list[str]:
-    return [f"{row.energy_kwh[b]:.2f}" for b in BUCKETS]
+Column = tuple[str, str, Callable[[ReportRow], str]]  # two header lines, the cell
 
 
-def to_tables(report: Report, width: int = WIDE) -> list[Table]:
-    """The report as one table, or on a console narrower than `WIDE` as two: hours and
-    requests, then energy and money."""
+def _columns(report: Report) -> tuple[list[Column], list[Column]]:
+    """The hours-and-requests columns and the energy-and-money columns."""
+    cur = report.currency
+    hours: list[Column] = [
+        *((b, "h", lambda r, b=b: f"{r.hours[b]:.2f}") for b in BUCKETS),
+        ("rented", "GPU-h", lambda r: f"{r.rented_gpu_hours:.2f}"),
+    ]
+    requests: list[Column] = [
+        ("", "held", lambda r: str(r.held_requests)),
+        ("", "rejected", lambda r: str(r.rejected_requests)),
+    ]
+    energy: list[Column] = [
+        *((b, "kWh", lambda r, b=b: f"{r.energy_kwh[b]:.2f}") for b in BUCKETS),
+    ]
+    money: list[Column] = [
+        ("cost", cur, lambda r: f"{r.energy_cost:.2f}"),
+        ("earned", cur, _earned),
+        ("net", cur, lambda r: f"{r.net:.2f}"),
+        ("CO2", "kg", lambda r: f"{r.co2_kg:.2f}"),
+    ]
+    return [*hours, *requests], [*energy, *money]
+
+
+def _lay_out(by: str, columns: list[Column], rows: list[ReportRow]) -> list[str]:
+    """Header (two lines), a rule, the periods, a rule, the totals: right-aligned columns."""
+    table = [
+        ["", by, *(r.period for r in rows)],
+        *([top, bottom, *(cell(r) for r in rows)] for top, bottom, cell in columns),
+    ]
+    widths = [max(len(text) for text in column) for column in table]
+    lines = []
+    for i in range(len(rows) + 2):
+        first = table[0][i].ljust(widths[0])
+        rest = (column[i].rjust(width) for column, width in zip(table[1:], widths[1:], strict=True))
+        lines.append("  ".join([first, *rest]))
+    rule = "─" * len(lines[0])
+    return [*lines[:2], rule, *lines[2:-1], rule, lines[-1]]
+
+
+def to_text(report: Report, width: int = 160) -> Text:
+    """The report as a table: one, or on a console too narrow for it two (hours and
+    requests, then energy and money), each with its totals line in bold.
+
+    Laid out here rather than with rich's Table, which takes over a second for a year of
+    days; rich only prints it.
+    """
     tz = ZoneInfo(report.timezone)
     span = (
         f"{report.start.astimezone(tz):%Y-%m-%d %H:%M} to "
         f"{report.end.astimezone(tz):%Y-%m-%d %H:%M} {report.timezone}"
     )
     who = "all GPUs" if report.gpu is None else f"GPU {report.gpu}"
-    title = f"Earnings and energy by {report.by}, {who}, {span} ({report.currency})"
-    note = (
-        "h: hours in each state; kWh: energy drawn in each state; cost and CO2: of the "
-        "energy drawn while listed or rented; ~: estimated earnings"
-    )
-    cur = report.currency
-    hours = [*(f"{b}\nh" for b in BUCKETS), "rented\nGPU-h"]
-    energy = [f"{b}\nkWh" for b in BUCKETS]
     rows = [*report.rows, report.totals]
-    if width >= WIDE:
-        headers = [
-            *hours, f"earned\n{cur}", *energy, f"cost\n{cur}", f"net\n{cur}", "CO2\nkg",
-            "held", "rejected",
-        ]  # fmt: skip
-        cells = [
-            [
-                *_hour_cells(r), _earned(r), *_energy_cells(r), f"{r.energy_cost:.2f}",
-                f"{r.net:.2f}", f"{r.co2_kg:.2f}", str(r.held_requests),
-                str(r.rejected_requests),
-            ]
-            for r in rows
-        ]  # fmt: skip
-        return [_table(title, note, report.by, headers, cells, rows)]
-    first = [
-        [*_hour_cells(r), str(r.held_requests), str(r.rejected_requests)] for r in rows
-    ]
-    second = [
-        [*_energy_cells(r), f"{r.energy_cost:.2f}", _earned(r), f"{r.net:.2f}", f"{r.co2_kg:.2f}"]
-        for r in rows
-    ]
-    return [
-        _table(title, None, report.by, [*hours, "held", "rejected"], first, rows),
-        _table(
-            None, note, report.by,
-            [*energy, f"cost\n{cur}", f"earned\n{cur}", f"net\n{cur}", "CO2\nkg"],
-            second, rows,
-        ),
-    ]  # fmt: skip
-
-
-def _table(
-    title: str | None,
-    caption: str | None,
-    by: str,
-    headers: list[str],
-    cells: list[list[str]],
-    rows: list[ReportRow],
-) -> Table:
-    table = Table(
-        title=title, title_justify="left", caption=caption, caption_justify="left",
-        box=box.SIMPLE_HEAD, pad_edge=False,
-    )  # fmt: skip
-    table.add_column(by, no_wrap=True, min_width=10)
-    for header in headers:
-        table.add_column(header, justify="right", no_wrap=True)
-    for i, (row, values) in enumerate(zip(rows, cells, strict=True)):
-        last = i == len(rows) - 1
-        table.add_row(
-            row.period, *values, end_section=i == len(rows) - 2, style="bold" if last else None
-        )
-    return table
+    first, second = _columns(report)
+    hours, requests = first[:-2], first[-2:]
+    tables = [_lay_out(report.by, [*hours, *second, *requests], rows)]
+    if len(tables[0][0]) > width:
+        tables = [_lay_out(report.by, first, rows), _lay_out(report.by, second, rows)]
+    text = Text(f"Earnings and energy by {report.by}, {who}, {span} ({report.currency})\n")
+    for lines in tables:
+        text.append("\n")
+        text.append("\n".join(lines[:-1]) + "\n")
+        text.append(lines[-1] + "\n", style="bold")
+    text.append(
+        "\nh: hours in each state; kWh: energy drawn in each state; cost and CO2: of the "
+        "energy drawn while listed or rented; ~: estimated earnings",
+        style="dim",
+    )
+    return text
