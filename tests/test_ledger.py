@@ -398,6 +398,7 @@ def _v2_database(path: Path, records: list[EnergyRecord]) -> None:
         for statement in migration:
             conn.execute(statement)
     conn.execute("PRAGMA user_version = 2")
+    conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, "
         "overhead_joules, method) VALUES ('box', ?, ?, ?, ?, ?, ?, ?, 'counter')",
@@ -407,6 +408,7 @@ def _v2_database(path: Path, records: list[EnergyRecord]) -> None:
             for r in records
         ],
     )  # fmt: skip
+    conn.execute("COMMIT")
     conn.close()
 
 
