@@ -22,9 +22,18 @@ from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, RunpodProvider, VastProvider, find_config, load_config
 from broker.errors import BrokerError, ConfigError, ProviderError
-from broker.ledger import ledger_path
+from broker.ledger import ledger_path, open_ledger
 from broker.ledger.sqlite import SCHEMA_VERSION
 from broker.providers import create_provider
+from broker.report import (
+    BY_CHOICES,
+    Report,
+    build_report,
+    default_since,
+    parse_when,
+    resolve_when,
+)
+from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
 from broker.units import format_duration
@@ -86,6 +95,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     windows.set_defaults(handler=cmd_windows)
 
+    report = sub.add_parser(
+        "report",
+        parents=[common],
+        help="earnings against energy cost, by day, week or month, from the ledger",
+        description="Hours per state, rented GPU-hours, earnings, energy per state, energy "
+        "cost, net, CO2 and held/rejected local requests per period, in the configured time "
+        "zone. Dates are local; --until includes the day it names.",
+    )
+    report.add_argument(
+        "--since",
+        type=_when,
+        metavar="D",
+        help="first day (YYYY-MM-DD) or moment (ISO date-time); default: the last 7 days, "
+        "8 weeks or 12 months, counting the current one",
+    )
+    report.add_argument(
+        "--until", type=_when, metavar="D", help="last day, included, or moment; default: now"
+    )
+    report.add_argument("--by", choices=BY_CHOICES, default="day", help="period (default day)")
+    report.add_argument(
+        "--gpu", type=_gpu_index, metavar="N", help="one GPU by index (default: the machine)"
+    )
+    report.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="default table"
+    )
+    report.set_defaults(handler=cmd_report)
+
     check = sub.add_parser(
         "check", parents=[common], help="validate the config and what it points to"
     )
@@ -121,6 +157,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _when(text: str) -> object:
+    try:
+        return parse_when(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _gpu_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a GPU index like 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a GPU index of 0 or more, got {value}")
     return value
 
 
@@ -178,6 +231,53 @@ def cmd_windows(
             f"{segment.rate.carbon_g_per_kwh:.4g} g/kWh",
         )
     out.print(table)
+    return EXIT_OK
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def cmd_report(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    tz = config.broker.tz
+    now = clock.now()
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    since = resolve_when(args.since, tz) if args.since else default_since(now, args.by, tz)
+    until = resolve_when(args.until, tz, end=True) if args.until else now
+    if since >= min(until, now):
+        limit = f"--until ({local_time(until, tz)})" if until < now else "now"
+        err.print(
+            f"gpu-broker report: --since ({local_time(since, tz)}) must be before {limit}",
+            markup=False,
+        )
+        return EXIT_USAGE
+    ledger_file = ledger_path(config.broker)
+    if not ledger_file.exists():
+        err.print(
+            f"gpu-broker report: no ledger at {ledger_file}: nothing has been recorded yet "
+            "(gpu-broker run writes it)",
+            markup=False,
+        )
+        return EXIT_FAILURE
+
+    async def build() -> Report:
+        # Read-only in effect: WAL lets this read while the service writes.
+        ledger = await open_ledger(config.broker)
+        try:
+            return await build_report(
+                ledger, config, since=since, until=until, now=now, by=args.by, gpu=args.gpu
+            )
+        finally:
+            await ledger.close()
+
+    report = asyncio.run(build())
+    if args.format == "json":
+        out.file.write(to_json_text(report))
+    elif args.format == "csv":
+        out.file.write(to_csv_text(report))
+    else:
+        out.print(to_text(report, out.width))
     return EXIT_OK
 
 

@@ -426,6 +426,8 @@ class RunpodProvider(ProviderKey):
     api_key_env: str | None = "RUNPOD_API_KEY"
     api_key_file: Path | None = None
     base_url: str = "https://api.runpod.io"
+    # RunPod reports earnings in USD: USD for one unit of energy.currency (for the report).
+    usd_per_currency: float = Field(default=1.0, gt=0)
     request_spacing: Duration = timedelta(seconds=2)
     request_timeout: PositiveDuration = timedelta(seconds=30)
     retry_attempts: int = Field(default=5, ge=1)
@@ -454,6 +456,8 @@ class PaperProvider(PolledProvider):
     )
     interruptible_share: float = Field(default=0.3, ge=0, le=1)
     mean_rental: PositiveDuration = timedelta(hours=3)
+    # The paper market prices in USD like Vast: USD for one unit of energy.currency.
+    usd_per_currency: float = Field(default=1.0, gt=0)
 
 
 ProviderSection = Annotated[

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import threading
 from datetime import UTC, date, datetime, timedelta
@@ -13,8 +14,10 @@ from broker.errors import LedgerError, LedgerVersionError
 from broker.ledger import (
     EarningsRecord,
     EnergyRecord,
+    EnergyTotal,
     JournalEntry,
     SqliteLedger,
+    energy_totals_of,
     ledger_path,
     open_ledger,
 )
@@ -235,3 +238,203 @@ async def test_rows_of_other_hosts_are_not_mixed_in(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+# -- energy: folding into 15-minute sums, totals per span -------------------------------------
+
+
+def _minute_records(
+    uuid: str, index: int, changes: list[tuple[datetime, str]], end: datetime, watts: float
+) -> list[EnergyRecord]:
+    """Records as the daemon writes them: a minute each (starting at :30), cut where the
+    pool state changes; GPU `index` draws `watts` + index, and 10 W of overhead."""
+    out: list[EnergyRecord] = []
+    for (start, state), (stop, _) in zip(changes, [*changes[1:], (end, "")], strict=True):
+        t = start
+        while t < stop:
+            edge = t.replace(second=30, microsecond=0)
+            edge = edge + timedelta(minutes=1) if edge <= t else edge
+            e = min(edge, stop)
+            seconds = (e - t).total_seconds()
+            out.append(
+                EnergyRecord(uuid, index, state, t, e, (watts + index) * seconds, 10 * seconds)
+            )
+            t = e
+    return out
+
+
+def _sums(records: list[EnergyRecord]) -> dict[tuple[str, str, str], float]:
+    out: dict[tuple[str, str, str], float] = {}
+    for r in records:
+        for kind, value in (("joules", r.joules), ("overhead", r.overhead_joules)):
+            key = (r.gpu_uuid, r.pool_state, kind)
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def _flat(totals: list[EnergyTotal]) -> list[float]:
+    return [x for t in totals for x in (t.joules, t.overhead_joules)]
+
+
+def _days(n: int) -> list[datetime]:
+    return [T0 + timedelta(days=d) for d in range(-1, n + 1)]
+
+
+async def test_old_energy_is_folded_into_15_minute_sums_and_counted_once(
+    ledger: SqliteLedger,
+) -> None:
+    # Three days, two GPUs; state changes off the 15-minute grid (10:07:20, 13:52:10) so
+    # records straddle slots and slots hold two states.
+    changes = [
+        (T0, "local"),
+        (T0 + timedelta(hours=10, minutes=7, seconds=20), "listed"),
+        (T0 + timedelta(hours=13, minutes=52, seconds=10), "rented"),
+        (T0 + timedelta(days=1, hours=2), "local"),
+        (T0 + timedelta(days=2, hours=10, minutes=7, seconds=20), "rented"),
+    ]
+    end = T0 + timedelta(days=3)
+    written = sorted(
+        _minute_records("GPU-a", 0, changes, end, 100)
+        + _minute_records("GPU-b", 1, changes, end, 100),
+        key=lambda r: r.end,
+    )
+    for i in range(0, len(written), 120):  # an hour of both GPUs per write
+        await ledger.add_energy(written[i : i + 120])
+
+    conn = sqlite3.connect(ledger.path)
+    raw, folded = conn.execute(
+        "SELECT SUM(slot IS NULL), SUM(slot IS NOT NULL) FROM energy"
+    ).fetchone()
+    conn.close()
+    # Only about the last day stays as written (2 GPUs x 1440 minutes, a slot more at most).
+    assert 2 * 1440 <= raw <= 2 * (1440 + 15 + 60)
+    assert folded <= 2 * 2 * 96 + 8  # two days of slots, a few with two states
+
+    stored = await ledger.energy(T0 - timedelta(days=1), end + timedelta(days=1))
+    assert _sums(stored) == pytest.approx(_sums(written))
+    # Per day (slot-aligned cuts), folded or not, the totals are the records' own.
+    cuts = _days(3)
+    got = await ledger.energy_totals(cuts)
+    want = energy_totals_of(written, cuts)
+    assert [(t.span, t.pool_state, t.gpu_uuid) for t in got] == [
+        (t.span, t.pool_state, None) for t in want
+    ]
+    assert _flat(got) == pytest.approx(_flat(want))
+    for gpu in (0, 1):
+        one = await ledger.energy_totals(cuts, gpu_index=gpu)
+        mine = energy_totals_of(written, cuts, gpu_index=gpu)
+        assert [(t.span, t.pool_state, t.gpu_uuid, t.gpu_index) for t in one] == [
+            (t.span, t.pool_state, t.gpu_uuid, gpu) for t in mine
+        ]
+        assert _flat(one) == pytest.approx(_flat(mine))
+    # The machine's slot sums hold what the GPUs' do: never counted twice, never lost.
+    conn = sqlite3.connect(ledger.path)
+    machine = conn.execute("SELECT SUM(joules), SUM(overhead_joules) FROM energy_slots").fetchone()
+    per_gpu = conn.execute(
+        "SELECT SUM(joules), SUM(overhead_joules) FROM energy WHERE slot IS NOT NULL"
+    ).fetchone()
+    conn.close()
+    assert machine == pytest.approx(per_gpu)
+
+    # Folding everything now changes no total; folding again finds nothing to do.
+    assert await ledger.compact_energy(end) > 0
+    assert await ledger.compact_energy(end) == 0
+    again = await ledger.energy_totals(cuts)
+    assert _flat(again) == pytest.approx(_flat(want))
+    assert _flat(await ledger.energy_totals(cuts, gpu_index=1)) == pytest.approx(
+        _flat(energy_totals_of(written, cuts, gpu_index=1))
+    )
+
+
+async def test_a_late_record_joins_the_sum_of_its_slot(ledger: SqliteLedger) -> None:
+    slot = T0 + timedelta(minutes=15)
+    first = EnergyRecord("GPU-a", 0, "listed", slot, slot + timedelta(minutes=1), 600.0, 60.0)
+    await ledger.add_energy([first])
+    assert await ledger.compact_energy(T0 + timedelta(days=1)) == 1
+    # Written late (a flush retried after a failure), integrated rather than counted.
+    late = EnergyRecord(
+        "GPU-a", 0, "listed", slot + timedelta(minutes=5), slot + timedelta(minutes=6),
+        300.0, 60.0, "integrated",
+    )  # fmt: skip
+    await ledger.add_energy([late])
+    assert await ledger.compact_energy(T0 + timedelta(days=1)) == 1
+    [row] = await ledger.energy(T0, T0 + timedelta(hours=1))
+    assert (row.start, row.end) == (slot, slot + timedelta(minutes=6))
+    assert (row.joules, row.overhead_joules, row.method) == (900.0, 120.0, "mixed")
+
+
+async def test_energy_totals_share_straddling_records_by_time(ledger: SqliteLedger) -> None:
+    rng = random.Random(7)
+    records: list[EnergyRecord] = []
+    t = T0
+    for _ in range(600):
+        length = rng.choice([0.0, 0.5, 30.0, 60.0, 61.5, 400.0])
+        index = rng.randrange(3)
+        records.append(
+            EnergyRecord(
+                f"GPU-{index}", index, rng.choice(["local", "listed", "rented"]), t,
+                t + timedelta(seconds=length), rng.uniform(0, 20_000), rng.uniform(0, 600),
+            )
+        )  # fmt: skip
+        t += timedelta(seconds=rng.uniform(0, 70))
+    await ledger.add_energy(records)  # under a day: nothing is folded
+    span = (t - T0).total_seconds()
+    cuts = sorted({T0 + timedelta(seconds=rng.uniform(0, span)) for _ in range(25)})
+    for gpu in (None, 2):
+        got = await ledger.energy_totals(cuts, gpu_index=gpu)
+        want = energy_totals_of(records, cuts, gpu_index=gpu)
+        assert [(g.span, g.pool_state, g.gpu_uuid, g.gpu_index) for g in got] == [
+            (w.span, w.pool_state, w.gpu_uuid, w.gpu_index) for w in want
+        ]
+        assert _flat(got) == pytest.approx(_flat(want))
+    assert await ledger.energy_totals([T0]) == []
+    with pytest.raises(ValueError, match="must increase"):
+        await ledger.energy_totals([T0, T0])
+
+
+def _v2_database(path: Path, records: list[EnergyRecord]) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:2]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, "
+        "overhead_joules, method) VALUES ('box', ?, ?, ?, ?, ?, ?, ?, 'counter')",
+        [
+            (r.gpu_uuid, r.gpu_index, r.pool_state, r.start.timestamp(), r.end.timestamp(),
+             r.joules, r.overhead_joules)
+            for r in records
+        ],
+    )  # fmt: skip
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def test_migrates_a_version_2_ledger_and_folds_its_energy_as_it_goes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    old = _minute_records("GPU-a", 0, [(T0, "listed")], T0 + timedelta(days=2), 200)
+    _v2_database(path, old)
+    ledger = await SqliteLedger.open(path, host="box")
+    try:
+        assert (ledger.migrated_from, ledger.schema_version) == (2, SCHEMA_VERSION) == (2, 3)
+        cuts = _days(2)
+        before = await ledger.energy_totals(cuts)
+        assert sum(t.joules for t in before) == pytest.approx(sum(r.joules for r in old))
+        # The service writes its next minute: what is over a day old gets folded.
+        after_t = T0 + timedelta(days=2)
+        new = EnergyRecord("GPU-a", 0, "listed", after_t, after_t + timedelta(minutes=1), 1.0)
+        await ledger.add_energy([new])
+        conn = sqlite3.connect(path)
+        raw = conn.execute("SELECT COUNT(*) FROM energy WHERE slot IS NULL").fetchone()[0]
+        conn.close()
+        assert raw < len(old) // 2 + 30
+        after = await ledger.energy_totals(cuts)
+        assert [t.joules for t in after] == pytest.approx(
+            [t.joules for t in energy_totals_of([*old, new], cuts)]
+        )
+    finally:
+        await ledger.close()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import bisect
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 from broker.config import EnergySection
@@ -86,3 +88,35 @@ def test_without_periods_one_default_segment() -> None:
     [only] = s.segments(at("2026-11-26 00:00"), at("2026-11-27 00:00"))
     assert only.rate.price_per_kwh == 0.30 and only.rate.period is None
     assert s.segments(at("2026-11-26 00:00"), at("2026-11-26 00:00")) == []
+
+
+def test_segments_agree_with_rate_at_over_a_year_of_overlapping_periods() -> None:
+    # Sunday 02:30 (in the spring gap on 03-29, twice on 10-25) above weekend middays above
+    # the night rate above an early-morning rate that the night partly hides.
+    sunday = {"cron": "30 2 * * 0", "duration": "30m", "price_per_kwh": 0.05}
+    weekend = {"cron": "0 11 * * 6,0", "duration": "4h", "price_per_kwh": 0.12}
+    early = {"cron": "30 5 * * *", "duration": "90m", "price_per_kwh": 0.15}
+    s = schedule(sunday, weekend, NIGHT, early)
+    start, end = at("2026-01-01 00:00"), at("2027-01-01 00:00")
+    segments = s.segments(start, end)
+    assert segments[0].interval.start == start and segments[-1].interval.end == end
+    for before, after in pairwise(segments):
+        assert before.interval.end == after.interval.start
+        assert before.rate != after.rate
+    second = timedelta(seconds=1)
+    # rate_at asks croniter every time (a millisecond): check a sample, edges and insides.
+    points = {x.interval.start + d for x in segments[::7] for d in (-second, second)}
+    points.update(start + timedelta(minutes=1033 * n) for n in range(509))  # every 17h13
+    for dst in (at("2026-03-28 12:00"), at("2026-10-24 12:00")):
+        points.update(dst + timedelta(minutes=29 * n) for n in range(100))  # 2 days, 29 min
+        points.update(
+            x.interval.start + d
+            for x in segments
+            if dst <= x.interval.start < dst + timedelta(days=2)
+            for d in (-second, second)
+        )
+    starts = [x.interval.start for x in segments]
+    for t in sorted(p for p in points if start <= p < end):
+        piece = segments[bisect.bisect_right(starts, t) - 1]
+        assert t in piece.interval
+        assert piece.rate == s.rate_at(t), t

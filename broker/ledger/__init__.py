@@ -9,9 +9,11 @@ from broker.config import BrokerSection
 from broker.ledger.base import (
     EarningsRecord,
     EnergyRecord,
+    EnergyTotal,
     JournalEntry,
     Ledger,
     StateInterval,
+    energy_totals_of,
 )
 from broker.ledger.sqlite import SqliteLedger
 
@@ -21,10 +23,12 @@ __all__ = [
     "LEDGER_FILE",
     "EarningsRecord",
     "EnergyRecord",
+    "EnergyTotal",
     "JournalEntry",
     "Ledger",
     "SqliteLedger",
     "StateInterval",
+    "energy_totals_of",
     "ledger_path",
     "open_ledger",
 ]

@@ -7,7 +7,7 @@ every timestamp in, so a store never reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
@@ -41,6 +41,55 @@ class EnergyRecord:
     overhead_joules: float = 0.0  # this GPU's share of host draw NVML does not see
     method: Literal["counter", "integrated", "mixed"] = "counter"
     host: str = ""
+
+
+@dataclass(frozen=True)
+class EnergyTotal:
+    """Energy drawn in one span of `Ledger.energy_totals` under one pool state: by the whole
+    machine (`gpu_uuid` and `gpu_index` None), or by one GPU."""
+
+    span: int  # i for the span [cuts[i], cuts[i + 1])
+    pool_state: str
+    joules: float
+    overhead_joules: float
+    gpu_uuid: str | None = None
+    gpu_index: int | None = None
+
+
+def energy_totals_of(
+    records: Iterable[EnergyRecord], cuts: Sequence[datetime], gpu_index: int | None = None
+) -> list[EnergyTotal]:
+    """What `Ledger.energy_totals` answers, computed from records in memory.
+
+    A record that straddles a cut is shared between the spans in proportion to time (its
+    power is taken as even over the record); a record of no length counts where it starts.
+    """
+    bounds = [t.timestamp() for t in cuts]
+    sums: dict[tuple[int, str, str, int], list[float]] = {}
+    for r in records:
+        if gpu_index is not None and r.gpu_index != gpu_index:
+            continue
+        start, end = r.start.timestamp(), r.end.timestamp()
+        for i in range(len(bounds) - 1):
+            a, b = bounds[i], bounds[i + 1]
+            if end > start:
+                share = (min(end, b) - max(start, a)) / (end - start)
+                if share <= 0:
+                    continue
+            elif a <= start < b:
+                share = 1.0
+            else:
+                continue
+            key = (i, r.pool_state, r.gpu_uuid, r.gpu_index) if gpu_index is not None else (
+                i, r.pool_state, "", -1
+            )
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += r.joules * share
+            acc[1] += r.overhead_joules * share
+    return [
+        EnergyTotal(span, state, joules, overhead, uuid or None, None if index < 0 else index)
+        for (span, state, uuid, index), (joules, overhead) in sorted(sums.items())
+    ]
 
 
 @dataclass(frozen=True)
@@ -96,9 +145,15 @@ class Ledger(Protocol):
         ...
 
     async def state_intervals(
-        self, start: datetime, end: datetime, scope: Scope | None = None, subject: str | None = None
+        self,
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
-        """Intervals of this host overlapping [start, end), unclipped, ordered by start."""
+        """Intervals of this host overlapping [start, end), unclipped, ordered by start;
+        only those in `states` when given."""
         ...
 
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None: ...
@@ -107,6 +162,16 @@ class Ledger(Protocol):
         self, start: datetime, end: datetime, gpu_uuid: str | None = None
     ) -> list[EnergyRecord]:
         """Records of this host that overlap [start, end), ordered by start."""
+        ...
+
+    async def energy_totals(
+        self, cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> list[EnergyTotal]:
+        """This host's energy in each span [cuts[i], cuts[i + 1]): the whole machine's by
+        pool state, or with `gpu_index` that GPU's by UUID and pool state; ordered by span,
+        state (and UUID). `cuts` must increase. A record straddling a cut is shared in
+        proportion to time, as `energy_totals_of` does; spans with no energy are left out.
+        This is what reports read: the store sums, so a year stays fast."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:

@@ -7,16 +7,29 @@ and writes are serialised without locks of our own.
 The schema version lives in `PRAGMA user_version`. `MIGRATIONS[n]` takes a database from
 version n to n+1, inside one transaction with the version bump, so a failed migration leaves
 the file as it was.
+
+Energy is written as the daemon measures it (a record per GPU per minute, about 4 million a
+year for 8 GPUs). Records older than a day are folded into one row per GPU, pool state and
+15-minute slot (`slot` set; rows as written have it NULL), in the transaction that deletes
+them, so every joule is in exactly one row of `energy`. A year is then about 300 000 rows:
+small on disk and quick to sum. The same transaction adds them to `energy_slots`, one row
+per slot and pool state for the whole machine, which whole-machine totals read instead of
+the per-GPU sums (never both). Every UTC offset in use is a multiple of 15 minutes, so
+local days, weeks and months, and tariff periods starting on a quarter hour, fall on slot
+boundaries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -25,6 +38,7 @@ from broker.ledger.base import (
     EarningsRecord,
     EarningsSource,
     EnergyRecord,
+    EnergyTotal,
     JournalEntry,
     JournalStatus,
     Scope,
@@ -32,6 +46,16 @@ from broker.ledger.base import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Energy records are folded into sums per GPU, pool state and slot of this many seconds ...
+ROLLUP_SECONDS = 900
+# ... once they are this old (measured from the newest record written).
+RAW_RETENTION = 86_400.0
+# At most this many records are folded per write, so a large backlog (a ledger migrated from
+# version 2) is worked off a little at a time instead of stalling the daemon's writes.
+COMPACT_BATCH = 20_000
 
 Migration = Sequence[str]
 
@@ -95,6 +119,27 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX state_intervals_by_time ON state_intervals (host, start_ts)",
         "CREATE INDEX journal_by_status ON journal (host, status, ts)",
     ),
+    # v3: energy older than a day is kept as 15-minute sums per GPU and pool state (see the
+    # module's docstring); `slot` is the slot's number (start_ts // 900), NULL for a record
+    # as written. `energy_slots` holds the same sums over all GPUs, for whole-machine
+    # reports. Rows already there stay as written until the next writes fold them.
+    (
+        "ALTER TABLE energy ADD COLUMN slot INTEGER",
+        """CREATE UNIQUE INDEX energy_rollup
+            ON energy (host, gpu_uuid, gpu_index, pool_state, slot) WHERE slot IS NOT NULL""",
+        "CREATE INDEX energy_raw ON energy (host, end_ts) WHERE slot IS NULL",
+        "CREATE INDEX energy_by_gpu ON energy (host, gpu_index, start_ts)",
+        """CREATE TABLE energy_slots (
+            host TEXT NOT NULL,
+            slot INTEGER NOT NULL,
+            pool_state TEXT NOT NULL,
+            start_ts REAL NOT NULL,
+            end_ts REAL NOT NULL,
+            joules REAL NOT NULL,
+            overhead_joules REAL NOT NULL,
+            PRIMARY KEY (host, slot, pool_state)
+        ) WITHOUT ROWID""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -143,6 +188,7 @@ class SqliteLedger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._conn: sqlite3.Connection | None = None
         self._version = 0
+        self._compacted_to: float | None = None
         self.migrated_from: int | None = None
 
     @classmethod
@@ -227,6 +273,17 @@ class SqliteLedger:
             raise LedgerError(f"ledger write failed: {err}") from err
         return cursors
 
+    def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(sql, rows)
+            db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise LedgerError(f"ledger write failed: {err}") from err
+
     def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         db = self._db
         db.row_factory = sqlite3.Row
@@ -273,7 +330,12 @@ class SqliteLedger:
         return cursors[0].rowcount
 
     async def state_intervals(
-        self, start: datetime, end: datetime, scope: Scope | None = None, subject: str | None = None
+        self,
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
         sql = (
             "SELECT scope, subject, state, start_ts, end_ts, reason, host FROM state_intervals "
@@ -286,6 +348,9 @@ class SqliteLedger:
         if subject is not None:
             sql += " AND subject = ?"
             params.append(subject)
+        if states is not None:
+            sql += f" AND state IN ({', '.join('?' for _ in states)})"
+            params.extend(states)
         rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
         return [
             StateInterval(
@@ -306,26 +371,133 @@ class SqliteLedger:
         if not records:
             return
         await self._call(
-            self._write,
+            self._write_many,
+            "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
+            "joules, overhead_joules, method) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
-                    "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
-                    "joules, overhead_joules, method) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        self._host,
-                        r.gpu_uuid,
-                        r.gpu_index,
-                        r.pool_state,
-                        _ts(r.start),
-                        _ts(r.end),
-                        r.joules,
-                        r.overhead_joules,
-                        r.method,
-                    ),
+                    self._host,
+                    r.gpu_uuid,
+                    r.gpu_index,
+                    r.pool_state,
+                    _ts(r.start),
+                    _ts(r.end),
+                    r.joules,
+                    r.overhead_joules,
+                    r.method,
                 )
                 for r in records
             ],
         )
+        newest = max(_ts(r.end) for r in records)
+        cutoff = math.floor((newest - RAW_RETENTION) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        if self._compacted_to is not None and cutoff <= self._compacted_to:
+            return
+        try:
+            folded = await self._call(self._compact, cutoff, COMPACT_BATCH)
+        except LedgerError as err:
+            # The records are written; folding them is only housekeeping, tried again with
+            # the next write. Raising here would make the caller write them a second time.
+            log.warning("could not fold old energy records into 15-minute sums: %s", err)
+            return
+        if folded < COMPACT_BATCH:
+            self._compacted_to = cutoff
+
+    async def compact_energy(self, before: datetime) -> int:
+        """Fold every record as written that ends by `before` (rounded down to a slot) into
+        the 15-minute sums now, instead of as later writes come. Returns how many."""
+        cutoff = math.floor(_ts(before) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        total = 0
+        while True:
+            folded = await self._call(self._compact, cutoff, COMPACT_BATCH)
+            total += folded
+            if folded < COMPACT_BATCH:
+                return total
+
+    def _compact(self, cutoff: float, limit: int) -> int:
+        """Fold up to `limit` records as written that end by `cutoff` into slot sums, and
+        delete them, in one transaction. A record spanning slots is shared by time."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT id, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, "
+                "overhead_joules, method FROM energy "
+                "WHERE host = ? AND slot IS NULL AND end_ts <= ? ORDER BY end_ts LIMIT ?",
+                (self._host, cutoff, limit),
+            ).fetchall()
+            sums: dict[tuple[str, int, str, int], list[Any]] = {}
+            for _, uuid, index, state, start, end, joules, overhead, method in rows:
+                first = math.floor(start / ROLLUP_SECONDS)
+                last = max(first, math.ceil(end / ROLLUP_SECONDS) - 1)
+                for slot in range(first, last + 1):
+                    a = max(start, slot * ROLLUP_SECONDS)
+                    b = min(end, (slot + 1) * ROLLUP_SECONDS)
+                    if end > start:
+                        if b <= a:
+                            continue
+                        share = (b - a) / (end - start)
+                    else:
+                        share = 1.0
+                    acc = sums.get((uuid, index, state, slot))
+                    if acc is None:
+                        sums[(uuid, index, state, slot)] = [
+                            a, b, joules * share, overhead * share, method
+                        ]
+                    else:
+                        acc[0] = min(acc[0], a)
+                        acc[1] = max(acc[1], b)
+                        acc[2] += joules * share
+                        acc[3] += overhead * share
+                        if acc[4] != method:
+                            acc[4] = "mixed"
+            db.executemany(
+                "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
+                "joules, overhead_joules, method, slot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host, gpu_uuid, gpu_index, pool_state, slot) "
+                "WHERE slot IS NOT NULL DO UPDATE SET "
+                "start_ts = MIN(start_ts, excluded.start_ts), "
+                "end_ts = MAX(end_ts, excluded.end_ts), "
+                "joules = joules + excluded.joules, "
+                "overhead_joules = overhead_joules + excluded.overhead_joules, "
+                "method = CASE WHEN method = excluded.method THEN method ELSE 'mixed' END",
+                [
+                    (self._host, uuid, index, state, a, b, joules, overhead, method, slot)
+                    for (uuid, index, state, slot), (a, b, joules, overhead, method) in (
+                        sums.items()
+                    )
+                ],
+            )
+            machine: dict[tuple[int, str], list[float]] = {}
+            for (_, _, state, slot), (a, b, joules, overhead, _) in sums.items():
+                acc = machine.get((slot, state))
+                if acc is None:
+                    machine[(slot, state)] = [a, b, joules, overhead]
+                else:
+                    acc[0] = min(acc[0], a)
+                    acc[1] = max(acc[1], b)
+                    acc[2] += joules
+                    acc[3] += overhead
+            db.executemany(
+                "INSERT INTO energy_slots (host, slot, pool_state, start_ts, end_ts, joules, "
+                "overhead_joules) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host, slot, pool_state) DO UPDATE SET "
+                "start_ts = MIN(start_ts, excluded.start_ts), "
+                "end_ts = MAX(end_ts, excluded.end_ts), "
+                "joules = joules + excluded.joules, "
+                "overhead_joules = overhead_joules + excluded.overhead_joules",
+                [
+                    (self._host, slot, state, a, b, joules, overhead)
+                    for (slot, state), (a, b, joules, overhead) in machine.items()
+                ],
+            )
+            db.executemany("DELETE FROM energy WHERE id = ?", [(row[0],) for row in rows])
+            db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise LedgerError(f"ledger write failed: {err}") from err
+        return len(rows)
 
     async def energy(
         self, start: datetime, end: datetime, gpu_uuid: str | None = None
@@ -353,6 +525,83 @@ class SqliteLedger:
             )
             for r in rows
         ]
+
+    async def energy_totals(
+        self, cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> list[EnergyTotal]:
+        bounds = [_ts(t) for t in cuts]
+        if any(b <= a for a, b in pairwise(bounds)):
+            raise ValueError("energy_totals: the cuts must increase")
+        if len(bounds) < 2:
+            return []
+        return await self._call(self._energy_totals, bounds, gpu_index)
+
+    def _energy_totals(self, bounds: list[float], gpu_index: int | None) -> list[EnergyTotal]:
+        # A record can only reach into a span if it ends less than the longest record's
+        # length after the span's end (and starts less than that before its start): that
+        # bound lets each span be read as one index range. Slot sums are never longer than
+        # a slot; records as written are few (the last day).
+        [(longest,)] = self._read(
+            "SELECT MAX(end_ts - start_ts) FROM energy "
+            "WHERE host = ? AND slot IS NULL AND end_ts >= ?",
+            (self._host, bounds[0]),
+        )
+        raw_reach = float(longest or 0.0)
+        reach = max(raw_reach, float(ROLLUP_SECONDS))
+        spans = (
+            "WITH s (i, a, b) AS MATERIALIZED (SELECT CAST(key AS INTEGER), "
+            "json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)) "
+        )
+        cuts = json.dumps(list(pairwise(bounds)))
+
+        def share(t: str) -> str:
+            """The part of row `t` inside [s.a, s.b): by time, or whole if it has no length."""
+            return (
+                f"(CASE WHEN {t}.end_ts > {t}.start_ts THEN "
+                f"(MIN({t}.end_ts, s.b) - MAX({t}.start_ts, s.a)) / ({t}.end_ts - {t}.start_ts) "
+                "ELSE 1.0 END)"
+            )
+
+        def inside(t: str) -> str:
+            return (
+                f"{t}.start_ts < s.b AND ({t}.end_ts > s.a "
+                f"OR ({t}.end_ts <= {t}.start_ts AND {t}.start_ts >= s.a))"
+            )
+
+        if gpu_index is not None:
+            # One GPU: its records as written and its slot sums, by its index.
+            rows = self._read(
+                spans
+                + f"SELECT s.i, e.pool_state, SUM({share('e')} * e.joules), "
+                f"SUM({share('e')} * e.overhead_joules), e.gpu_uuid, e.gpu_index "
+                "FROM s CROSS JOIN energy AS e INDEXED BY energy_by_gpu "
+                "WHERE e.host = ? AND e.gpu_index = ? AND e.start_ts >= s.a - ? "
+                f"AND {inside('e')} "
+                "GROUP BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
+                "ORDER BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
+                (cuts, self._host, gpu_index, reach),
+            )
+            return [EnergyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        # The machine: records as written (by their end, in the partial index of them) and
+        # the machine's slot sums; the per-GPU slot sums hold the same joules and are not read.
+        rows = self._read(
+            spans
+            + "SELECT i, pool_state, SUM(j), SUM(o) FROM ("
+            f"SELECT s.i AS i, e.pool_state AS pool_state, {share('e')} * e.joules AS j, "
+            f"{share('e')} * e.overhead_joules AS o "
+            "FROM s CROSS JOIN energy AS e INDEXED BY energy_raw "
+            "WHERE e.host = ? AND e.slot IS NULL AND e.end_ts >= s.a AND e.end_ts < s.b + ? "
+            f"AND {inside('e')} "
+            "UNION ALL "
+            f"SELECT s.i, m.pool_state, {share('m')} * m.joules, "
+            f"{share('m')} * m.overhead_joules "
+            "FROM s CROSS JOIN energy_slots AS m "
+            f"WHERE m.host = ? AND m.slot >= CAST(s.a / {ROLLUP_SECONDS} AS INTEGER) "
+            f"AND m.slot <= CAST(s.b / {ROLLUP_SECONDS} AS INTEGER) AND {inside('m')}"
+            ") GROUP BY i, pool_state ORDER BY i, pool_state",
+            (cuts, self._host, raw_reach, self._host),
+        )
+        return [EnergyTotal(r[0], r[1], r[2], r[3]) for r in rows]
 
     # -- earnings -------------------------------------------------------------------------
 

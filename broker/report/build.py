@@ -1,0 +1,416 @@
+"""The earnings report: hours, energy, cost, carbon and earnings per period, from the ledger.
+
+Reads the ledger only (never the GPUs or the provider), and never the clock: `now` is passed
+in, so the CLI, the dashboard and the tests decide what "now" is.
+
+How each figure is made (the README's "Report" section says the same for users):
+
+- **States to buckets**: local = LOCAL, PAUSED, DEGRADED; idle = IDLE, DRAINING;
+  listed = LISTED; rented = RENTED, RECLAIMING. LOST (a GPU off the bus) and any state not
+  named here count in no bucket, so a GPU row's hours can add up to less than the period.
+- **Hours**: the `gpu = "all"` rows use the pool's intervals (wall-clock hours of the
+  machine); a `--gpu N` row uses that GPU's own intervals. An interval still open counts
+  up to `now`.
+- **Rented GPU-hours**: summed over the GPUs' own intervals in the rented bucket (a GPU is
+  recorded RENTED only while a renter occupies it).
+- **Energy** is bucketed by the pool state it was drawn under (`EnergyRecord.pool_state`),
+  GPU draw plus the host overhead share. Energy under a state the report does not know
+  counts as local, so no measured joule is ever left out.
+- **Energy cost and CO2** count the energy drawn while listed or rented (what renting
+  costs and emits), each kWh at the tariff in force when it was drawn; a record that spans
+  a tariff change is shared by time.
+- **Earnings**: the provider reports per UTC day. A day's amount is spread over the local
+  periods in proportion to the rented GPU-hours of that UTC day that fall in each (and over
+  GPUs the same way); a day with earnings but no rented hours recorded goes to the period
+  holding its noon (UTC), shared equally among the GPUs. A UTC day with no ledger figure is
+  estimated as the provider's `price_gpu` x its rented GPU-hours. A row is "provider" when
+  it got a provider-reported figure and nothing estimated, else "estimate".
+- **Currency**: amounts already in `energy.currency` are used as they are; USD amounts are
+  divided by `provider.usd_per_currency`.
+- **Held / rejected requests**: the journal's `request_held` / `request_rejected` notes. A
+  GPU row counts those of services whose `gpus` include it (a service with no `gpus` list
+  counts on every GPU); requests of services no longer configured count in "all" rows only.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from broker.config import Config, PaperProvider, VastProvider
+from broker.errors import BrokerError
+from broker.ledger.base import EarningsSource, Ledger, StateInterval
+from broker.report.periods import By, Period, periods
+from broker.scheduling.tariffs import Rate, TariffSchedule
+
+Bucket = Literal["local", "idle", "listed", "rented"]
+BUCKETS: tuple[Bucket, ...] = ("local", "idle", "listed", "rented")
+COSTED: frozenset[Bucket] = frozenset({"listed", "rented"})
+
+BUCKET_OF_STATE: Mapping[str, Bucket] = {
+    "LOCAL": "local",
+    "PAUSED": "local",
+    "DEGRADED": "local",
+    "IDLE": "idle",
+    "DRAINING": "idle",
+    "LISTED": "listed",
+    "RENTED": "rented",
+    "RECLAIMING": "rented",
+}
+
+HELD, REJECTED = "request_held", "request_rejected"
+JOULES_PER_KWH = 3_600_000.0
+
+
+class ReportError(BrokerError):
+    """The ledger holds something the report cannot turn into figures."""
+
+
+RENTED_STATES = tuple(
+    case(state)
+    for state, bucket in BUCKET_OF_STATE.items()
+    if bucket == "rented"
+    for case in (str.upper, str.lower)
+)
+
+
+def bucket_of(state: str) -> Bucket | None:
+    return BUCKET_OF_STATE.get(state) or BUCKET_OF_STATE.get(state.upper())
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    period: str  # a period's label, or "total"
+    start: datetime
+    end: datetime
+    gpu: int | None  # None: the whole machine ("all")
+    hours: Mapping[Bucket, float]
+    rented_gpu_hours: float
+    earnings: float
+    earnings_source: EarningsSource
+    energy_kwh: Mapping[Bucket, float]
+    energy_cost: float
+    co2_kg: float
+    held_requests: int
+    rejected_requests: int
+
+    @property
+    def net(self) -> float:
+        return self.earnings - self.energy_cost
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "period": self.period,
+            "gpu": "all" if self.gpu is None else self.gpu,
+            "hours": {b: _num(self.hours[b]) for b in BUCKETS},
+            "rented_gpu_hours": _num(self.rented_gpu_hours),
+            "earnings": _num(self.earnings),
+            "earnings_source": self.earnings_source,
+            "energy_kwh": {b: _num(self.energy_kwh[b]) for b in BUCKETS},
+            "energy_cost": _num(self.energy_cost),
+            "net": _num(self.net),
+            "co2_kg": _num(self.co2_kg),
+            "held_requests": self.held_requests,
+            "rejected_requests": self.rejected_requests,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    currency: str
+    timezone: str
+    start: datetime
+    end: datetime
+    by: By
+    gpu: int | None
+    rows: list[ReportRow]
+    totals: ReportRow
+
+    def to_json(self) -> dict[str, Any]:
+        """SPEC section 6: the object `gpu-broker report --format json` prints."""
+        tz = ZoneInfo(self.timezone)
+        return {
+            "currency": self.currency,
+            "from": self.start.astimezone(tz).isoformat(),
+            "to": self.end.astimezone(tz).isoformat(),
+            "by": self.by,
+            "rows": [row.to_json() for row in self.rows],
+            "totals": self.totals.to_json(),
+        }
+
+
+def _num(x: float) -> float:
+    # Six decimals hide float noise (0.30000000000000004) and keep a millicent; +0.0 not -0.0.
+    return round(x, 6) + 0.0
+
+
+@dataclass
+class _Acc:
+    hours: dict[Bucket, float] = field(default_factory=lambda: dict.fromkeys(BUCKETS, 0.0))
+    energy: dict[Bucket, float] = field(default_factory=lambda: dict.fromkeys(BUCKETS, 0.0))
+    rented_gpu_s: float = 0.0
+    earnings: float = 0.0
+    provider_figure: bool = False
+    estimated: bool = False
+    cost: float = 0.0
+    co2: float = 0.0
+    held: int = 0
+    rejected: int = 0
+
+    def add(self, other: _Acc) -> None:
+        for b in BUCKETS:
+            self.hours[b] += other.hours[b]
+            self.energy[b] += other.energy[b]
+        self.rented_gpu_s += other.rented_gpu_s
+        self.earnings += other.earnings
+        self.provider_figure |= other.provider_figure
+        self.estimated |= other.estimated
+        self.cost += other.cost
+        self.co2 += other.co2
+        self.held += other.held
+        self.rejected += other.rejected
+
+    def row(self, period: str, start: datetime, end: datetime, gpu: int | None) -> ReportRow:
+        return ReportRow(
+            period=period,
+            start=start,
+            end=end,
+            gpu=gpu,
+            hours={b: s / 3600.0 for b, s in self.hours.items()},
+            rented_gpu_hours=self.rented_gpu_s / 3600.0,
+            earnings=self.earnings,
+            earnings_source=(
+                "provider" if self.provider_figure and not self.estimated else "estimate"
+            ),
+            energy_kwh=dict(self.energy),
+            energy_cost=self.cost,
+            co2_kg=self.co2,
+            held_requests=self.held,
+            rejected_requests=self.rejected,
+        )
+
+
+class _Slices:
+    """[since, end) cut at every period boundary, tariff change and UTC midnight: inside a
+    slice the period, the rate and the provider's day are all constant."""
+
+    def __init__(
+        self, since: datetime, end: datetime, spans: Sequence[Period], schedule: TariffSchedule
+    ) -> None:
+        segments = schedule.segments(since, end)
+        midnight = datetime.combine(since.astimezone(UTC).date(), time(), UTC)
+        cuts = {since, end}
+        cuts.update(p.start for p in spans)
+        cuts.update(s.interval.start for s in segments)
+        while (midnight := midnight + timedelta(days=1)) < end:
+            cuts.add(midnight)
+        self.cuts = sorted(c for c in cuts if since <= c <= end)
+        self._starts = [c.timestamp() for c in self.cuts]
+        period_starts = [p.start for p in spans]
+        segment_starts = [s.interval.start for s in segments]
+        self.period: list[int] = []
+        self.rate: list[Rate] = []
+        self.day: list[date] = []
+        for a in self.cuts[:-1]:
+            self.period.append(bisect.bisect_right(period_starts, a) - 1)
+            self.rate.append(segments[bisect.bisect_right(segment_starts, a) - 1].rate)
+            self.day.append(a.astimezone(UTC).date())
+
+    def pieces(self, start: datetime, end: datetime) -> list[tuple[int, float]]:
+        """(slice, seconds) of [start, end) within the slices."""
+        a, b = start.timestamp(), end.timestamp()
+        out: list[tuple[int, float]] = []
+        i = max(0, bisect.bisect_right(self._starts, a) - 1)
+        while i < len(self._starts) - 1 and self._starts[i] < b:
+            seconds = min(b, self._starts[i + 1]) - max(a, self._starts[i])
+            if seconds > 0:
+                out.append((i, seconds))
+            i += 1
+        return out
+
+
+def _to_currency(amount: float, currency: str, config: Config) -> float:
+    target = config.energy.currency
+    if currency == target:
+        return amount
+    if currency == "USD":
+        return amount / config.provider.usd_per_currency
+    raise ReportError(
+        f"the ledger holds earnings in {currency}, which cannot be converted to "
+        f"energy.currency ({target}): only USD is converted (provider.usd_per_currency)"
+    )
+
+
+def _price_gpu(config: Config) -> float:
+    """The estimate's price per rented GPU-hour, in energy.currency."""
+    provider = config.provider
+    if isinstance(provider, VastProvider | PaperProvider):
+        return _to_currency(provider.price_gpu, "USD", config)
+    return 0.0  # RunPod's price is set in its dashboard; the broker does not know it.
+
+
+def _clip(interval: StateInterval, start: datetime, end: datetime, now: datetime) -> tuple[
+    datetime, datetime
+] | None:
+    a = max(interval.start, start)
+    b = min(interval.end or now, now, end)
+    return (a, b) if b > a else None
+
+
+async def build_report(
+    ledger: Ledger,
+    config: Config,
+    *,
+    since: datetime,
+    until: datetime,
+    now: datetime,
+    by: By = "day",
+    gpu: int | None = None,
+) -> Report:
+    """Rows per period over [since, min(until, now)): the whole machine (`gpu` None) or
+    one GPU by index. Raises `ValueError` for an empty range, `ReportError` for earnings in
+    a currency that cannot be converted."""
+    tz = config.broker.tz
+    since, until, now = (t.astimezone(UTC) for t in (since, until, now))
+    end = min(until, now)
+    if since >= end:
+        raise ValueError(f"the report's start ({since}) is not before its end ({end})")
+    spans = periods(since, end, by, tz)
+    slices = _Slices(since, end, spans, TariffSchedule.from_config(config.energy, tz))
+    accs = [_Acc() for _ in spans]
+
+    # -- energy, its cost and carbon: summed by the store per slice and pool state (and
+    # UUID, for one GPU: its intervals are found by the UUIDs its index had).
+    uuids: set[str] = set()
+    for part in await ledger.energy_totals(slices.cuts, gpu_index=gpu):
+        if part.gpu_uuid is not None:
+            uuids.add(part.gpu_uuid)
+        acc = accs[slices.period[part.span]]
+        drawn_in = bucket_of(part.pool_state) or "local"
+        kwh = (part.joules + part.overhead_joules) / JOULES_PER_KWH
+        acc.energy[drawn_in] += kwh
+        if drawn_in in COSTED:
+            rate = slices.rate[part.span]
+            acc.cost += kwh * rate.price_per_kwh
+            acc.co2 += kwh * rate.carbon_g_per_kwh / 1000.0
+
+    # -- hours. Intervals are read over whole UTC days around the range, because the
+    # earnings of a provider day are shared by the rented hours of that whole day.
+    first_day = since.astimezone(UTC).date()
+    last_day = (end - timedelta(microseconds=1)).astimezone(UTC).date()
+    day0 = datetime.combine(first_day, time(), UTC)
+    day_end = datetime.combine(last_day + timedelta(days=1), time(), UTC)
+    if gpu is None:
+        # The pool's intervals, and of the GPUs' only the rented ones (a year of 8 GPUs is
+        # some 20 000 intervals; the rented ones are a fifth of that).
+        own = await ledger.state_intervals(day0, day_end, scope="pool")
+        gpu_intervals = await ledger.state_intervals(
+            day0, day_end, scope="gpu", states=RENTED_STATES
+        )
+    else:
+        gpu_intervals = await ledger.state_intervals(day0, day_end, scope="gpu")
+        own = [i for i in gpu_intervals if i.subject in uuids]
+    for interval in own:
+        bucket = bucket_of(interval.state)
+        if bucket is None:
+            continue
+        span = _clip(interval, since, end, now)
+        if span is not None:
+            for i, seconds in slices.pieces(*span):
+                accs[slices.period[i]].hours[bucket] += seconds
+
+    # -- rented GPU-hours, per slice and GPU, and per whole UTC day for sharing earnings.
+    all_gpus = {i.subject for i in gpu_intervals}
+    rented: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    rented_day: dict[date, float] = defaultdict(float)
+    for interval in gpu_intervals:
+        if bucket_of(interval.state) != "rented":
+            continue
+        whole = _clip(interval, day0, day_end, now)
+        if whole is None:
+            continue
+        a, b = whole
+        while a < b:
+            midnight = datetime.combine(a.date() + timedelta(days=1), time(), UTC)
+            rented_day[a.date()] += (min(b, midnight) - a).total_seconds()
+            a = midnight
+        span = _clip(interval, since, end, now)
+        if span is not None:
+            for i, seconds in slices.pieces(*span):
+                rented[i][interval.subject] += seconds
+    for i, by_gpu in rented.items():
+        acc = accs[slices.period[i]]
+        for subject, seconds in by_gpu.items():
+            if gpu is None or subject in uuids:
+                acc.rented_gpu_s += seconds
+
+    # -- earnings
+    reported: dict[date, tuple[float, bool]] = {}
+    for record in await ledger.earnings(first_day, last_day):
+        amount, all_provider = reported.get(record.day, (0.0, True))
+        reported[record.day] = (
+            amount + _to_currency(record.amount, record.currency, config),
+            all_provider and record.source == "provider",
+        )
+    price = _price_gpu(config)
+    for i, by_gpu in rented.items():
+        acc = accs[slices.period[i]]
+        day = slices.day[i]
+        mine = sum(s for subject, s in by_gpu.items() if gpu is None or subject in uuids)
+        if mine <= 0:
+            continue
+        if day in reported:
+            amount, from_provider = reported[day]
+            if rented_day[day] > 0:
+                acc.earnings += amount * mine / rented_day[day]
+                acc.provider_figure |= from_provider
+                acc.estimated |= not from_provider
+        else:
+            acc.earnings += price * mine / 3600.0
+            acc.estimated = True
+    for day, (amount, from_provider) in reported.items():
+        noon = datetime.combine(day, time(12), UTC)
+        if rented_day[day] > 0 or not since <= noon < end:
+            continue
+        acc = accs[bisect.bisect_right([p.start for p in spans], noon) - 1]
+        if gpu is not None:
+            amount = amount / len(all_gpus) if all_gpus and uuids & all_gpus else 0.0
+        acc.earnings += amount
+        acc.provider_figure |= from_provider
+        acc.estimated |= not from_provider
+
+    # -- held and rejected local requests
+    gpus_of = {s.name: s.gpus for s in config.services}
+    starts = [p.start for p in spans]
+    for note in await ledger.journal_entries(since=since, status="note", kinds=[HELD, REJECTED]):
+        if note.at >= end:
+            continue
+        if gpu is not None:
+            served = gpus_of.get(note.subject)
+            if served is None or (served and gpu not in served):
+                continue
+        acc = accs[bisect.bisect_right(starts, note.at) - 1]
+        if note.kind == HELD:
+            acc.held += 1
+        else:
+            acc.rejected += 1
+
+    rows = [acc.row(p.label, p.start, p.end, gpu) for p, acc in zip(spans, accs, strict=True)]
+    total = _Acc()
+    for acc in accs:
+        total.add(acc)
+    return Report(
+        currency=config.energy.currency,
+        timezone=config.broker.timezone,
+        start=since,
+        end=end,
+        by=by,
+        gpu=gpu,
+        rows=rows,
+        totals=total.row("total", since, end, gpu),
+    )
