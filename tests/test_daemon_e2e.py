@@ -215,6 +215,16 @@ async def test_window_closing_while_rented_waits_for_the_contract_then_gives_bac
     await listed(rig)
     fake_vast.add_rental(RentalKind.ON_DEMAND, gpus=1)
     await rig.until_state(PoolState.RENTED, limit=60)
+    # One GPU rented, the other still on offer: the ledger's per-GPU states say so.
+    ledger = rig.daemon.ledger
+    assert ledger is not None
+    gpu_now = {
+        i.subject: i.state
+        for i in await ledger.state_intervals(clock.now() - timedelta(hours=1),
+                                              clock.now() + timedelta(seconds=1), scope="gpu")
+        if i.end is None
+    }  # fmt: skip
+    assert sorted(gpu_now.values()) == ["LISTED", "RENTED"]
     locked = rig.daemon.scheduler.locked_until()
     # The contract keeps the offer's end date, which is the window's end (invariant 1).
     assert locked is not None and locked.isoformat() == "2026-11-25T12:30:00+00:00"

@@ -728,22 +728,35 @@ class Scheduler:
         self.energy.set_pool_state(state.value.lower())
 
     async def _record_gpu_states(self, state: PoolState) -> None:
+        """Each GPU's own state, for the report's per-GPU rows and rented GPU-hours: the
+        pool's, except LOST for a GPU off the bus, and, while renters may be on the
+        machine, RENTED only for a GPU a renter holds (or may hold, when the platform
+        does not say which)."""
         snap = self.sampler.latest
         status = self.status_read
-        free = self._free_gpus(status) if status is not None else set()
+        renting = state in (PoolState.RENTED, PoolState.RECLAIMING)
+        occupied = self._occupied_gpus(status) if renting and status is not None else None
         at = self._clock.now()
         for device in self.sampler.devices:
             sample = snap.gpu(device.index) if snap is not None else None
             gpu_state = state.value
             if sample is not None and sample.lost:
                 gpu_state = "LOST"
-            elif state is PoolState.RENTED and device.index in free:
-                gpu_state = "LISTED" if self.view is not None and self.view.listed else "IDLE"
-            elif state is PoolState.RECLAIMING and self.view and self.view.rentals_running:
-                gpu_state = "IDLE" if device.index in free else "RENTED"
+            elif renting and occupied is not None and device.index not in occupied:
+                listed = self.view is not None and self.view.listed
+                gpu_state = "LISTED" if listed and state is PoolState.RENTED else "IDLE"
+            elif renting and not (self.view and self.view.rentals_running):
+                gpu_state = "IDLE"  # reclaiming an offer nobody rented
             if self._gpu_states.get(device.uuid) != gpu_state:
                 self._gpu_states[device.uuid] = gpu_state
                 await self.ledger.record_state("gpu", device.uuid, gpu_state, at, state.value)
+
+    @staticmethod
+    def _occupied_gpus(status: ProviderStatus) -> set[int] | None:
+        """Indices a renter holds per the platform; None when it does not say for all."""
+        if not status.gpu_occupancy or "unknown" in status.gpu_occupancy:
+            return None
+        return {i for i, o in enumerate(status.gpu_occupancy) if o != "free"}
 
     # ---- shutdown -----------------------------------------------------------------------
 
