@@ -332,6 +332,9 @@ def cmd_check(
         out.print("ok   provider: paper market (simulated renters, no account needed)")
 
     problems.extend(_check_ledger(config, out))
+    gpu_problems, service_warnings = asyncio.run(_check_gpus_and_services(config, clock, out))
+    problems.extend(gpu_problems)
+    warnings.extend(service_warnings)
 
     for warning in warnings:
         out.print(f"warn {warning}", markup=False)
@@ -359,6 +362,45 @@ def _check_provider(config: Config, clock: Clock, out: Console) -> list[str]:
     for line in lines:
         out.print(f"ok   provider.{kind}: {line}", markup=False)
     return []
+
+
+async def _check_gpus_and_services(
+    config: Config, clock: Clock, out: Console
+) -> tuple[list[str], list[str]]:
+    """Start the GPU backend the config names and probe each service once."""
+    from broker.gpu import create_backend
+    from broker.services import build_adapter
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        backend = await create_backend(config.gpus, clock)
+    except BrokerError as error:
+        problems.append(f"gpus.backend: {error}")
+    else:
+        try:
+            devices = await backend.devices()
+            names = ", ".join(f"{d.index}: {d.name}" for d in devices) or "none"
+            out.print(f"ok   gpus ({backend.kind}): {names}", markup=False)
+            if backend.kind == "fake" and config.gpus.backend != "fake":
+                warnings.append("gpus: no NVIDIA driver answered; the service would run on "
+                                "simulated GPUs")  # fmt: skip
+        finally:
+            await backend.close()
+    for index, section in enumerate(config.services):
+        adapter = build_adapter(section, clock)
+        try:
+            probe = await adapter.probe()
+        finally:
+            await adapter.aclose()
+        if probe.reachable:
+            out.print(f"ok   services[{index}] {section.name}: reachable at {section.upstream}",
+                      markup=False)  # fmt: skip
+        else:
+            # Not fatal: a stopped service holds no GPU, and the broker waits for it.
+            warnings.append(f"services[{index}].upstream: {section.name} is not reachable at "
+                            f"{section.upstream} ({probe.detail})")  # fmt: skip
+    return problems, warnings
 
 
 def _check_ledger(config: Config, out: Console) -> list[str]:

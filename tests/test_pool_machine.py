@@ -417,7 +417,12 @@ def test_invariants_hold_through_random_histories(
         local_hold="5m",
         reclaim="displace-interruptible" if displace else "graceful",
     )
-    calendar = Calendar([Recurrence(cron, timedelta(minutes=window_minutes), ZoneInfo("UTC"))])
+    # A day's horizon is plenty: no offer reaches further than max_commitment (2h), and a
+    # month's walk through never-closing windows would make each example slow.
+    calendar = Calendar(
+        [Recurrence(cron, timedelta(minutes=window_minutes), ZoneInfo("UTC"))],
+        horizon=timedelta(days=1),
+    )
     machine = PoolMachine(policy)
     market = Market()
     now, mono = T0, 0.0

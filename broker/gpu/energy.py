@@ -8,8 +8,8 @@ reads can have been apart, plus a margin) is a glitch and is clamped to that max
 card without a counter is integrated from its power readings (trapezoids).
 
 `overhead_watts` is the host's draw NVML does not see (CPU, fans, PSU losses); it is
-counted only while the pool is listed or rented, since that is the energy renting costs,
-and is shared equally among the GPUs still reporting.
+counted only while the pool is listed, rented or reclaiming (renters finishing), since that
+is the energy renting costs, and is shared equally among the GPUs still reporting.
 
 Records accumulate in memory and are flushed at least every `flush_interval` (a minute),
 so a crash loses at most that much; one record per GPU and pool state per flush keeps the
@@ -32,7 +32,8 @@ from broker.ledger.base import EnergyRecord, Ledger
 
 log = logging.getLogger(__name__)
 
-OVERHEAD_STATES = frozenset({"listed", "rented"})
+# "reclaiming": renters may still run until their contracts end, so it is renting's cost too.
+OVERHEAD_STATES = frozenset({"listed", "rented", "reclaiming"})
 # A card draws above its power limit for moments: on an H100 capped at 700 W, as a load
 # started, the counter rose 388 J between two ticks 0.5 s apart (776 W) and 725 J over the
 # full second, and NVML's power reading said 725 W. With 10 % that real energy was clamped.

@@ -161,16 +161,8 @@ class Calendar:
         containing = [i for i in (r.last_started(t) for r in self.recurrences) if t in i]
         if not containing:
             return None
+        end, open_ended = self._merged_end(t, max(i.end for i in containing))
         start = min(i.start for i in containing)
-        end = max(i.end for i in containing)
-        limit = t + self.horizon
-        changed = True
-        while changed and end <= limit:
-            changed = False
-            for r in self.recurrences:
-                later = r.last_started(end)
-                if later.end > end:
-                    end, changed = later.end, True
         changed = True
         while changed and start >= t - self.horizon:
             changed = False
@@ -184,12 +176,25 @@ class Calendar:
                     if earlier.end >= start:
                         start, changed = earlier.start, True
                         break
-        return Interval(start, end, open_ended=end > limit)
+        return Interval(start, end, open_ended=open_ended)
 
     def end_of(self, t: datetime) -> datetime | None:
-        """When the window open at `t` closes; None when closed at `t`."""
-        interval = self.current(t)
-        return interval.end if interval else None
+        """When the window open at `t` closes; None when closed at `t`. (Cheaper than
+        `current`: the start is not looked for.)"""
+        ends = [i.end for i in (r.last_started(t) for r in self.recurrences) if t in i]
+        return self._merged_end(t, max(ends))[0] if ends else None
+
+    def _merged_end(self, t: datetime, end: datetime) -> tuple[datetime, bool]:
+        """Extend `end` through every occurrence that overlaps or touches it."""
+        limit = t + self.horizon
+        changed = True
+        while changed and end <= limit:
+            changed = False
+            for r in self.recurrences:
+                later = r.last_started(end)
+                if later.end > end:
+                    end, changed = later.end, True
+        return end, end > limit
 
     def openings(self, t: datetime, count: int) -> list[Interval]:
         """The next `count` merged intervals not over by `t`; the first may contain `t`."""
