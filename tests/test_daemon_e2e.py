@@ -354,3 +354,64 @@ async def _journal_after_close(rig: Rig) -> list[tuple[str, str]]:
         return [(e.kind, e.status) for e in entries]
     finally:
         await ledger.close()
+
+
+# -- the invariants, one by one where the stories above do not already break them ----------
+
+
+async def test_never_listed_while_a_local_process_still_holds_a_gpu(
+    make_rig: RigFactory, fake_vast: FakeVast
+) -> None:
+    """Invariant 2: the API drain succeeds (Ollama says nothing is loaded), yet NVML still
+    shows the local runner on GPU 1: the drain is not verified, so nothing is listed."""
+    runner = {"pid": 4242, "name": "ollama", "memory_mb": 400}  # under idle_memory_mb
+    rig = await make_rig(
+        gpus={
+            "allowed_processes": ["ollama"],  # idle with its runner resident ...
+            "fake": [
+                {"uuid": "GPU-rig-0"},
+                {"uuid": "GPU-rig-1", "timeline": [{"at": "0s", "processes": [runner]}]},
+            ],
+        },
+    )
+    await rig.until(lambda: "drain" in rig.daemon.scheduler.last_reason, limit=600)
+    await rig.run_for(600, step=5)  # ... but a drain must leave no local process at all
+    assert not fake_vast.calls(method="PUT"), "never listed"
+    assert rig.state is not PoolState.LISTED
+    kinds = await journal_kinds(rig)
+    assert ("drain", "failed") in kinds
+    assert rig.daemon.ledger is not None
+    failed = [e for e in await rig.daemon.ledger.journal_entries(kinds=["drain"])
+              if e.status == "failed"]  # fmt: skip
+    assert failed and "process 4242 (ollama) still holds it" in (failed[0].outcome or "")
+
+
+async def test_no_listing_shorter_than_min_listed(
+    make_rig: RigFactory, fake_vast: FakeVast
+) -> None:
+    """Invariant 6: a window closing in 8 minutes cannot take a 10 minute minimum listing."""
+    rig = await make_rig(
+        windows=[{"cron": "0 12 * * *", "duration": "10m"}], policy={"min_listed": "10m"}
+    )
+    await rig.run_for(900, step=5)
+    assert not fake_vast.calls(method="PUT")
+    assert rig.state is PoolState.LOCAL
+
+
+async def test_earnings_sync_is_idempotent(
+    make_rig: RigFactory, clock: FakeClock, fake_vast: FakeVast
+) -> None:
+    """Invariant 5: the hourly sync (and a restart's) writes each provider day once."""
+    rig = await make_rig(windows=[{"cron": "0 12 * * *", "duration": "30m"}])
+    await listed(rig)
+    fake_vast.add_rental(RentalKind.ON_DEMAND, gpus=2)
+    await rig.until_state(PoolState.LOCAL, limit=3600, step=10)  # the window ends it
+    scheduler = rig.daemon.scheduler
+    ledger = rig.daemon.ledger
+    assert ledger is not None
+    await scheduler.sync_earnings()
+    first = await ledger.earnings(clock.now().date(), clock.now().date())
+    assert len(first) == 1 and first[0].amount > 0 and first[0].source == "provider"
+    assert await scheduler.sync_earnings() == 0, "nothing changed, nothing written"
+    again = await ledger.earnings(clock.now().date(), clock.now().date())
+    assert again == first
