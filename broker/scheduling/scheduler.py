@@ -33,7 +33,6 @@ from broker.clock import Clock
 from broker.config import Config, PolicySection
 from broker.crashpoints import crashpoint
 from broker.errors import DrainError, LedgerError, ProviderError
-from broker.gpu.base import GpuDevice
 from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
@@ -791,6 +790,3 @@ class Scheduler:
 
     def locked_until(self) -> datetime | None:
         return self.view.locked_until if self.view is not None else None
-
-    def gpu_devices(self) -> list[GpuDevice]:
-        return list(self.sampler.devices)
