@@ -457,7 +457,11 @@ class Scheduler:
             self.last_reason = decision.reason
         if decision.gates.guarded:
             self._set_gates(decision)
-        for action in decision.actions:
+        # A self-rental rents our own offer, which unlisting takes down: displace first.
+        # (The self-rental holds every GPU, so the offer left up a moment longer admits
+        # no renter that could not be displaced.)
+        ordered = sorted(decision.actions, key=lambda a: not isinstance(a, DisplaceInterruptible))
+        for action in ordered:
             await self._do(action, decision)
         if not decision.gates.guarded:
             self._set_gates(decision)
