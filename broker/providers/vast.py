@@ -431,10 +431,7 @@ class VastMarket(Provider):
             return
         ask = await self.own_offer()
         try:
-            answer = await self._api.request(
-                "PUT", f"/api/v0/asks/{ask.id}/", body=self.create_instance_body(),
-                endpoint="PUT /api/v0/asks/{id}/",
-            )  # fmt: skip
+            answer = await self.create_instance(ask.id)
         except ProviderError:
             # A create cut off (timeout, 5xx) may still have happened: look before failing.
             found = await self.self_rentals()
@@ -468,10 +465,7 @@ class VastMarket(Provider):
             ids.add(self.self_rental)
         for ident in sorted(ids):
             with contextlib.suppress(ProviderNotFound):  # 404: already gone
-                await self._api.request(
-                    "DELETE", f"/api/v0/instances/{ident}/", body={},
-                    endpoint="DELETE /api/v0/instances/{id}/",
-                )  # fmt: skip
+                await self.destroy_instance(ident)
         for ident in sorted(ids):
             for look in range(2):  # a second look: the platform may lag a moment
                 if await self.instance(ident) is None:
@@ -485,6 +479,20 @@ class VastMarket(Provider):
             log.info("vast: self-rental(s) %s ended; interruptible renters may resume",
                      ", ".join(map(str, sorted(ids))))  # fmt: skip
         self.self_rental = None
+
+    async def create_instance(self, ask_id: int) -> Any:
+        """`create instance ASK ...` with `create_instance_body()`; the raw answer."""
+        return await self._api.request(
+            "PUT", f"/api/v0/asks/{ask_id}/", body=self.create_instance_body(),
+            endpoint="PUT /api/v0/asks/{id}/",
+        )  # fmt: skip
+
+    async def destroy_instance(self, ident: int) -> Any:
+        """`destroy instance ID`; a 404 raises ProviderNotFound."""
+        return await self._api.request(
+            "DELETE", f"/api/v0/instances/{ident}/", body={},
+            endpoint="DELETE /api/v0/instances/{id}/",
+        )  # fmt: skip
 
     def create_instance_body(self) -> dict[str, Any]:
         """The CLI's body for `create instance ASK --image I --disk D --label L
