@@ -405,6 +405,11 @@ class VastProvider(ProviderKey):
     # Renter containers (C.<contract>) show which GPUs a renter holds; unreadable = unknown.
     # "" turns the reading off (TOML has no null).
     docker_socket: Path | None = Path("/var/run/docker.sock")
+    # reclaim = "displace-interruptible": the broker rents its own offer on-demand (free for
+    # the host) to push interruptible renters off. The instance only has to exist and hold
+    # the GPUs, so the image is tiny, it sleeps, and its disk is the least we may ask for.
+    displace_image: str = Field(default="alpine:latest", min_length=1)
+    displace_disk: float = Field(default=1.0, gt=0, description="GB")
 
     @field_validator("docker_socket", mode="before")
     @classmethod

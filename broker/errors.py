@@ -52,6 +52,10 @@ class ProviderRejected(ProviderError):
     """The platform refused the request itself (a 4xx other than 429). Never retried."""
 
 
+class ProviderNotFound(ProviderRejected):
+    """404: what was asked for does not exist (an instance already destroyed, say)."""
+
+
 class ProviderStateMismatch(ProviderError):
     """A write was answered as done but reading the state back shows otherwise."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,10 @@ class DockerRenters:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._warned = False
 
-    async def snapshot(self) -> RenterGpus | None:
-        """Renter GPUs now, or None when Docker cannot be read (logged once)."""
+    async def snapshot(self, exclude: Collection[int] = ()) -> RenterGpus | None:
+        """Renter GPUs now, or None when Docker cannot be read (logged once).
+
+        `exclude`: contract ids that are not renters (the host's own self-rental)."""
         try:
             connector = aiohttp.UnixConnector(path=str(self._socket))
             async with aiohttp.ClientSession(
@@ -81,7 +84,7 @@ class DockerRenters:
                         (n for n in container.get("Names") or [] if contract_id(n) is not None),
                         None,
                     )
-                    if name is None:
+                    if name is None or contract_id(name) in exclude:
                         continue
                     names.append(name.lstrip("/"))
                     inspect = await self._get(session, f"/containers/{container['Id']}/json")

@@ -29,6 +29,7 @@ from broker.config import RunpodProvider, VastProvider
 from broker.errors import (
     ProviderAuthError,
     ProviderError,
+    ProviderNotFound,
     ProviderRejected,
     ProviderUnavailable,
 )
@@ -231,6 +232,11 @@ class JsonApi:
             raise ProviderAuthError(
                 f"{self.platform} refused the API key from {self._key_source} "
                 f"({status}: {platform_message(text)})"
+            )
+        if status == 404:
+            # Its own class: a delete answered 404 means the thing is already gone.
+            raise ProviderNotFound(
+                f"{self.platform} rejected {what} ({status}): {platform_message(text)}"
             )
         if status >= 400:
             raise ProviderRejected(

@@ -4,14 +4,24 @@ The requests are the official client's (`vastai` on PyPI, checked by a conforman
 the same paths with their trailing slashes, JSON-encoded query values, and every
 `create_asks` key with the unset ones as null. Each write is read back, because a write
 answered `success` is not proof the machine is listed (or unlisted) the way we asked.
+
+Displacing interruptible renters (`reclaim = "displace-interruptible"`) is a self-rental:
+the host rents its own offer on-demand, which FACTS.md says is free and blocks renters, and
+infers displaces interruptible ones (who resume when it ends). The requests are the CLI's
+`search offers -n 'machine_id=N' -o num_gpus- --storage D`, `create instance ASK --image I
+--disk D --label gpu-broker-displace --entrypoint sleep --args infinity`, `show instance ID`,
+`show instances --label gpu-broker-displace` and `destroy instance ID`. The label is how a
+restarted broker finds a self-rental a previous run left behind.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -19,7 +29,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.clock import Clock
 from broker.config import VastProvider
-from broker.errors import ProviderError, ProviderRejected, ProviderStateMismatch
+from broker.errors import (
+    ProviderError,
+    ProviderNotFound,
+    ProviderRejected,
+    ProviderStateMismatch,
+)
 from broker.ledger.base import EarningsRecord
 from broker.providers.base import (
     Capabilities,
@@ -38,6 +53,13 @@ from broker.providers.http import provider_api
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
+# Set on every self-rental we create; only instances with it on our machine are ended.
+SELF_RENTAL_LABEL = "gpu-broker-displace"
+# busybox `sleep` takes "infinity": the container must keep running, or the instance stops
+# and (inference) stops holding the GPUs.
+SELF_RENTAL_ENTRYPOINT = "sleep"
+SELF_RENTAL_ARGS = ["infinity"]
+INSTANCES_PAGE = 25  # what the CLI asks for per page
 _OCCUPANCY: dict[str, Occupancy] = {
     "x": "free", "D": "on-demand", "I": "interruptible", "R": "reserved"
 }  # fmt: skip
@@ -74,6 +96,29 @@ class VastMachine(BaseModel):
     @property
     def ident(self) -> int | None:
         return self.id if self.id is not None else self.machine_id
+
+
+class VastInstance(BaseModel):
+    """An instance (a contract we rent) as `show instance(s)` returns it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: int | None = None
+    machine_id: int | None = None
+    label: str | None = None
+    num_gpus: int | None = None
+    actual_status: str | None = None
+    intended_status: str | None = None
+
+
+class VastOffer(BaseModel):
+    """An offer from `search offers`; `id` is the ask id that `create instance` takes."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: int
+    machine_id: int | None = None
+    num_gpus: int | None = None
 
 
 class VastDay(BaseModel):
@@ -127,14 +172,17 @@ class VastMarket(Provider):
         self._docker = docker
         self._energy_currency = energy_currency
         self._api = provider_api("Vast.ai", config, clock, api_key, retry_attempts)
+        # Our self-rental's instance (= contract) id while one exists. Lost on a restart;
+        # `end_displacement` then finds it again by its label.
+        self.self_rental: int | None = None
 
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
             can_list=True,
             granularity="machine",
-            # Needs a self-rental (an on-demand instance on our own offer); not built yet.
-            can_displace_interruptible=False,
+            # By a self-rental: an on-demand instance on our own offer (see the docstring).
+            can_displace_interruptible=True,
             earnings_source="provider",
         )
 
@@ -297,12 +345,23 @@ class VastMarket(Provider):
 
     async def status(self) -> ProviderStatus:
         machine = await self.machine()
-        renter_gpus = await self._docker.snapshot() if self._docker else None
+        ours = () if self.self_rental is None else (self.self_rental,)
+        renter_gpus = await self._docker.snapshot(exclude=ours) if self._docker else None
         return self.status_from(machine, renter_gpus=renter_gpus)
 
     def status_from(self, machine: VastMachine, **extra: Any) -> ProviderStatus:
         occupancy = self._occupancy(machine)
         rentals = self._rentals(machine, occupancy)
+        raw = machine.model_dump()
+        if self.self_rental is not None:
+            # Our own self-rental is no renter: counted as one, the scheduler would wait for
+            # it to leave. It holds every GPU on-demand (nothing firm was there when it
+            # was made, and nothing firm can come while it runs), so every on-demand GPU
+            # and one on-demand contract are ours.
+            occupancy = tuple("free" if o == "on-demand" else o for o in occupancy)
+            if rentals.on_demand:
+                rentals = replace(rentals, on_demand=rentals.on_demand - 1)
+            raw["gpu_broker_self_rental"] = self.self_rental
         rented = rentals.total > 0 or any(o not in ("free", "unknown") for o in occupancy)
         return ProviderStatus(
             machine_id=self.machine_id,
@@ -315,7 +374,7 @@ class VastMarket(Provider):
             online=None if machine.timeout is None else machine.timeout <= 0,
             price_gpu=machine.listed_gpu_cost,
             min_bid=machine.min_bid_price,
-            raw=machine.model_dump(),
+            raw=raw,
             **extra,
         )
 
@@ -350,6 +409,196 @@ class VastMarket(Provider):
         return Rentals(
             on_demand=firm - reserved, interruptible=interruptible, reserved=reserved
         )
+
+    # -- displacing interruptible renters ------------------------------------------------
+
+    async def displace_interruptible(self) -> None:
+        """Rent our own offer on-demand for every GPU: interruptible renters pause until
+        `end_displacement()`. Refused while on-demand or reserved renters hold GPUs (nothing
+        displaces them). Returns once the instance reads back as ours."""
+        status = await self.status()
+        firm = status.rentals
+        if firm.on_demand or firm.reserved or firm.unknown_kind:
+            raise ProviderRejected(
+                f"vast: machine {self.machine_id} has on-demand or reserved renters; "
+                "they cannot be displaced"
+            )
+        if self.self_rental is not None and await self.instance(self.self_rental) is not None:
+            return  # already displacing
+        leftover = await self.self_rentals()
+        if leftover:
+            self.self_rental = leftover[0].id  # a previous try (or run) made it: keep it
+            return
+        ask = await self.own_offer()
+        try:
+            answer = await self.create_instance(ask.id)
+        except ProviderError:
+            # A create cut off (timeout, 5xx) may still have happened: look before failing.
+            found = await self.self_rentals()
+            if not found:
+                raise
+            answer = {"success": True, "new_contract": found[0].id}
+        if not isinstance(answer, dict) or answer.get("success") is False:
+            message = answer.get("msg") if isinstance(answer, dict) else answer
+            raise ProviderRejected(f"Vast.ai refused the self-rental of ask {ask.id}: {message}")
+        contract = answer.get("new_contract")
+        made = await self.instance(contract) if isinstance(contract, int) else None
+        if made is None:
+            found = await self.self_rentals()
+            made = found[0] if found else None
+        if made is None or made.id is None:
+            raise ProviderStateMismatch(
+                f"Vast.ai answered the self-rental of ask {ask.id} as done ({answer!r:.120}), "
+                "but no such instance exists: not displaced"
+            )
+        self.self_rental = made.id
+        log.info(
+            "vast: self-rental %s on machine %s (ask %s, %s GPUs) displaces interruptible "
+            "renters", made.id, self.machine_id, ask.id, ask.num_gpus,
+        )  # fmt: skip
+
+    async def end_displacement(self) -> None:
+        """Destroy our self-rental (and any other we left behind, found by its label) so the
+        paused renters resume. Idempotent: an instance already gone is fine."""
+        ids = {i.id for i in await self.self_rentals() if i.id is not None}
+        if self.self_rental is not None:
+            ids.add(self.self_rental)
+        for ident in sorted(ids):
+            with contextlib.suppress(ProviderNotFound):  # 404: already gone
+                await self.destroy_instance(ident)
+        for ident in sorted(ids):
+            for look in range(2):  # a second look: the platform may lag a moment
+                if await self.instance(ident) is None:
+                    break
+                if look:
+                    raise ProviderStateMismatch(
+                        f"Vast.ai answered the destroy of self-rental {ident} as done, but "
+                        "it still exists"
+                    )
+        if ids:
+            log.info("vast: self-rental(s) %s ended; interruptible renters may resume",
+                     ", ".join(map(str, sorted(ids))))  # fmt: skip
+        self.self_rental = None
+
+    async def create_instance(self, ask_id: int) -> Any:
+        """`create instance ASK ...` with `create_instance_body()`; the raw answer."""
+        return await self._api.request(
+            "PUT", f"/api/v0/asks/{ask_id}/", body=self.create_instance_body(),
+            endpoint="PUT /api/v0/asks/{id}/",
+        )  # fmt: skip
+
+    async def destroy_instance(self, ident: int) -> Any:
+        """`destroy instance ID`; a 404 raises ProviderNotFound."""
+        return await self._api.request(
+            "DELETE", f"/api/v0/instances/{ident}/", body={},
+            endpoint="DELETE /api/v0/instances/{id}/",
+        )  # fmt: skip
+
+    def create_instance_body(self) -> dict[str, Any]:
+        """The CLI's body for `create instance ASK --image I --disk D --label L
+        --entrypoint sleep --args infinity`: on-demand (price null), args runtype."""
+        return {
+            "client_id": "me",
+            "image": self.config.displace_image,
+            "env": {},
+            "price": None,
+            "disk": float(self.config.displace_disk),
+            "label": SELF_RENTAL_LABEL,
+            "extra": None,
+            "onstart": SELF_RENTAL_ENTRYPOINT,
+            "image_login": None,
+            "python_utf8": False,
+            "lang_utf8": False,
+            "use_jupyter_lab": False,
+            "jupyter_dir": None,
+            "force": False,
+            "cancel_unavail": False,
+            "template_hash_id": None,
+            "user": None,
+            "runtype": "args",
+            "args": SELF_RENTAL_ARGS,
+        }
+
+    async def own_offer(self) -> VastOffer:
+        """Our machine's on-demand offer with the most GPUs: `search offers -n
+        'machine_id=N' -o num_gpus- --storage D`. `-n` drops the default filters
+        (verified, rentable, not external) that could hide our own machine's offer."""
+        answer = await self._api.request(
+            "POST",
+            "/api/v0/bundles/",
+            body={
+                # The CLI sends the id as a string; so do we.
+                "machine_id": {"eq": str(self.config.machine_id)},
+                "order": [["num_gpus", "desc"]],
+                "type": "on-demand",
+                "allocated_storage": float(self.config.displace_disk),
+            },
+        )
+        rows = answer.get("offers") if isinstance(answer, dict) else None
+        if not isinstance(rows, list):
+            raise ProviderError(f"Vast.ai: unexpected answer to a search: {answer!r:.200}")
+        offers: builtins.list[VastOffer] = []
+        for row in rows:
+            try:
+                offer = VastOffer.model_validate(row)
+            except ValidationError as error:
+                raise ProviderError(f"Vast.ai: an offer is not understood: {error}") from None
+            if offer.machine_id == self.config.machine_id:
+                offers.append(offer)
+        if not offers:
+            raise ProviderRejected(
+                f"Vast.ai shows no offer of machine {self.machine_id} to rent (is it listed?)"
+            )
+        return max(offers, key=lambda o: o.num_gpus or 0)
+
+    async def instance(self, ident: int) -> VastInstance | None:
+        """`show instance ID`; None once it no longer exists."""
+        try:
+            answer = await self._api.request(
+                "GET", f"/api/v0/instances/{ident}/", query=[("owner", "me")],
+                endpoint="GET /api/v0/instances/{id}/",
+            )  # fmt: skip
+        except ProviderNotFound:
+            return None
+        row = answer.get("instances") if isinstance(answer, dict) else None
+        if row is None:
+            return None
+        found = self._instance(row)
+        return found if found.id is not None else None
+
+    async def self_rentals(self) -> builtins.list[VastInstance]:
+        """Our self-rentals on this machine: `show instances --label gpu-broker-displace`,
+        every page, keeping only this machine's."""
+        params: builtins.list[tuple[str, object]] = [
+            ("select_filters", {"label": {"in": [SELF_RENTAL_LABEL]}}),
+            ("order_by", [{"col": "id", "dir": "asc"}]),
+            ("limit", INSTANCES_PAGE),
+        ]
+        found: builtins.list[VastInstance] = []
+        for _ in range(100):  # pages; a bound so a looping token cannot hang us
+            answer = await self._api.request("GET", "/api/v1/instances/", query=params)
+            rows = answer.get("instances") if isinstance(answer, dict) else None
+            if not isinstance(rows, list):
+                raise ProviderError(
+                    f"Vast.ai: unexpected answer to GET /instances: {answer!r:.200}"
+                )
+            for row in rows:
+                instance = self._instance(row)
+                mine = instance.machine_id == self.config.machine_id
+                if mine and instance.label == SELF_RENTAL_LABEL and instance.id is not None:
+                    found.append(instance)
+            token = answer.get("next_token")
+            if not token:
+                break
+            params = [*params[:3], ("after_token", token)]
+        return found
+
+    @staticmethod
+    def _instance(row: Any) -> VastInstance:
+        try:
+            return VastInstance.model_validate(row)
+        except ValidationError as error:
+            raise ProviderError(f"Vast.ai: an instance is not understood: {error}") from None
 
     # -- earnings --------------------------------------------------------------------
 

@@ -265,6 +265,15 @@ class Scheduler:
                 self.machine.listings.append(self._clock.monotonic() - ago)
         self.paused = paused
         self.machine.services_stopped = services_stopped
+        # A self-rental that displaced interruptible renters outlives a crash, and the new
+        # run cannot tell it from an on-demand renter: end it (the provider finds it).
+        ends = [e for e in entries if e.kind in ("displace", "end_displacement")]
+        if ends and not (ends[-1].kind == "end_displacement" and ends[-1].status == "done"):
+            log.info("ending a displacement the previous run left")
+            await self._provider_call(
+                "end_displacement", {"reason": "left by the previous run"},
+                self.provider.end_displacement,
+            )  # fmt: skip
         if redo_drain and not paused:
             log.info("an interrupted drain is redone before anything else")
             self.machine.state = PoolState.DRAINING
@@ -456,7 +465,11 @@ class Scheduler:
             self.last_reason = decision.reason
         if decision.gates.guarded:
             self._set_gates(decision)
-        for action in decision.actions:
+        # A self-rental rents our own offer, which unlisting takes down: displace first.
+        # (The self-rental holds every GPU, so the offer left up a moment longer admits
+        # no renter that could not be displaced.)
+        ordered = sorted(decision.actions, key=lambda a: not isinstance(a, DisplaceInterruptible))
+        for action in ordered:
             await self._do(action, decision)
         if not decision.gates.guarded:
             self._set_gates(decision)

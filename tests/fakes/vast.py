@@ -6,6 +6,11 @@ offers with end dates, rentals that keep the end date and price they started wit
 unlisting that ends nothing, extension when the end date moves later, on-demand displacing
 interruptible, earnings per day. Time is the injected clock's.
 
+The host can rent its own offer (`search offers`, `create instance`, `show instance(s)`,
+`destroy instance`): a free on-demand self-rental that displaces interruptible renters until
+it is destroyed. Modelled inferences (FACTS.md): an unlisted machine has no offer to rent,
+and the platform counts the self-rental like any on-demand contract (`D` GPUs).
+
 Tests drive it: `add_rental`, `end_rental`, `set_online`, and faults (`fail`, `garbage`,
 `slow`, `drop_writes`, `rate_limit`). Every request is recorded in `requests`.
 """
@@ -66,6 +71,19 @@ class FakeMachine:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+ASK_BASE = 70000  # a machine's ask (offer) id is ASK_BASE + its id
+
+
+@dataclass
+class FakeInstance:
+    """An instance the account rents: here only the host's self-rentals."""
+
+    contract: Contract
+    machine_id: int
+    body: dict[str, Any]
+    destroyed: bool = False
+
+
 class FakeVast:
     def __init__(
         self,
@@ -83,6 +101,7 @@ class FakeVast:
         self.requests: list[Recorded] = []
         self.faults: list[Fault] = []
         self.dropped_writes = 0
+        self.instances: dict[int, FakeInstance] = {}
         self._rate_limits: dict[str, float] = {}
         self._last_call: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
@@ -101,6 +120,11 @@ class FakeVast:
                 web.get("/api/v0/machines", self._machines),
                 web.get("/api/v0/machines/{id}", self._machine),
                 web.get("/api/v0/users/me/machine-earnings", self._earnings),
+                web.post("/api/v0/bundles/", self._search_offers),
+                web.put("/api/v0/asks/{id}/", self._create_instance),
+                web.get("/api/v0/instances/{id}/", self._show_instance),
+                web.delete("/api/v0/instances/{id}/", self._destroy_instance),
+                web.get("/api/v1/instances/", self._show_instances),
             ]
         )
         self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
@@ -324,6 +348,139 @@ class FakeVast:
             }
         )  # fmt: skip
 
+    # -- self-rental ---------------------------------------------------------------------
+
+    def self_rentals(self, machine_id: int = 4242) -> list[FakeInstance]:
+        """The self-rentals not yet destroyed."""
+        return [
+            i for i in self.instances.values() if i.machine_id == machine_id and not i.destroyed
+        ]
+
+    def offer_row(self, machine: FakeMachine) -> dict[str, Any]:
+        book = machine.book
+        firm = {i for c in book.active() if c.kind != RentalKind.INTERRUPTIBLE
+                for i in c.gpu_indices}  # fmt: skip
+        return {
+            "id": ASK_BASE + machine.id,
+            "ask_contract_id": ASK_BASE + machine.id,
+            "machine_id": machine.id,
+            "num_gpus": book.num_gpus,
+            "gpu_name": machine.gpu_name,
+            "dph_total": book.offer.price_gpu * book.num_gpus,
+            "min_bid": book.offer.min_bid,
+            "end_date": book.offer.end_date.timestamp() if book.offer.end_date else None,
+            # On-demand renters may take GPUs that only interruptible renters hold.
+            "rentable": book.offer.listed and len(firm) < book.num_gpus,
+            "verified": machine.extra.get("verification", "verified") == "verified",
+            "external": False,
+        }
+
+    async def _search_offers(self, request: web.Request) -> web.Response:
+        query = await request.json()
+        if not isinstance(query, dict):
+            return self._error(400, "the query must be a JSON object")
+        rows = []
+        for machine in self.machines.values():
+            if not machine.book.offer.listed:
+                continue  # unlisted: no ask exists (inference)
+            row = self.offer_row(machine)
+            keep = True
+            for key, condition in query.items():
+                if key in ("order", "type", "limit", "allocated_storage"):
+                    continue
+                if isinstance(condition, dict) and "eq" in condition:
+                    want = condition["eq"]
+                    got = row.get(key)
+                    # The CLI sends ids as strings; the server compares them as numbers.
+                    if isinstance(got, int) and not isinstance(got, bool):
+                        keep &= str(got) == str(want)
+                    else:
+                        keep &= got == want
+            if keep:
+                rows.append(row)
+        # The CLI refuses any Content-Type but exactly this one (no charset).
+        return web.Response(
+            body=json.dumps({"offers": rows}).encode(), headers={"Content-Type": "application/json"}
+        )
+
+    async def _create_instance(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            ask = int(request.match_info["id"])
+        except ValueError:
+            return self._error(404, "no such ask")
+        machine = self.machines.get(ask - ASK_BASE)
+        if machine is None or not machine.book.offer.listed:
+            return self._error(404, f"ask {ask} not found", "no_such_ask")
+        if body.get("client_id") != "me" or not body.get("image"):
+            return self._error(400, "client_id and image are required")
+        if body.get("price") is not None:
+            return self._error(400, "the fake models only on-demand self-rental")
+        if self.dropped_writes:
+            self.dropped_writes -= 1
+            return web.json_response({"success": True, "new_contract": 999999})
+        try:
+            contract = machine.book.rent(
+                self.clock.now(), RentalKind.ON_DEMAND, machine.book.num_gpus, self_rental=True
+            )
+        except RentRefused as refused:
+            return self._error(400, str(refused), "no_such_ask")
+        self.instances[contract.id] = FakeInstance(contract, machine.id, body)
+        return web.json_response({"success": True, "new_contract": contract.id})
+
+    def instance_row(self, instance: FakeInstance) -> dict[str, Any]:
+        contract = instance.contract
+        return {
+            "id": contract.id,
+            "machine_id": instance.machine_id,
+            "label": instance.body.get("label"),
+            "num_gpus": contract.gpus,
+            "image_uuid": instance.body.get("image"),
+            "actual_status": "running",
+            "intended_status": "running",
+            "is_bid": False,
+            "dph_total": 0.0,
+            "start_date": contract.start.timestamp(),
+            "extra_env": [],
+        }
+
+    def _instance(self, request: web.Request) -> FakeInstance | None:
+        try:
+            found = self.instances.get(int(request.match_info["id"]))
+        except ValueError:
+            return None
+        return found if found is not None and not found.destroyed else None
+
+    async def _show_instance(self, request: web.Request) -> web.Response:
+        instance = self._instance(request)
+        return web.json_response({"instances": self.instance_row(instance) if instance else None})
+
+    async def _destroy_instance(self, request: web.Request) -> web.Response:
+        instance = self._instance(request)
+        if instance is None:
+            return self._error(404, "no such instance", "no_such_instance")
+        if self.dropped_writes:
+            self.dropped_writes -= 1
+        else:
+            self.machine(instance.machine_id).book.end(self.clock.now(), instance.contract.id)
+            instance.destroyed = True
+        return web.json_response({"success": True})
+
+    async def _show_instances(self, request: web.Request) -> web.Response:
+        try:
+            filters = json.loads(request.query.get("select_filters", "{}"))
+        except ValueError:
+            return self._error(400, "select_filters is not JSON")
+        labels = (filters.get("label") or {}).get("in")
+        rows = [
+            self.instance_row(i)
+            for i in sorted(self.instances.values(), key=lambda i: i.contract.id)
+            if not i.destroyed and (labels is None or i.body.get("label") in labels)
+        ]
+        return web.json_response(
+            {"instances": rows, "next_token": None, "total_instances": len(rows)}
+        )
+
     def render(self, machine: FakeMachine) -> dict[str, Any]:
         """The machine as Vast shows it, including fields gpu-broker does not read."""
         book = machine.book
@@ -387,7 +544,10 @@ def day_number(day: date) -> int:
     return (day - EPOCH).days
 
 
-__all__ = ["Contract", "FakeVast", "Recorded", "RentRefused", "ServerThread", "day_number", "drive"]
+__all__ = [
+    "ASK_BASE", "Contract", "FakeVast", "Recorded", "RentRefused", "ServerThread", "day_number",
+    "drive",
+]  # fmt: skip
 
 
 class ServerThread:
