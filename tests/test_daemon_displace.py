@@ -81,11 +81,7 @@ async def journal_kinds(rig: Rig) -> list[tuple[str, str]]:
 async def test_a_local_chat_displaces_an_interruptible_renter(
     make_rig: RigFactory, clock: FakeClock, fake_vast: FakeVast
 ) -> None:
-    # max_hold over the renter's remaining hour: the gate holds rather than refusing at
-    # once, because it is told the interruptible contract's end (see the xfail below).
-    rig = await make_rig(
-        policy={"reclaim": "displace-interruptible"}, services={"max_hold": "2h"}
-    )
+    rig = await make_rig(policy={"reclaim": "displace-interruptible"})
     await rig.until_state(PoolState.LISTED, limit=600)
     renter = fake_vast.add_rental(RentalKind.INTERRUPTIBLE, gpus=2, bid=0.2)
     await rig.until_state(PoolState.RENTED, limit=60)
@@ -99,18 +95,24 @@ async def test_a_local_chat_displaces_an_interruptible_renter(
     assert answer.message.content and answer.done
     assert not rig.offer.listed
     assert renter.active, "displaced, not ended: the renter's contract goes on"
-    # The self-rental was made (displace before unlist: it rents the live offer) and
-    # ended once the GPUs were back with the local team.
-    assert len(fake_vast.instances) == 1 and fake_vast.self_rentals() == []
-    put = fake_vast.calls(method="PUT")[-1]
-    assert put.path.startswith("/api/v0/asks/")
-    delete = fake_vast.calls(method="DELETE")
-    assert [d.path for d in delete][:2] == [
-        "/api/v0/machines/4242/asks/", f"/api/v0/instances/{next(iter(fake_vast.instances))}/"
-    ]
+    # The self-rental was made (displace before unlist: it rents the live offer), and it
+    # stays while the displaced contract runs: ended now, the renter would resume on the
+    # GPUs the team is using.
+    assert len(fake_vast.self_rentals()) == 1
+    assert fake_vast.calls(method="PUT")[-1].path.startswith("/api/v0/asks/")
+    await rig.run_for(600, step=10)
+    assert renter.paused and rig.state is PoolState.LOCAL
+    assert "self-rental" in rig.daemon.scheduler.last_reason, "and nothing is listed"
+    # The contract ends with the offer's end date: then the self-rental goes.
+    await rig.until(lambda: fake_vast.self_rentals() == [], limit=3700, step=10)
+    assert clock.now() >= renter.end
+    deletes = [d.path for d in fake_vast.calls(method="DELETE")]
+    assert deletes[0] == "/api/v0/machines/4242/asks/"
+    assert f"/api/v0/instances/{next(iter(fake_vast.instances))}/" in deletes[1:]
     kinds = await journal_kinds(rig)
     assert ("displace", "done") in kinds and ("end_displacement", "done") in kinds
     assert kinds.index(("displace", "done")) < kinds.index(("unlist", "done"))
+    assert kinds.index(("unlist", "done")) < kinds.index(("end_displacement", "done"))
     assert ("request_held", "note") in kinds
     assert not [k for k in kinds if k[1] == "intent"]
 
@@ -135,8 +137,6 @@ async def test_a_restart_ends_the_self_rental_the_previous_run_left(
     assert ("end_displacement", "done") in kinds
 
 
-@pytest.mark.xfail(strict=True, reason="pool.py ends the displacement as soon as the pool is "
-                   "LOCAL, so the renter resumes at once and the pool reclaims again")
 async def test_the_renter_stays_displaced_while_the_team_uses_the_gpus(
     make_rig: RigFactory, clock: FakeClock, fake_vast: FakeVast
 ) -> None:
@@ -151,8 +151,6 @@ async def test_the_renter_stays_displaced_while_the_team_uses_the_gpus(
     assert renter.paused and rig.state is PoolState.LOCAL
 
 
-@pytest.mark.xfail(strict=True, reason="the gate is told the interruptible contract's end, so "
-                   "the chat that starts a displacement is refused with 503 at once")
 async def test_the_chat_that_displaces_is_held_with_the_default_max_hold(
     make_rig: RigFactory, fake_vast: FakeVast
 ) -> None:

@@ -21,6 +21,7 @@ from broker.scheduling.pool import (
     Drain,
     DrainStatus,
     EndDisplacement,
+    GateMode,
     List,
     Observation,
     PoolMachine,
@@ -298,19 +299,31 @@ def test_reclaim_request_stops_an_idle_pool_and_aborts_a_drain() -> None:
     assert ResumeServices() in aborted.actions
 
 
-def test_displace_interruptible_renters_once() -> None:
+def test_displace_interruptible_renters_once_and_keep_them_off_until_their_end() -> None:
     story = Story(PolicySection(reclaim="displace-interruptible"))
     story.listed()
-    view = ProviderView(listed=True, rentals_running=1, only_interruptible=True)
+    contract_end = T0 + timedelta(hours=1)
+    view = ProviderView(
+        listed=True, rentals_running=1, only_interruptible=True, locked_until=contract_end
+    )
     story.at(30, provider=view)
     first = story.at(31, provider=view, local_demand=True)
-    assert first.actions == (Unlist(), DisplaceInterruptible())
+    assert first.actions == (Unlist(), DisplaceInterruptible(contract_end))
+    # The renters leave in moments, so requests are held, not refused for the contract.
+    assert first.gates == GateMode(guarded=True, rented_until=None)
     again = story.at(32, provider=replace(view, listed=False), local_demand=True)
     assert again.actions == ()
-    # The renters are gone: the self-rental that displaced them ends with the reclaim.
+    # Displaced: local again, but the self-rental stays, or the renters would resume on the
+    # GPUs the team is using ...
     done = story.at(33, provider=FREE, local_demand=True)
-    assert done.state is PoolState.LOCAL
-    assert EndDisplacement() in done.actions
+    assert done.state is PoolState.LOCAL and EndDisplacement() not in done.actions
+    # ... and nothing is listed while it holds the machine ...
+    quiet = story.at(50, provider=FREE, local_demand=False)
+    assert quiet.state is PoolState.LOCAL and "self-rental" in quiet.reason
+    # ... until the displaced contracts are over.
+    over = story.at(60, provider=FREE)
+    assert EndDisplacement() in over.actions
+    assert story.at(61, provider=FREE).state is PoolState.IDLE
     on_demand = Story(PolicySection(reclaim="displace-interruptible"))
     on_demand.listed()
     view = ProviderView(listed=True, rentals_running=1, only_interruptible=False)

@@ -97,12 +97,16 @@ class Unlist:
 
 @dataclass(frozen=True)
 class DisplaceInterruptible:
-    """End interruptible rentals the way the platform allows (see FACTS.md)."""
+    """Push interruptible renters off the way the platform allows (see FACTS.md): a
+    self-rental that holds the machine until `until`, when their contracts end."""
+
+    until: datetime
 
 
 @dataclass(frozen=True)
 class EndDisplacement:
-    """Undo DisplaceInterruptible once the GPUs are local again (end the self-rental)."""
+    """End the self-rental. Only once the displaced contracts are over: they would resume
+    on GPUs the team is using."""
 
 
 Action = Drain | ResumeServices | List | Unlist | DisplaceInterruptible | EndDisplacement
@@ -150,6 +154,8 @@ class PoolMachine:
     listings: deque[float] = field(default_factory=deque)  # monotonic times of new listings
     offer_end: datetime | None = None  # the end date of the offer we put up
     displaced: bool = False  # interruptible renters already asked to go in this reclaim
+    # Our self-rental keeps displaced renters off until their contracts end at this time.
+    displaced_until: datetime | None = None
     # An offer or a rental may exist. True until a provider view says otherwise, so a broker
     # that starts while the provider cannot be read withdraws a listing it cannot see.
     exposed: bool = True
@@ -163,6 +169,9 @@ class PoolMachine:
     def step(self, obs: Observation) -> Decision:
         before = self.state
         actions, reason = self._decide(obs)
+        if self.displaced_until is not None and obs.now >= self.displaced_until:
+            actions.append(EndDisplacement())  # the displaced contracts are over
+            self.displaced_until = None
         if any(isinstance(a, Drain) for a in actions):
             self.services_stopped = True
         elif (
@@ -212,6 +221,9 @@ class PoolMachine:
         if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
             left = timedelta(seconds=self.local_hold_until - obs.monotonic)
             return f"local hold after a reclaim ({format_duration(left)} left)"
+        if self.displaced_until is not None:
+            until = self._clock_time(self.displaced_until, obs.now)
+            return f"our self-rental keeps displaced renters off until {until}"
         if self._cycles_today(obs.monotonic) >= self.policy.max_cycles_per_day:
             return f"{self.policy.max_cycles_per_day} listings in the last 24h"
         end = self._offer_end_for(obs)
@@ -223,14 +235,12 @@ class PoolMachine:
         """Local services own the GPUs again (`step` adds the ResumeServices)."""
         self._go(PoolState.PAUSED if obs.paused else PoolState.LOCAL)
         self.offer_end = None
-        actions: list[Action] = [EndDisplacement()] if self.displaced else []
-        self.displaced = False
+        self.displaced = False  # the self-rental itself stays until `displaced_until`
         if reclaimed:
             self.local_hold_until = obs.monotonic + self.policy.local_hold.total_seconds()
-        return actions
+        return []
 
     def _reclaim(self, obs: Observation, view: ProviderView, why: str) -> tuple[list[Action], str]:
-        self._go(PoolState.RECLAIMING, GateMode(True, view.locked_until))
         actions: list[Action] = []
         if view.listed:
             actions.append(Unlist())
@@ -241,7 +251,13 @@ class PoolMachine:
             and view.rentals_running
         ):
             self.displaced = True
-            actions.append(DisplaceInterruptible())
+            until = view.locked_until or obs.now + self.policy.max_commitment
+            self.displaced_until = max(self.displaced_until or until, until)
+            actions.append(DisplaceInterruptible(until))
+        # Renters being displaced leave in moments: hold requests up to max_hold rather
+        # than refusing them for a contract that no longer keeps the GPUs.
+        rented_until = None if self.displaced else view.locked_until
+        self._go(PoolState.RECLAIMING, GateMode(True, rented_until))
         return actions, f"reclaiming: {why}"
 
     # -- the transitions ------------------------------------------------------------------
@@ -283,12 +299,14 @@ class PoolMachine:
 
         if state is PoolState.RECLAIMING:
             # Demand went away before the renters did; keep the offer down (no flapping).
-            self.gates = GateMode(True, view.locked_until)
+            self.gates = GateMode(True, None if self.displaced else view.locked_until)
             actions: list[Action] = [Unlist()] if view.listed else []
             return actions, "reclaiming: waiting for contracts to end"
 
         if view.rentals_running > 0:
-            self._go(PoolState.RENTED, GateMode(True, view.locked_until))
+            # Interruptible renters we may displace do not keep the GPUs until their end.
+            displaceable = self.reclaim_displaces and view.only_interruptible
+            self._go(PoolState.RENTED, GateMode(True, None if displaceable else view.locked_until))
             until = self._clock_time(view.locked_until, obs.now) if view.locked_until else "unknown"
             reason = f"rented: {view.rentals_running} rental(s), locked until {until}"
             return self._renewal(obs, view), reason

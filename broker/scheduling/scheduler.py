@@ -265,15 +265,24 @@ class Scheduler:
                 self.machine.listings.append(self._clock.monotonic() - ago)
         self.paused = paused
         self.machine.services_stopped = services_stopped
-        # A self-rental that displaced interruptible renters outlives a crash, and the new
-        # run cannot tell it from an on-demand renter: end it (the provider finds it).
+        # A self-rental that displaced interruptible renters outlives a crash: keep it while
+        # the contracts it displaced still run (they would resume on the team's GPUs), end
+        # it once they are over (the provider finds it by its label).
         ends = [e for e in entries if e.kind in ("displace", "end_displacement")]
         if ends and not (ends[-1].kind == "end_displacement" and ends[-1].status == "done"):
-            log.info("ending a displacement the previous run left")
-            await self._provider_call(
-                "end_displacement", {"reason": "left by the previous run"},
-                self.provider.end_displacement,
-            )  # fmt: skip
+            until_text = next(
+                (e.payload.get("until") for e in reversed(ends) if e.kind == "displace"), None
+            )
+            until = datetime.fromisoformat(until_text) if isinstance(until_text, str) else None
+            if until is not None and until > now:
+                self.machine.displaced_until = until
+                log.info("the self-rental keeps displaced renters off until %s", until_text)
+            else:
+                log.info("ending a displacement the previous run left")
+                await self._provider_call(
+                    "end_displacement", {"reason": "left by the previous run"},
+                    self.provider.end_displacement,
+                )  # fmt: skip
         if redo_drain and not paused:
             log.info("an interrupted drain is redone before anything else")
             self.machine.state = PoolState.DRAINING
@@ -540,7 +549,8 @@ class Scheduler:
                 self.latency.arrival_to_unlist.append(self._clock.monotonic() - self._demand_at)
             await self._provider_call("unlist", {"reason": decision.reason}, self.provider.unlist)
         elif isinstance(action, DisplaceInterruptible):
-            await self._provider_call("displace", {}, self.provider.displace_interruptible)
+            payload = {"until": action.until.isoformat()}
+            await self._provider_call("displace", payload, self.provider.displace_interruptible)
         elif isinstance(action, EndDisplacement):
             await self._provider_call("end_displacement", {}, self.provider.end_displacement)
 
