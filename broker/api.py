@@ -8,16 +8,26 @@ everything: an open control route on a shared server would let anyone take the G
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from datetime import datetime, time, timedelta
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from broker.config import BrokerSection
 from broker.errors import BrokerError, ConfigError
+from broker.ledger.base import StateInterval
+from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from broker.report import ReportError, build_report
+from broker.scheduling.scheduler import POOL
 from broker.units import parse_hostport
 
 if TYPE_CHECKING:
@@ -38,7 +48,11 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.app = web.Application()
+        self.app.router.add_get("/", self._dashboard)
+        self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/api/status", self._status)
+        self.app.router.add_get("/api/timeline", self._timeline)
+        self.app.router.add_get("/api/report", self._report)
         self.app.router.add_post("/api/reclaim", self._guarded(self._reclaim))
         self.app.router.add_post("/api/pause", self._guarded(self._pause))
         self.app.router.add_post("/api/resume", self._guarded(self._resume))
@@ -86,6 +100,88 @@ class ApiServer:
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response(self._daemon.status())
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        metrics = self._daemon.metrics
+        if metrics is None:
+            return web.json_response({"error": "the broker is not started"}, status=503)
+        return web.Response(
+            body=await metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
+
+    async def _dashboard(self, request: web.Request) -> web.Response:
+        page, csp = dashboard_page()
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                # The page's own inline script and style only (by hash), data from this
+                # origin only: nothing else can run in it or be loaded by it.
+                "Content-Security-Policy": csp,
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def _timeline(self, request: web.Request) -> web.Response:
+        """Pool and per-GPU state intervals over the last `hours`, clipped to the range."""
+        hours = _int_query(request, "hours", default=24, low=1, high=24 * 62)
+        ledger = self._daemon.ledger
+        if ledger is None:
+            return web.json_response({"error": "the broker is not started"}, status=503)
+        now = self._daemon.clock.now()
+        start = now - timedelta(hours=hours)
+        tz = self._daemon.config.broker.tz
+        # Asked a moment past now: a state entered this very instant is the current one.
+        until = now + timedelta(seconds=1)
+        pool = await ledger.state_intervals(start, until, scope="pool", subject=POOL)
+        per_gpu = await ledger.state_intervals(start, until, scope="gpu")
+        devices = self._daemon.scheduler.sampler.devices
+        by_uuid: dict[str, list[dict[str, Any]]] = {d.uuid: [] for d in devices}
+        for interval in per_gpu:
+            by_uuid.setdefault(interval.subject, []).append(_clipped(interval, start, now, tz))
+        index_of = {d.uuid: d.index for d in devices}
+        name_of = {d.uuid: d.name for d in devices}
+        gpus = [
+            {
+                "index": index_of.get(uuid),  # None: a GPU seen before, not present now
+                "uuid": uuid,
+                "name": name_of.get(uuid),
+                "intervals": intervals,
+            }
+            for uuid, intervals in by_uuid.items()
+        ]
+        gpus.sort(key=lambda g: (g["index"] is None, g["index"] or 0, g["uuid"]))
+        return web.json_response(
+            {
+                "from": start.astimezone(tz).isoformat(),
+                "to": now.astimezone(tz).isoformat(),
+                "timezone": self._daemon.config.broker.timezone,
+                "pool": {
+                    "name": POOL,
+                    "intervals": [_clipped(i, start, now, tz) for i in pool],
+                },
+                "gpus": gpus,
+            }
+        )
+
+    async def _report(self, request: web.Request) -> web.Response:
+        """The report by day over the last `days` local days, today included."""
+        days = _int_query(request, "days", default=14, low=1, high=366)
+        ledger = self._daemon.ledger
+        if ledger is None:
+            return web.json_response({"error": "the broker is not started"}, status=503)
+        config = self._daemon.config
+        now = self._daemon.clock.now()
+        first = now.astimezone(config.broker.tz).date() - timedelta(days=days - 1)
+        since = datetime.combine(first, time(0), tzinfo=config.broker.tz)
+        try:
+            report = await build_report(ledger, config, since=since, until=now, now=now)
+        except ReportError as err:
+            return web.json_response({"error": str(err)}, status=500)
+        return web.json_response(report.to_json())
+
     def _guarded(self, handler: Handler) -> Handler:
         async def check(request: web.Request) -> web.StreamResponse:
             given = request.headers.get("Authorization", "")
@@ -125,6 +221,57 @@ class ApiServer:
                 "locked_until": locked.isoformat() if locked else None,
             }
         )
+
+
+def _int_query(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "{name} must be a whole number from {low} to {high}"}}',
+            content_type="application/json",
+        )
+    return value
+
+
+def _clipped(
+    interval: StateInterval, start: datetime, now: datetime, tz: Any
+) -> dict[str, Any]:
+    # An open interval (end None) runs until now; the page needs both ends inside its range.
+    end = interval.end if interval.end is not None else now
+    return {
+        "state": interval.state,
+        "start": max(interval.start, start).astimezone(tz).isoformat(),
+        "end": min(end, now).astimezone(tz).isoformat(),
+        "open": interval.end is None,
+        "reason": interval.reason,
+    }
+
+
+@cache
+def dashboard_page() -> tuple[str, str]:
+    """The page (broker/dashboard.html) and a Content-Security-Policy allowing exactly its
+    inline script and style by their SHA-256."""
+    page = resources.files("broker").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+            for body in found
+        )
+
+    csp = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return page, csp
 
 
 def _unauthorized(message: str) -> web.Response:

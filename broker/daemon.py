@@ -27,6 +27,7 @@ from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
 from broker.ledger import Ledger, open_ledger
+from broker.metrics import BrokerMetrics
 from broker.providers import Provider, create_provider
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
@@ -50,8 +51,13 @@ class Daemon:
         self.adapters: list[ServiceAdapter] = []
         self.gates: list[Gate] = []
         self.api: ApiServer | None = None
+        self.metrics: BrokerMetrics | None = None
         self._scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def scheduler(self) -> Scheduler:
@@ -110,6 +116,8 @@ class Daemon:
             adapters=self.adapters,
             gates=self.gates,
         )
+        self.metrics = BrokerMetrics(self, clock)
+        scheduler.hooks.append(self.metrics)  # before the first step: count from the start
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:

@@ -24,10 +24,10 @@ import contextlib
 import logging
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from broker.clock import Clock
 from broker.config import Config, PolicySection
@@ -118,6 +118,21 @@ class ReclaimLatency:
         }
 
 
+class SchedulerHooks:
+    """Told of events as they happen, for the metrics (which must count actions and observe
+    latencies at the moment, not guess them at scrape time). Called inline from the
+    scheduler: quick, no I/O; an exception is logged and ignored."""
+
+    def action_done(self, kind: str, payload: Mapping[str, Any]) -> None:
+        """A journaled provider action (list, unlist, displace, ...) succeeded."""
+
+    def latency_sample(self, phase: str, seconds: float) -> None:
+        """A reclaim latency sample: phase is "arrival_to_unlist" or "free_to_release"."""
+
+    def provider_read(self, view: ProviderView | None) -> None:
+        """The marketplace was read (None: it could not tell or could not be reached)."""
+
+
 class Scheduler:
     def __init__(
         self,
@@ -146,6 +161,7 @@ class Scheduler:
         self.paused = False
         self.reclaim_requested = False
         self.latency = ReclaimLatency()
+        self.hooks: list[SchedulerHooks] = []
         self.status_read: ProviderStatus | None = None
         self.view: ProviderView | None = None
         self.probes: dict[str, ServiceProbe] = {}
@@ -415,11 +431,13 @@ class Scheduler:
                 log.warning("cannot read the provider: %s", err)
             self.view = None
             self._provider_due = mono + self._poll
+            self._tell("provider_read", None)
             return
         except Exception:
             log.exception("reading the provider failed unexpectedly")
             self.view = None
             self._provider_due = mono + self._poll
+            self._tell("provider_read", None)
             return
         self.status_read = status
         view = view_of(status)
@@ -427,6 +445,7 @@ class Scheduler:
             log.warning("the provider did not say whether the machine is listed")
         was_exposed = self.view is not None and (self.view.listed or self.view.rentals_running)
         self.view = view
+        self._tell("provider_read", view)
         if view is not None and not view.listed and not view.rentals_running:
             if was_exposed or self._free_at is None:
                 self._free_at = self._clock.monotonic()
@@ -494,7 +513,7 @@ class Scheduler:
                 gate.control.release()
             self._released_early.clear()
             if was_guarded and self._free_at is not None and self._demand_at is not None:
-                self.latency.free_to_release.append(self._clock.monotonic() - self._free_at)
+                self._latency("free_to_release", self._clock.monotonic() - self._free_at)
             self._demand_at = None
             return
         for gate in self.gates:
@@ -546,7 +565,7 @@ class Scheduler:
             await self._list(action)
         elif isinstance(action, Unlist):
             if self._demand_at is not None:
-                self.latency.arrival_to_unlist.append(self._clock.monotonic() - self._demand_at)
+                self._latency("arrival_to_unlist", self._clock.monotonic() - self._demand_at)
             await self._provider_call("unlist", {"reason": decision.reason}, self.provider.unlist)
         elif isinstance(action, DisplaceInterruptible):
             payload = {"until": action.until.isoformat()}
@@ -595,7 +614,19 @@ class Scheduler:
         crashpoint(f"{kind}:called")
         await self._complete(entry, "done")
         self._provider_acted = True
+        self._tell("action_done", kind, payload)
         return True
+
+    def _latency(self, phase: Literal["arrival_to_unlist", "free_to_release"], s: float) -> None:
+        getattr(self.latency, phase).append(s)
+        self._tell("latency_sample", phase, s)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            try:
+                getattr(hook, event)(*args)
+            except Exception:  # a metrics bug must never stop the scheduler
+                log.exception("scheduler hook %s failed", event)
 
     # ---- draining -----------------------------------------------------------------------
 
