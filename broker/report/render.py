@@ -91,7 +91,7 @@ def _columns(report: Report) -> tuple[list[Column], list[Column]]:
     money: list[Column] = [
         ("cost", cur, lambda r: f"{r.energy_cost:.2f}"),
         ("earned", cur, _earned),
-        ("net", cur, lambda r: f"{r.net:.2f}"),
+        ("net", cur, lambda r: f"{round(r.net, 2) + 0.0:.2f}"),  # + 0.0: never "-0.00"
         ("CO2", "kg", lambda r: f"{r.co2_kg:.2f}"),
     ]
     return [*hours, *requests], [*energy, *money]
