@@ -170,10 +170,11 @@ class ChunkedScanner:
     """Follows chunked framing across arbitrary slices of a body to find where it ends.
 
     `feed()` returns how many bytes of the slice belong to the body; fewer than given only
-    once the final chunk and trailers have passed, after which `done` is true.
+    once the final chunk and trailers have passed, after which `done` is true. `size` is the
+    sum of the chunk sizes announced so far (a body limit can be checked before relaying).
     """
 
-    __slots__ = ("_line", "_remaining", "_state", "done")
+    __slots__ = ("_line", "_remaining", "_state", "done", "size")
 
     _SIZE, _DATA, _TRAILER = 0, 1, 2
 
@@ -182,6 +183,7 @@ class ChunkedScanner:
         self._remaining = 0
         self._line = b""
         self.done = False
+        self.size = 0
 
     def feed(self, data: bytes) -> int:
         pos, end = 0, len(data)
@@ -213,6 +215,7 @@ class ChunkedScanner:
                 if size == 0:
                     self._state = self._TRAILER
                 else:
+                    self.size += size
                     self._remaining = size + 2  # the data and its CRLF
                     self._state = self._DATA
             elif not line:  # the blank line after the (usually empty) trailers
