@@ -318,6 +318,19 @@ async def test_expect_100_continue_is_answered_by_the_gate(make_gate: MakeGate) 
     await hang_up(writer)
 
 
+async def test_upstream_sees_the_head_rewritten(make_gate: MakeGate) -> None:
+    gate, up = await make_gate(echo)
+    reader, writer = await connect(gate)
+    writer.write(b"GET /api/tags?x=1 HTTP/1.1\r\nHost: gpu.example\r\nConnection: keep-alive, "
+                 b"X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
+                 b"X-Kept:  spaced  \r\nAccept: */*\r\n\r\n")  # fmt: skip
+    await reader.readuntil(b"\r\n\r\n")
+    port = up.url.rsplit(":", 1)[1].encode()
+    assert up.heads[0] == (b"GET /api/tags?x=1 HTTP/1.1\r\nHost: 127.0.0.1:" + port + b"\r\n"
+                           b"X-Kept:  spaced  \r\nAccept: */*\r\n\r\n")  # fmt: skip
+    await hang_up(writer)
+
+
 # ---- the upstream misbehaving
 async def test_idle_connection_closed_by_the_upstream_is_retried(make_gate: MakeGate) -> None:
     async def one_then_hang_up(up: Upstream, reader: asyncio.StreamReader,

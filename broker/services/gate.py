@@ -706,16 +706,14 @@ class Gate:
 
     # ---- the request line and headers the upstream gets
     def _upstream_head(self, head: RequestHead) -> bytes:
-        version = b" HTTP/1.0\r\n" if head.http10 else b" HTTP/1.1\r\n"
-        start = head.method.encode() + b" " + self._upstream.prefix + head.target + version
-        extra = b""
         if head.upgrade is not None:
             extra = b"Connection: Upgrade\r\nUpgrade: " + head.upgrade + b"\r\n"
         elif head.http10:
             extra = b"Connection: close\r\n"
-        parts = [start, self._host_line]
-        for name, value in head.headers:
-            if name.lower() != b"host":
-                parts += (name, b": ", value, b"\r\n")
-        parts += (extra, b"\r\n")
-        return b"".join(parts)
+        else:
+            extra = b""
+        return b"".join((
+            head.method.encode("latin-1"), b" ", self._upstream.prefix, head.target,
+            b" HTTP/1.0\r\n" if head.http10 else b" HTTP/1.1\r\n",
+            self._host_line, head.headers, extra, b"\r\n",
+        ))  # fmt: skip
