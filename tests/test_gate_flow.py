@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from broker.clock import FakeClock
 from broker.services.control import GateControl
-from broker.services.gate import Gate
+from broker.services.gate import Gate, _Resumed
 from broker.services.upstream import HIGH_WATER
 
 Handler = Callable[["Upstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -403,3 +404,54 @@ async def test_malformed_answer_gives_502(make_gate: MakeGate) -> None:
     assert head.startswith(b"HTTP/1.1 502 ")
     assert gate.control.in_flight == 0
     await hang_up(writer)
+
+
+# ---- admit() run by hand for its first step
+async def _steps(log: list[str], gate_future: asyncio.Future[int], fail: bool) -> int:
+    log.append("start")
+    try:
+        await asyncio.sleep(0)  # a bare yield
+        value = await gate_future
+        log.append(f"got {value}")
+        if fail:
+            raise ValueError("boom")
+        return value * 2
+    finally:
+        log.append("finally")
+
+
+async def _run_resumed(coro: Coroutine[Any, Any, int]) -> asyncio.Task[int]:
+    waiting_on = coro.send(None)  # the first step, outside any task
+    return asyncio.ensure_future(_await(_Resumed(coro, waiting_on)))
+
+
+async def _await(resumed: _Resumed[int]) -> int:
+    return await resumed
+
+
+@pytest.mark.parametrize("outcome", ["value", "error", "cancel", "future-error"])
+async def test_a_coroutine_resumed_in_a_task_behaves_as_if_awaited(outcome: str) -> None:
+    log: list[str] = []
+    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = await _run_resumed(_steps(log, future, fail=outcome == "error"))
+    await asyncio.sleep(0.01)
+    assert log == ["start"] and not task.done()
+    if outcome == "cancel":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert log == ["start", "finally"] and future.cancelled()
+        return
+    if outcome == "future-error":
+        future.set_exception(KeyError("k"))
+        with pytest.raises(KeyError):
+            await task
+        assert log == ["start", "finally"]
+        return
+    future.set_result(21)
+    if outcome == "error":
+        with pytest.raises(ValueError, match="boom"):
+            await task
+    else:
+        assert await task == 42
+    assert log == ["start", "got 21", "finally"]
