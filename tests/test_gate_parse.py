@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from broker.services.httpwire import (
     HOP_BY_HOP,
+    ChunkedScanner,
     HttpFramingError,
     parse_request_head,
     parse_response_head,
@@ -248,3 +249,43 @@ def test_relayed_lines_are_kept_byte_for_byte() -> None:
     )
     assert head.headers == b"X-Odd:  two  spaces \r\nContent-Length: 2\r\n"
     assert head.path == "/api/chat" and head.content_length == 2 and head.keep_alive
+
+
+@given(
+    pieces=st.lists(st.binary(min_size=1, max_size=300), max_size=8),
+    upper=st.booleans(),
+    extension=st.booleans(),
+)
+def test_chunked_scanner_on_one_chunk_per_slice(
+    pieces: list[bytes], upper: bool, extension: bool
+) -> None:
+    """How streams arrive: each slice one whole chunk, the end possibly with the last one."""
+    slices = []
+    for piece in pieces:
+        size = b"%X" % len(piece) if upper else b"%x" % len(piece)
+        slices.append(size + (b";x=1" if extension else b"") + b"\r\n" + piece + b"\r\n")
+    slices.append(b"0\r\n\r\nNEXT")
+    scanner = ChunkedScanner()
+    consumed = [scanner.feed(s) for s in slices]
+    assert consumed[:-1] == [len(s) for s in slices[:-1]] and consumed[-1] == 5
+    assert scanner.done and scanner.size == sum(map(len, pieces))
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [b"zz\r\nabc\r\n", b"-3\r\nabc\r\n", b"3 \r\nabc\r\n0\r\n\r\n", b"3\nabc\r\n0\r\n\r\n"],
+)
+def test_chunked_scanner_fast_path_leaves_odd_slices_to_the_long_way(stream: bytes) -> None:
+    scanner, reference = ChunkedScanner(), ChunkedScanner()
+    outcome: object
+    try:
+        outcome = scanner.feed(stream), scanner.done
+    except HttpFramingError:
+        outcome = HttpFramingError
+    # byte by byte never takes the fast path
+    try:
+        reference_outcome: object = sum(reference.feed(stream[i : i + 1])
+                                        for i in range(len(stream))), reference.done  # fmt: skip
+    except HttpFramingError:
+        reference_outcome = HttpFramingError
+    assert outcome == reference_outcome

@@ -486,10 +486,23 @@ class _Client(asyncio.Protocol):
             self.transport.write(out + buf if buf else out)
         elif response.chunked:
             self.framing = _CHUNKED
-            self.scanner = ChunkedScanner()
-            self.transport.write(out)
-            if buf:
-                self._relay(buf)
+            scanner = self.scanner = ChunkedScanner()
+            if not buf:
+                self.transport.write(out)
+                return
+            # a stream's first chunk often comes with the head: send both in one write
+            try:
+                used = scanner.feed(buf)
+            except HttpFramingError as err:
+                self.transport.write(out)
+                self._broke(err)
+                return
+            if used < len(buf):
+                buf = buf[:used]
+                self.upstream_keep = False
+            self.transport.write(out + buf)
+            if scanner.done:
+                self._response_done()
         else:
             self.framing = _AT_CLOSE
             self.transport.write(out + buf if buf else out)
@@ -533,7 +546,7 @@ class _Client(asyncio.Protocol):
             else:
                 up.abort()
         self._done(self.client_keep)
-        if self.state == _IDLE:
+        if self.state == _IDLE and self.buf:
             if self.write_paused:
                 self.pump_on_resume = True  # the next request once the client has read this
             else:
@@ -618,14 +631,16 @@ class _Client(asyncio.Protocol):
         self.scanner = None
         self.resp_buf = b""
         self.retried = False
-        self._resume(_PAUSE_UPSTREAM_FULL)
+        if self.paused:
+            self._resume(_PAUSE_UPSTREAM_FULL)
 
     def _done(self, keep_alive: bool) -> None:
         """The request is over; the connection carries the next one or closes."""
         self._end_request()
         if keep_alive and self.state != _CLOSED:
             self.state = _IDLE
-            self._resume(_PAUSE_BACKLOG)
+            if self.paused:
+                self._resume(_PAUSE_BACKLOG)
         else:
             self._close()
 

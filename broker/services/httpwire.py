@@ -233,6 +233,19 @@ class ChunkedScanner:
         self.size = 0
 
     def feed(self, data: bytes) -> int:
+        if self._state == self._SIZE and not self._line:
+            # The usual slice of a stream is one whole chunk, "<hex>\r\n<data>\r\n": take it
+            # in one step. Anything else (extensions, several chunks, the last chunk, a chunk
+            # cut across slices, garbage) goes the long way below.
+            newline = data.find(b"\n", 0, 18)
+            if newline > 1 and data[newline - 1] == 0x0D and data[: newline - 1].isalnum():
+                try:
+                    size = int(data[: newline - 1], 16)
+                except ValueError:
+                    size = 0
+                if size and newline + size + 3 == len(data):
+                    self.size += size
+                    return len(data)
         pos, end = 0, len(data)
         while pos < end:
             if self._state == self._DATA:

@@ -162,7 +162,8 @@ class UpstreamPool:
         if len(self._idle) >= _MAX_IDLE or conn.closed or conn.transport.is_closing():
             conn.abort()
             return
-        conn.resume()  # it may have been paused for a slow client
+        if not conn._reading:
+            conn.resume()  # it was paused for a slow client
         self._idle.append(conn)
 
     @property
