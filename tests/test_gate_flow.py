@@ -20,8 +20,8 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.services.control import GateControl
-from broker.services.gate import Gate, _Resumed
-from broker.services.upstream import HIGH_WATER
+from broker.services.gate import Gate, _Client, _Resumed
+from broker.services.upstream import HIGH_WATER, UpstreamConnection
 
 Handler = Callable[["Upstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MakeGate = Callable[[Handler], Awaitable[tuple[Gate, "Upstream"]]]
@@ -273,6 +273,32 @@ async def test_large_upload_pauses_the_client_while_the_upstream_does_not_read(
     await hang_up(writer)
 
 
+async def test_pipelined_request_waits_behind_a_paused_answer(make_gate: MakeGate) -> None:
+    big = 16 * MIB
+
+    async def sized(up: Upstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            head = await up.read_head(reader)
+            body = await reader.readexactly(_length(head))
+            size = big if body == b"big" else len(body)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            w.write(b"x" * size if body == b"big" else body)
+            await w.drain()
+
+    gate, up = await make_gate(sized)
+    reader, writer = await connect(gate, rcvbuf=64 * 1024)
+    writer.write(post(b"/api/show", b"big") + post(b"/api/show", b"small"))
+    await until(lambda: client_of(gate).write_paused, "the client to fall behind")  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    assert len(up.heads) == 1  # the second request waits for the first answer to get through
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert len(await reader.readexactly(_length(head))) == big
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert await reader.readexactly(_length(head)) == b"small"
+    assert len(up.heads) == 2
+    await hang_up(writer)
+
+
 # ---- framing across requests
 async def test_pipelined_requests_are_answered_in_order(make_gate: MakeGate) -> None:
     gate, up = await make_gate(echo)
@@ -455,3 +481,56 @@ async def test_a_coroutine_resumed_in_a_task_behaves_as_if_awaited(outcome: str)
     else:
         assert await task == 42
     assert log == ["start", "got 21", "finally"]
+
+
+class _FakeTransport:
+    """Records writes; flow-control calls are no-ops (the test calls the protocol's)."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_next_request_waits_until_the_client_has_read_the_last_answer(
+    clock: FakeClock,
+) -> None:
+    control = GateControl(clock, name="unit", max_hold=timedelta(seconds=30))
+    gate = Gate(name="unit", kind="ollama", upstream="http://127.0.0.1:9", listen=("127.0.0.1", 0),
+                control=control)  # fmt: skip
+    client, client_side = _Client(gate), _FakeTransport()
+    client.connection_made(client_side)  # type: ignore[arg-type]
+    conn, upstream_side = UpstreamConnection(), _FakeTransport()
+    conn.connection_made(upstream_side)  # type: ignore[arg-type]
+    gate._pool.release(conn)
+    client.data_received(post(b"/api/show", b"one"))
+    assert len(upstream_side.out) == 1
+    client.pause_writing()  # the client's send buffer went over its high mark
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+    assert client_side.out[-1].endswith(b"one") and gate._pool.idle == 1
+    client.data_received(post(b"/api/show", b"two"))  # pipelined, or sent right away
+    assert len(upstream_side.out) == 1  # not yet: the client has not read the last answer
+    client.resume_writing()
+    assert len(upstream_side.out) == 2 and upstream_side.out[-1].endswith(b"two")

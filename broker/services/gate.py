@@ -166,10 +166,13 @@ class _Client(asyncio.Protocol):
         if state == _CLOSED:
             return
         self.buf = self.buf + data if self.buf else data
-        if state == _IDLE:
+        if state == _IDLE and not self.write_paused:
             self._pump()
-        elif len(self.buf) > self.gate._backlog_limit:
-            self._pause(_PAUSE_BACKLOG)
+        else:
+            if state == _IDLE:
+                self.pump_on_resume = True  # once the client has read the last answer
+            if len(self.buf) > self.gate._backlog_limit:
+                self._pause(_PAUSE_BACKLOG)
 
     def eof_received(self) -> bool:
         # A client that closes its side mid-request gives it up, as one that hangs up: a
