@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from rich.console import Console
 from rich.table import Table
 
-from broker import __version__
+from broker import __version__, runtime
 from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, RunpodProvider, VastProvider, find_config, load_config
@@ -465,7 +465,7 @@ def cmd_run(
             logging.getLogger("broker").info("stopping")
             await daemon.aclose()
 
-    asyncio.run(serve())
+    runtime.run(serve())  # uvloop when installed: the gates relay every request
     return EXIT_OK
 
 

@@ -5,99 +5,666 @@ chunk, websockets after an upgrade), with `Host` rewritten for the upstream (Oll
 403 to a non-local Host) and hop-by-hop headers dropped. Only inference requests meet the
 `GateControl`; management requests go straight through in every state.
 
-Why asyncio streams and a small HTTP/1.1 framer instead of aiohttp's server and client: the
-gate sits on every request a team makes, and aiohttp's request/response objects cost about
-0.15 ms of CPU per proxied request on a small box, more than the whole budget
-(scripts/bench-gate measures it). Here a request costs one head parse, one upstream write
-and a copy loop, and the body is never decoded.
+Why protocols and a small HTTP/1.1 framer instead of aiohttp, or asyncio streams: the gate
+sits on every request a team makes. aiohttp's request/response objects cost about 0.15 ms
+of CPU per proxied request on a small box, more than the whole budget, and a coroutine per
+connection reading through `StreamReader`s still cost about 0.17 ms, much of it waking tasks
+and resolving futures; this costs about 0.12 ms on asyncio's loop and 0.105 ms on uvloop
+(scripts/bench-gate; README, "The gate's figures"). Here both sides
+are `asyncio.Protocol`s: a request head is parsed from the bytes `data_received` got, the
+request goes out in one upstream write, and the answer is written to the client from the
+upstream's own `data_received`, with the transports' write-buffer marks for flow control
+(a slow client pauses the upstream's reading; a full upstream pauses the client's). Tasks
+appear only where something must wait: an inference request meeting the control (it may be
+held), and opening a new upstream connection. The body is never decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable, Coroutine, Generator
 from datetime import tzinfo
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from broker.clock import Clock
 from broker.services.classify import ServiceKind, is_inference
-from broker.services.control import GateControl, ReclaimCallback
+from broker.services.control import GateControl, ReclaimCallback, Refusal
 from broker.services.httpwire import (
     ChunkedScanner,
     HttpFramingError,
     RequestHead,
-    ResponseHead,
     build_head,
     parse_request_head,
     parse_response_head,
 )
 from broker.services.replies import error_response
-from broker.services.upstream import UpstreamAddress, UpstreamConnection, UpstreamPool
+from broker.services.upstream import HIGH_WATER, UpstreamAddress, UpstreamConnection, UpstreamPool
 from broker.units import parse_hostport
 
 if TYPE_CHECKING:
     from broker.config import ServiceSection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
-_PIECE = 64 * 1024  # largest slice relayed per read
 _PREREAD_BYTES = 1024 * 1024  # bodies up to this are read whole (one upstream write, retryable)
-_HIGH_WATER = 256 * 1024  # wait for the peer to drain only when this much is queued
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# Where a client connection stands. Anything but IDLE and CLOSED is a request in progress,
+# which a client that leaves abandons (its held slot, its upstream connection).
+_IDLE = 0  # waiting for (the rest of) a request head
+_BODY = 1  # waiting for the rest of a body that is read whole
+_ADMIT = 2  # an inference request meets the control (a task; it may be held)
+_CONNECT = 3  # opening an upstream connection (a task)
+_SEND_BODY = 4  # streaming a large or chunked request body upstream
+_WAIT_HEAD = 5  # the request is out; waiting for the answer's head
+_RELAY = 6  # copying the answer's body to the client
+_TUNNEL = 7  # after 101 Switching Protocols: bytes both ways until either side closes
+_CLOSED = 8
+
+# How the answer's body ends.
+_BY_LENGTH = 0
+_CHUNKED = 1
+_AT_CLOSE = 2
+
+# Why the client's reading is paused (one bit each; reading resumes when none is left).
+_PAUSE_UPSTREAM_FULL = 1  # the upstream's send buffer is full (a request body, a tunnel)
+_PAUSE_BACKLOG = 2  # pipelined bytes pile up while a request is served
 
 
-class _UpstreamFailed(Exception):
-    """The upstream broke before the gate sent the client anything: answer 502."""
+class _Resumed(Generic[T]):
+    """Awaiting this finishes, inside a task, a coroutine whose first step ran elsewhere.
 
-
-class _ClientGone(Exception):
-    """The client closed its side mid-request."""
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _GateProtocol(asyncio.StreamReaderProtocol):
-    """A stream protocol that also cancels the request in progress when its client leaves.
-
-    Without this, a client that hangs up while its request is held or mid-stream would only
-    be noticed at the next write, and meanwhile keep a held slot or an upstream stream busy.
+    The first `send(None)` ran in a protocol callback and the coroutine yielded what it
+    waits for (a future, or None for a bare yield). The task awaiting this object is handed
+    that same future, then sends into and throws into the coroutine exactly as `await`
+    would have (cancellation included), so the coroutine cannot tell the difference, except
+    that its first step saw no current task.
     """
 
-    def __init__(self, gate: Gate) -> None:
-        self._gate = gate
-        self._client_reader = asyncio.StreamReader(limit=gate.max_header_bytes)
-        super().__init__(self._client_reader)
-        self._task: asyncio.Task[None] | None = None
-        self.busy = False
+    __slots__ = ("_coro", "_waiting_on")
 
+    def __init__(self, coro: Coroutine[Any, Any, T], waiting_on: Any) -> None:
+        self._coro = coro
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, None, T]:
+        coro, waiting_on = self._coro, self._waiting_on
+        while True:
+            try:
+                yield waiting_on
+            except BaseException as exc:  # the task was cancelled, or the future failed
+                try:
+                    waiting_on = coro.throw(exc)
+                except StopIteration as done:
+                    return cast(T, done.value)
+            else:
+                try:
+                    waiting_on = coro.send(None)
+                except StopIteration as done:
+                    return cast(T, done.value)
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: requests one after another (keep-alive), relayed in callbacks."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.state = _IDLE
+        self.buf = b""  # received, not yet consumed: a request head, pipelined requests
+        self.sink: Callable[[bytes], None] | None = None  # where client bytes go when streamed
+        self.task: asyncio.Task[None] | None = None
+        self.paused = 0  # _PAUSE_* bits
+        self.write_paused = False  # the client's send buffer is above its high mark
+        self.pump_on_resume = False
+        self.pumping = False
+        # the request in progress
+        self.head: RequestHead | None = None
+        self.body: bytes | None = None  # read whole; None: streamed after the head
+        self.pieces: list[bytes] = []  # a body arriving in several reads
+        self.have = 0
+        self.counted = False  # request_started() was called
+        self.up: UpstreamConnection | None = None
+        self.up_head = b""
+        self.retried = False
+        self.answered = False  # the upstream sent something for this request
+        self.body_left = 0
+        self.body_scanner: ChunkedScanner | None = None
+        # the answer in progress
+        self.resp_buf = b""
+        self.framing = _BY_LENGTH
+        self.remaining = 0
+        self.scanner: ChunkedScanner | None = None
+        self.client_keep = False
+        self.upstream_keep = False
+
+    # ---- asyncio callbacks: the client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        loop = asyncio.get_running_loop()
         # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
-        writer = asyncio.StreamWriter(
-            cast(asyncio.Transport, transport), self, self._client_reader, loop
-        )
-        self._task = loop.create_task(
-            self._gate._serve(self._client_reader, writer, self), name=self._gate.task_name
-        )
-        self._gate._track(self._task)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.gate._clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(data)
+            return
+        state = self.state
+        if state == _BODY:
+            self.pieces.append(data)
+            self.have += len(data)
+            head = self.head
+            assert head is not None and head.content_length is not None
+            if self.have >= head.content_length:
+                self._body_complete(head.content_length)
+            return
+        if state == _CLOSED:
+            return
+        self.buf = self.buf + data if self.buf else data
+        if state == _IDLE and not self.write_paused:
+            self._pump()
+        else:
+            if state == _IDLE:
+                self.pump_on_resume = True  # once the client has read the last answer
+            if len(self.buf) > self.gate._backlog_limit:
+                self._pause(_PAUSE_BACKLOG)
 
     def eof_received(self) -> bool:
-        super().eof_received()
-        self._abandon()
+        # A client that closes its side mid-request gives it up, as one that hangs up: a
+        # held slot or an upstream stream must not wait for a write to notice.
+        if self.state != _IDLE:
+            self._abandon()
+        else:
+            self._close()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self._abandon()
+        if self.state != _IDLE and self.state != _CLOSED:
+            self._abandon()
+        self.state = _CLOSED
+        self.gate._clients.discard(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.up is not None:
+            self.up.pause()  # a slow client: stop reading its answer from the upstream
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.up is not None:
+            self.up.resume()
+        if self.pump_on_resume:
+            self.pump_on_resume = False
+            self._pump()
+
+    # ---- reading requests
+    def _pump(self) -> None:
+        """Start the requests waiting in the buffer, as long as each finishes at once."""
+        if self.pumping:
+            return  # an outer _pump goes on once this request is done
+        self.pumping = True
+        try:
+            while self.state == _IDLE and self.buf and self._start():
+                pass
+        finally:
+            self.pumping = False
+
+    def _start(self) -> bool:
+        """Begin the request at the head of the buffer; false while its head is incomplete."""
+        gate = self.gate
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        limit = gate.max_header_bytes
+        if end < 0:
+            if len(buf) - 3 > limit:
+                self._refuse("/", 431, "request head too large")
+            return False
+        if end > limit:
+            self._refuse("/", 431, "request head too large")
+            return False
+        try:
+            head = parse_request_head(buf[: end + 4])
+            if not head.target.startswith(b"/"):
+                raise HttpFramingError("only origin-form request targets are served")
+        except HttpFramingError as err:
+            self._refuse("/", 400, f"bad request: {err}")
+            return False
+        rest = buf[end + 4 :]
+        self.head = head
+        length = head.content_length
+        if length is not None and length > gate.max_body_bytes:
+            self._refuse(head.path, 413, f"request body over {gate.max_body_bytes} bytes")
+            return False
+        if head.expect_continue:
+            self.transport.write(_CONTINUE)
+        if length is not None and length <= _PREREAD_BYTES:
+            if len(rest) < length:
+                self.buf = b""
+                self.pieces = [rest]
+                self.have = len(rest)
+                self.state = _BODY
+                return True
+            self.body = rest[:length]
+            self.buf = rest[length:]
+        else:
+            self.body = b"" if length is None and not head.chunked else None
+            self.buf = rest
+        self._admit(head)
+        return True
+
+    def _body_complete(self, length: int) -> None:
+        data = b"".join(self.pieces)
+        self.pieces = []
+        self.body = data[:length]
+        self.buf = data[length:]
+        assert self.head is not None
+        self._admit(self.head)
+        self._pump()
+
+    def _admit(self, head: RequestHead) -> None:
+        gate = self.gate
+        if not is_inference(gate.kind, head.method, head.path):
+            self._forward(head)
+            return
+        # admit() of an open gate returns without waiting, and that is nearly every request:
+        # run its first step here rather than in a task of its own (a task per request is a
+        # quarter of the gate's CPU). When it does wait (a hold), a task takes over.
+        admission = gate.control.admit()
+        try:
+            waiting_on = admission.send(None)
+        except StopIteration as done:
+            self._admitted(head, done.value)
+            return
+        self.state = _ADMIT
+        self.task = asyncio.get_running_loop().create_task(
+            self._held(head, _Resumed(admission, waiting_on))
+        )
+
+    async def _held(self, head: RequestHead, admission: _Resumed[Refusal | None]) -> None:
+        refusal = await admission
+        self.task = None
+        self._admitted(head, refusal)
+        self._pump()
+
+    def _admitted(self, head: RequestHead, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            keep_alive = head.keep_alive and self.body is not None
+            self._reply(head.path, 503, refusal.message, keep_alive=keep_alive,
+                        retry_after_s=refusal.retry_after_s)  # fmt: skip
+            self._done(keep_alive)
+            return
+        self.gate.control.request_started()
+        self.counted = True
+        self._forward(head)
+
+    # ---- sending the request upstream
+    def _forward(self, head: RequestHead) -> None:
+        gate = self.gate
+        self.up_head = gate._upstream_head(head)
+        up = gate._pool.take()
+        if up is None:
+            self.state = _CONNECT
+            self.task = asyncio.get_running_loop().create_task(self._connect())
+        else:
+            self._send(up)
+
+    async def _connect(self) -> None:
+        try:
+            up = await self.gate._pool.connect()
+        except (OSError, TimeoutError) as err:
+            self.task = None
+            self._upstream_failed(str(err) or type(err).__name__)
+            self._pump()
+            return
+        self.task = None
+        self._send(up)
+
+    def _send(self, up: UpstreamConnection) -> None:
+        self.up = up
+        up.owner = self
+        self.answered = False
+        body = self.body
+        if body is not None:
+            up.transport.write(self.up_head + body if body else self.up_head)
+            self.state = _WAIT_HEAD
+            return
+        # a large or chunked body: relay it as it comes, then wait for the answer
+        up.transport.write(self.up_head)
+        self.state = _SEND_BODY
+        head = self.head
+        assert head is not None
+        if head.content_length is not None:
+            self.body_left = head.content_length
+            self.sink = self._body_by_length
+        else:
+            self.body_scanner = ChunkedScanner()
+            self.sink = self._body_chunked
+        self._resume(_PAUSE_BACKLOG)
+        pending, self.buf = self.buf, b""
+        if pending:
+            self.sink(pending)
+
+    def _body_by_length(self, data: bytes) -> None:
+        up = self.up
+        assert up is not None
+        left = self.body_left
+        if len(data) < left:
+            up.transport.write(data)
+            self.body_left = left - len(data)
+            return
+        up.transport.write(data[:left] if len(data) > left else data)
+        self.body_left = 0
+        self.buf = data[left:]  # a pipelined next request stays put
+        self._body_sent()
+
+    def _body_chunked(self, data: bytes) -> None:
+        up, scanner, head = self.up, self.body_scanner, self.head
+        assert up is not None and scanner is not None and head is not None
+        try:
+            used = scanner.feed(data)
+        except HttpFramingError:
+            self._abandon()  # garbage framing: drop the connection
+            return
+        if scanner.size > self.gate.max_body_bytes:
+            self._drop_upstream()
+            self._reply(head.path, 413, f"request body over {self.gate.max_body_bytes} bytes",
+                        keep_alive=False)  # fmt: skip
+            self._done(False)
+            return
+        up.transport.write(data[:used] if used < len(data) else data)
+        if scanner.done:
+            self.buf = data[used:]  # read exactly to the end: a pipelined request stays put
+            self._body_sent()
+
+    def _body_sent(self) -> None:
+        self.sink = None
+        self.body_scanner = None
+        self._resume(_PAUSE_UPSTREAM_FULL)
+        self.state = _WAIT_HEAD
+        early, self.resp_buf = self.resp_buf, b""
+        if early:
+            self._response_head(early)
+
+    # ---- the upstream side (UpstreamOwner)
+    def upstream_data(self, data: bytes) -> None:
+        state = self.state
+        if state == _RELAY:
+            self._relay(data)
+        elif state == _WAIT_HEAD:
+            self.answered = True
+            self._response_head(data)
+        elif state == _TUNNEL:
+            self.transport.write(data)
+        elif state == _SEND_BODY:
+            # an answer before the whole body went out: read it once the body is sent
+            self.answered = True
+            self.resp_buf += data
+            if len(self.resp_buf) > self.gate._backlog_limit and self.up is not None:
+                self.up.pause()
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if conn is not self.up:
+            return
+        state = self.state
+        if state == _RELAY:
+            if self.framing == _AT_CLOSE and exc is None:
+                self._response_done()  # this body ends when the upstream closes
+            else:
+                self._broke("the upstream closed mid-answer" if exc is None else exc)
+        elif state in (_WAIT_HEAD, _SEND_BODY):
+            if (exc is None and not self.answered and conn.reused and self.body is not None
+                    and not self.retried):  # fmt: skip
+                # the upstream had just closed this idle connection: retry once, on a new one
+                self.retried = True
+                self._drop_upstream()
+                self.state = _CONNECT
+                self.task = asyncio.get_running_loop().create_task(self._connect())
+                return
+            reason = "connection closed before an answer" if exc is None else str(exc)
+            self._upstream_failed(reason or type(exc).__name__)
+            self._pump()
+        elif state == _TUNNEL:
+            self._abandon()
+
+    def upstream_full(self, full: bool) -> None:
+        if full:
+            self._pause(_PAUSE_UPSTREAM_FULL)
+        else:
+            self._resume(_PAUSE_UPSTREAM_FULL)
+
+    # ---- relaying the answer
+    def _response_head(self, data: bytes) -> None:
+        buf = self.resp_buf + data if self.resp_buf else data
+        limit = self.gate.max_header_bytes
+        head = self.head
+        assert head is not None
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0 or end > limit:
+                if end > limit or len(buf) - 3 > limit:
+                    self._upstream_failed("answer head too large")
+                    self._pump()
+                else:
+                    self.resp_buf = buf
+                return
+            raw = buf[: end + 4]
+            try:
+                response = parse_response_head(raw, request_method=head.method)
+            except HttpFramingError as err:
+                self._upstream_failed(str(err))
+                self._pump()
+                return
+            buf = buf[end + 4 :]
+            if response.status == 101 or response.status >= 200:
+                break
+            # interim answers (103 Early Hints) are not forwarded: the gate already answered
+            # any Expect itself, and clients do not need them
+        self.resp_buf = b""
+        if response.status == 101:
+            self._tunnel(raw, buf)
+            return
+        framed = response.chunked or response.content_length is not None
+        self.client_keep = client_keep = head.keep_alive and framed and not head.http10
+        self.upstream_keep = response.keep_alive and framed and not head.http10
+        out = build_head(response.status_line, response.headers,
+                         b"" if client_keep else b"Connection: close\r\n")  # fmt: skip
+        self.state = _RELAY
+        length = response.content_length
+        if length is not None:
+            self.framing = _BY_LENGTH
+            if len(buf) >= length:
+                # a small answer arrives with its head: send both in one write
+                if len(buf) > length:
+                    buf = buf[:length]
+                    self.upstream_keep = False  # bytes after the end: do not trust this socket
+                self.transport.write(out + buf)
+                self._response_done()
+                return
+            self.remaining = length - len(buf)
+            self.transport.write(out + buf if buf else out)
+        elif response.chunked:
+            self.framing = _CHUNKED
+            scanner = self.scanner = ChunkedScanner()
+            if not buf:
+                self.transport.write(out)
+                return
+            # a stream's first chunk often comes with the head: send both in one write
+            try:
+                used = scanner.feed(buf)
+            except HttpFramingError as err:
+                self.transport.write(out)
+                self._broke(err)
+                return
+            if used < len(buf):
+                buf = buf[:used]
+                self.upstream_keep = False
+            self.transport.write(out + buf)
+            if scanner.done:
+                self._response_done()
+        else:
+            self.framing = _AT_CLOSE
+            self.transport.write(out + buf if buf else out)
+
+    def _relay(self, data: bytes) -> None:
+        framing = self.framing
+        if framing == _BY_LENGTH:
+            left = self.remaining - len(data)
+            if left > 0:
+                self.transport.write(data)
+                self.remaining = left
+                return
+            if left < 0:
+                data = data[: self.remaining]
+                self.upstream_keep = False
+            self.transport.write(data)
+            self._response_done()
+        elif framing == _CHUNKED:
+            scanner = self.scanner
+            assert scanner is not None
+            try:
+                used = scanner.feed(data)
+            except HttpFramingError as err:
+                self._broke(err)
+                return
+            if used < len(data):
+                data = data[:used]
+                self.upstream_keep = False
+            self.transport.write(data)
+            if scanner.done:
+                self._response_done()
+        else:
+            self.transport.write(data)
+
+    def _response_done(self) -> None:
+        up = self.up
+        self.up = None
+        if up is not None:
+            if self.upstream_keep:
+                self.gate._pool.release(up)
+            else:
+                up.abort()
+        self._done(self.client_keep)
+        if self.state == _IDLE and self.buf:
+            if self.write_paused:
+                self.pump_on_resume = True  # the next request once the client has read this
+            else:
+                self._pump()
+
+    def _tunnel(self, raw: bytes, rest: bytes) -> None:
+        """After a 101 answer: copy both ways until either side closes."""
+        up = self.up
+        assert up is not None
+        self.state = _TUNNEL
+        self.transport.write(raw + rest if rest else raw)
+        self.sink = up.transport.write
+        self._resume(_PAUSE_BACKLOG)
+        pending, self.buf = self.buf, b""
+        if pending:
+            up.transport.write(pending)
+
+    # ---- endings
+    def _reply(
+        self,
+        path: str,
+        status: int,
+        message: str,
+        *,
+        keep_alive: bool,
+        retry_after_s: int | None = None,
+    ) -> None:
+        self.transport.write(error_response(self.gate.kind, path, status, message,
+                                            keep_alive=keep_alive,
+                                            retry_after_s=retry_after_s))  # fmt: skip
+
+    def _refuse(self, path: str, status: int, message: str) -> None:
+        """Answer a request the gate will not relay, and close the connection."""
+        self._reply(path, status, message, keep_alive=False)
+        self._done(False)
+
+    def _upstream_failed(self, reason: str) -> None:
+        """The upstream broke before the client was sent anything: answer 502."""
+        gate = self.gate
+        log.warning("gate %s: upstream %s failed: %s", gate.name, gate._upstream_url, reason)
+        self._drop_upstream()
+        head = self.head
+        assert head is not None
+        message = (f"gpu-broker gate: the {gate.kind} service at {gate._upstream_url} "
+                   f"is not answering ({reason})")  # fmt: skip
+        keep_alive = head.keep_alive and self.body is not None
+        self._reply(head.path, 502, message, keep_alive=keep_alive)
+        self._done(keep_alive)
+
+    def _broke(self, err: object) -> None:
+        # The head is already out: all the client can be told is a cut connection.
+        log.warning("gate %s: upstream broke mid-response: %s", self.gate.name, err)
+        self._drop_upstream()
+        self._end_request()
+        self.state = _CLOSED
+        self.transport.abort()
 
     def _abandon(self) -> None:
-        if self.busy and self._task is not None and not self._task.done():
-            self._task.cancel()
+        """The client left mid-request: free its held slot, its upstream connection."""
+        task = self.task
+        if task is not None:
+            self.task = None
+            task.cancel()
+        self._drop_upstream()
+        self._end_request()
+        self._close()
+
+    def _drop_upstream(self) -> None:
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+
+    def _end_request(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.gate.control.request_finished()
+        self.sink = None
+        self.head = None
+        self.body = None
+        self.body_scanner = None
+        self.scanner = None
+        self.resp_buf = b""
+        self.retried = False
+        if self.paused:
+            self._resume(_PAUSE_UPSTREAM_FULL)
+
+    def _done(self, keep_alive: bool) -> None:
+        """The request is over; the connection carries the next one or closes."""
+        self._end_request()
+        if keep_alive and self.state != _CLOSED:
+            self.state = _IDLE
+            if self.paused:
+                self._resume(_PAUSE_BACKLOG)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        if self.state != _CLOSED:
+            self.state = _CLOSED
+            self.sink = None
+            self.buf = b""
+            self.transport.close()  # after what is queued has been sent
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.state != _CLOSED:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.state != _CLOSED:
+                self.transport.resume_reading()
 
 
 class Gate:
@@ -119,15 +686,15 @@ class Gate:
         self.control = control
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
-        self.task_name = f"gate-{name}-connection"
         # a (host, 0) tuple lets tests and the bench take any free port
         self._listen = parse_hostport(listen) if isinstance(listen, str) else listen
         self._upstream = UpstreamAddress.parse(upstream)
         self._upstream_url = upstream
-        self._pool = UpstreamPool(self._upstream, read_limit=max_header_bytes)
+        self._pool = UpstreamPool(self._upstream)
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._clients: set[_Client] = set()
         self._host_line = b"Host: " + self._upstream.host_header + b"\r\n"
+        self._backlog_limit = 2 * max_header_bytes  # pipelined bytes kept before pausing
 
     @classmethod
     def from_section(
@@ -162,7 +729,7 @@ class Gate:
         host, port = self._listen
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _GateProtocol(self), host, port, backlog=1024, reuse_address=True
+            lambda: _Client(self), host, port, backlog=1024, reuse_address=True
         )
         log.info("gate %s: listening on %s, forwarding to %s", self.name, self.url,
                  self._upstream_url)  # fmt: skip
@@ -183,9 +750,12 @@ class Gate:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
+        clients = list(self._clients)
+        tasks = [c.task for c in clients if c.task is not None]
+        for client in clients:
+            client._abandon()
+            if client.transport.get_write_buffer_size():
+                client.transport.abort()  # a client that does not read must not stall this
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
@@ -200,304 +770,16 @@ class Gate:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
-
-    # ---- one client connection: requests one after another (keep-alive)
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: _GateProtocol
-    ) -> None:
-        try:
-            while True:
-                try:
-                    raw = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return  # the client closed an idle keep-alive connection
-                except asyncio.LimitOverrunError:
-                    self._reply(writer, "/", 431, "request head too large", keep_alive=False)
-                    return
-                try:
-                    head = parse_request_head(raw)
-                    if not head.target.startswith(b"/"):
-                        raise HttpFramingError("only origin-form request targets are served")
-                except HttpFramingError as err:
-                    self._reply(writer, "/", 400, f"bad request: {err}", keep_alive=False)
-                    return
-                proto.busy = True
-                keep_alive = await self._exchange(head, reader, writer)
-                proto.busy = False
-                if not keep_alive:
-                    return
-        except (ConnectionError, _ClientGone):
-            pass  # the client went away; its upstream side was closed on the way out
-        finally:
-            writer.close()
-
-    async def _exchange(
-        self, head: RequestHead, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Serve one request; true when the client connection can carry another."""
-        length = head.content_length
-        if length is not None and length > self.max_body_bytes:
-            self._reply(writer, head.path, 413, f"request body over {self.max_body_bytes} bytes",
-                        keep_alive=False)  # fmt: skip
-            return False
-        if head.expect_continue:
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: bytes | None  # None: streamed after the head
-        if length is not None and length <= _PREREAD_BYTES:
-            body = await reader.readexactly(length) if length else b""
-        elif length is None and not head.chunked:
-            body = b""
-        else:
-            body = None
-        if not is_inference(self.kind, head.method, head.path):
-            return await self._forward(head, body, reader, writer)
-        control = self.control
-        refusal = await control.admit()
-        if refusal is not None:
-            keep_alive = head.keep_alive and body is not None
-            self._reply(writer, head.path, 503, refusal.message, keep_alive=keep_alive,
-                        retry_after_s=refusal.retry_after_s)  # fmt: skip
-            return keep_alive
-        control.request_started()
-        try:
-            return await self._forward(head, body, reader, writer)
-        finally:
-            control.request_finished()
-
-    def _reply(
-        self,
-        writer: asyncio.StreamWriter,
-        path: str,
-        status: int,
-        message: str,
-        *,
-        keep_alive: bool,
-        retry_after_s: int | None = None,
-    ) -> None:
-        writer.write(error_response(self.kind, path, status, message, keep_alive=keep_alive,
-                                    retry_after_s=retry_after_s))  # fmt: skip
-
-    # ---- relaying to the upstream
+    # ---- the request line and headers the upstream gets
     def _upstream_head(self, head: RequestHead) -> bytes:
-        version = b" HTTP/1.0\r\n" if head.http10 else b" HTTP/1.1\r\n"
-        start = head.method.encode() + b" " + self._upstream.prefix + head.target + version
-        extra = b""
         if head.upgrade is not None:
             extra = b"Connection: Upgrade\r\nUpgrade: " + head.upgrade + b"\r\n"
         elif head.http10:
             extra = b"Connection: close\r\n"
-        parts = [start, self._host_line]
-        for name, value in head.headers:
-            if name.lower() != b"host":
-                parts += (name, b": ", value, b"\r\n")
-        parts += (extra, b"\r\n")
-        return b"".join(parts)
-
-    async def _forward(
-        self,
-        head: RequestHead,
-        body: bytes | None,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> bool:
-        request_head = self._upstream_head(head)
-        conn: UpstreamConnection | None = None
-        try:
-            try:
-                conn, response, raw = await self._send(head, request_head, body, reader)
-            except _BodyTooLarge:
-                too_large = f"request body over {self.max_body_bytes} bytes"
-                self._reply(writer, head.path, 413, too_large, keep_alive=False)
-                return False
-            except _UpstreamFailed as err:
-                log.warning("gate %s: upstream %s failed: %s", self.name, self._upstream_url, err)
-                message = (f"gpu-broker gate: the {self.kind} service at {self._upstream_url} "
-                           f"is not answering ({err})")  # fmt: skip
-                keep_alive = head.keep_alive and body is not None
-                self._reply(writer, head.path, 502, message, keep_alive=keep_alive)
-                return keep_alive
-            if response.status == 101:
-                writer.write(raw)
-                await self._tunnel(reader, writer, conn)
-                return False
-            keep_alive = await self._relay_response(head, response, conn, writer)
-            conn = None  # handed back to the pool or closed by _relay_response
-            return keep_alive
-        finally:
-            if conn is not None:
-                conn.close()
-
-    async def _send(
-        self,
-        head: RequestHead,
-        request_head: bytes,
-        body: bytes | None,
-        reader: asyncio.StreamReader,
-    ) -> tuple[UpstreamConnection, ResponseHead, bytes]:
-        """Send the request; return the connection and the final response head."""
-        for attempt in range(2):
-            try:
-                conn = await (self._pool.acquire() if attempt == 0 else self._pool.connect())
-            except (OSError, TimeoutError) as err:
-                raise _UpstreamFailed(str(err) or type(err).__name__) from err
-            try:
-                if body is not None:
-                    conn.writer.write(request_head + body)
-                else:
-                    conn.writer.write(request_head)
-                    await self._relay_request_body(head, reader, conn)
-                while True:
-                    raw = await conn.reader.readuntil(b"\r\n\r\n")
-                    response = parse_response_head(raw, request_method=head.method)
-                    if response.status == 101 or response.status >= 200:
-                        return conn, response, raw
-                    # interim answers (103 Early Hints) are not forwarded: the gate already
-                    # answered any Expect itself, and clients do not need them
-            except asyncio.IncompleteReadError as err:
-                conn.close()
-                if attempt == 0 and conn.reused and not err.partial and body is not None:
-                    continue  # the upstream had just closed this idle connection: retry once
-                raise _UpstreamFailed("connection closed before an answer") from err
-            except (OSError, HttpFramingError, asyncio.LimitOverrunError) as err:
-                conn.close()
-                raise _UpstreamFailed(str(err) or type(err).__name__) from err
-            except BaseException:
-                conn.close()
-                raise
-        raise AssertionError("unreachable")
-
-    async def _relay_request_body(
-        self, head: RequestHead, reader: asyncio.StreamReader, conn: UpstreamConnection
-    ) -> None:
-        up = conn.writer
-        if head.content_length is not None:
-            remaining = head.content_length
-            while remaining:
-                data = await reader.read(min(remaining, _PIECE))
-                if not data:
-                    raise _ClientGone
-                up.write(data)
-                remaining -= len(data)
-                if up.transport.get_write_buffer_size() > _HIGH_WATER:
-                    await up.drain()
-            return
-        # chunked: read exactly to the end of the body so a pipelined next request stays put
-        total = 0
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            up.write(line)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _ClientGone from None  # garbage framing: drop the connection
-            if size == 0:
-                while line != b"\r\n":  # trailers, then the blank line
-                    line = await reader.readuntil(b"\r\n")
-                    up.write(line)
-                return
-            total += size
-            if total > self.max_body_bytes:
-                raise _BodyTooLarge
-            remaining = size + 2
-            while remaining:
-                data = await reader.read(min(remaining, _PIECE))
-                if not data:
-                    raise _ClientGone
-                up.write(data)
-                remaining -= len(data)
-            if up.transport.get_write_buffer_size() > _HIGH_WATER:
-                await up.drain()
-
-    async def _relay_response(
-        self,
-        head: RequestHead,
-        response: ResponseHead,
-        conn: UpstreamConnection,
-        writer: asyncio.StreamWriter,
-    ) -> bool:
-        """Copy the response to the client as it arrives; true when both sides stay open."""
-        framed = response.chunked or response.content_length is not None
-        client_keep = head.keep_alive and framed and not head.http10
-        out_head = build_head(response.status_line, response.headers,
-                              b"" if client_keep else b"Connection: close\r\n")  # fmt: skip
-        upstream_keep = response.keep_alive and framed and not head.http10
-        src = conn.reader
-        transport = writer.transport
-        try:
-            length = response.content_length
-            if length is not None and length <= _PIECE:
-                # small answers arrive with their head: send both in one write
-                writer.write(out_head + (await src.readexactly(length) if length else b""))
-            elif length is not None:
-                writer.write(out_head)
-                remaining = length
-                while remaining:
-                    data = await src.read(min(remaining, _PIECE))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", remaining)
-                    writer.write(data)
-                    remaining -= len(data)
-                    if transport.get_write_buffer_size() > _HIGH_WATER:
-                        await writer.drain()
-            elif response.chunked:
-                writer.write(out_head)
-                scanner = ChunkedScanner()
-                while not scanner.done:
-                    data = await src.read(_PIECE)
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", None)
-                    used = scanner.feed(data)
-                    if used < len(data):
-                        upstream_keep = False  # bytes after the end: do not trust this socket
-                        data = data[:used]
-                    writer.write(data)
-                    if transport.get_write_buffer_size() > _HIGH_WATER:
-                        await writer.drain()
-            else:
-                writer.write(out_head)
-                while data := await src.read(_PIECE):
-                    writer.write(data)
-                    if transport.get_write_buffer_size() > _HIGH_WATER:
-                        await writer.drain()
-        except (OSError, HttpFramingError, asyncio.IncompleteReadError) as err:
-            # The head is already out: all the client can be told is a cut connection.
-            log.warning("gate %s: upstream broke mid-response: %s", self.name, err)
-            conn.close()
-            transport.abort()
-            return False
-        except BaseException:
-            conn.close()
-            raise
-        if upstream_keep:
-            self._pool.release(conn)
         else:
-            conn.close()
-        if transport.get_write_buffer_size() > _HIGH_WATER:
-            await writer.drain()
-        return client_keep
-
-    async def _tunnel(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: UpstreamConnection
-    ) -> None:
-        """After a 101 answer: copy both ways until either side closes."""
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(_PIECE):
-                    dst.write(data)
-                    await dst.drain()
-
-        tasks = {
-            asyncio.create_task(pump(reader, conn.writer), name=f"gate-{self.name}-ws-up"),
-            asyncio.create_task(pump(conn.reader, writer), name=f"gate-{self.name}-ws-down"),
-        }
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            conn.close()
+            extra = b""
+        return b"".join((
+            head.method.encode("latin-1"), b" ", self._upstream.prefix, head.target,
+            b" HTTP/1.0\r\n" if head.http10 else b" HTTP/1.1\r\n",
+            self._host_line, head.headers, extra, b"\r\n",
+        ))  # fmt: skip

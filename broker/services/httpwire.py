@@ -10,6 +10,7 @@ to nginx on a streamed answer (see scripts/bench-gate).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 # Headers that describe one connection, not the message (RFC 9110 section 7.6.1). The gate
 # owns its two connections, so it drops these and adds its own `Connection` when needed.
@@ -28,6 +29,13 @@ HOP_BY_HOP = frozenset(
 )
 
 _MAX_CHUNK_LINE = 4096  # a chunk-size line longer than this is an attack, not a size
+_WS = (0x20, 0x09)  # space and tab, as bytes items
+# Header names the parsers look at; every other line is relayed as it came, untouched.
+_REQUEST_WATCHED = HOP_BY_HOP | {
+    b"host", b"content-length", b"transfer-encoding", b"expect", b"close"
+}  # fmt: skip
+_RESPONSE_WATCHED = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"close"}
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class HttpFramingError(ValueError):
@@ -40,7 +48,9 @@ class RequestHead:
     target: bytes
     path: str
     http10: bool
-    headers: list[tuple[bytes, bytes]]  # end-to-end headers only, as received
+    # End-to-end header lines as received, each ending in CRLF, without hop-by-hop ones and
+    # without Host (the gate writes the upstream's own).
+    headers: bytes
     content_length: int | None
     chunked: bool
     keep_alive: bool
@@ -52,43 +62,91 @@ class RequestHead:
 class ResponseHead:
     status: int
     status_line: bytes
-    headers: list[tuple[bytes, bytes]]  # end-to-end headers only
+    headers: bytes  # end-to-end header lines as received, each ending in CRLF
     content_length: int | None
     chunked: bool
     keep_alive: bool
 
 
-def _split_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], set[bytes], list[bytes]]:
-    """Start line, end-to-end headers, `Connection` tokens and `Transfer-Encoding` codings."""
-    lines = data.rstrip(b"\r\n").split(b"\r\n")
-    headers: list[tuple[bytes, bytes]] = []
+# What one pass over the header lines found: the relayed lines (without CRLF), the
+# `Connection` tokens (lowercase), the `Content-Length` values, the `Transfer-Encoding`
+# codings (lowercase, in order), whether `Expect: 100-continue` came (then every Expect line
+# is dropped: the gate answers it), and the first `Upgrade` value.
+_Fields = tuple[list[bytes], set[bytes], list[bytes], list[bytes], bool, "bytes | None"]
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """The head's lines, start line first; refuses a head that is not CRLF-framed."""
+    if not data.endswith(b"\r\n\r\n"):
+        raise HttpFramingError("incomplete head")
+    lines = data.split(b"\r\n")
+    separators = len(lines) - 1
+    if data.count(b"\n") != separators or data.count(b"\r") != separators:
+        # a bare CR or LF: some servers end a line there and others do not (smuggling)
+        raise HttpFramingError("bare CR or LF in the head")
+    del lines[-2:]
+    return lines
+
+
+def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
+    """One pass over the header lines (`lines[1:]`); only watched names are looked into."""
+    kept: list[bytes] = []
     connection: set[bytes] = set()
+    lengths: list[bytes] = []
     codings: list[bytes] = []
-    for line in lines[1:]:
+    expects: list[bytes] = []
+    closes: list[bytes] = []
+    expect_continue = False
+    upgrade: bytes | None = None
+    for line in islice(lines, 1, None):
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+        if not sep or not name or name[-1] in _WS or line[0] in _WS:
             # obsolete line folding or "Name :" are request-smuggling vectors: refuse them
             raise HttpFramingError(f"malformed header line {line[:60]!r}")
-        value = value.strip(b" \t")
         lower = name.lower()
-        if lower == b"connection":
-            connection.update(t.strip().lower() for t in value.split(b","))
+        if lower not in watched:
+            kept.append(line)
             continue
-        if lower == b"transfer-encoding":
+        value = value.strip(b" \t")
+        if lower == b"content-length":
+            lengths.append(value)
+            kept.append(line)
+        elif lower == b"transfer-encoding":
             codings.extend(t.strip().lower() for t in value.split(b",") if t.strip())
-        headers.append((name, value))
-    drop = HOP_BY_HOP | connection
-    kept = [(n, v) for n, v in headers if n.lower() not in drop]
-    return lines[0], kept, connection, codings
+            kept.append(line)
+        elif lower == b"connection":
+            connection.update(t.strip().lower() for t in value.split(b","))
+        elif lower == b"expect":
+            expect_continue = expect_continue or value.lower() == b"100-continue"
+            expects.append(line)
+        elif lower == b"upgrade":
+            if upgrade is None:
+                upgrade = value
+        elif lower == b"close":  # a header named like the token: dropped with it
+            closes.append(line)
+        # other hop-by-hop headers and Host are dropped
+    if closes and b"close" not in connection:
+        kept += closes
+    if connection:
+        # Connection may name more end-to-end headers to drop (RFC 9110 section 7.6.1)
+        extra = connection - watched
+        if extra:
+            kept = [k for k in kept if k.partition(b":")[0].lower() not in extra]
+        if not connection.isdisjoint(_FRAMING):
+            raise HttpFramingError("Connection lists a framing header")
+        if b"expect" in connection:
+            expects, expect_continue = [], False
+    if expects and not expect_continue:
+        kept += expects  # other expectations are the upstream's to answer
+    return kept, connection, lengths, codings, expect_continue, upgrade
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    values = {v for n, v in headers if n.lower() == b"content-length"}
-    if not values:
+def _content_length(lengths: list[bytes]) -> int | None:
+    if not lengths:
         return None
-    if len(values) > 1:
+    value = lengths[0]
+    if len(lengths) > 1 and any(v != value for v in lengths):
         raise HttpFramingError("conflicting Content-Length headers")
-    value = values.pop()
     if not value.isdigit():
         raise HttpFramingError(f"bad Content-Length {value[:20]!r}")
     return int(value)
@@ -96,13 +154,16 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 def parse_request_head(data: bytes) -> RequestHead:
     """Parse a request head (up to and including the blank line)."""
-    start, headers, connection, codings = _split_head(data)
-    parts = start.split(b" ")
+    lines = _lines(data)
+    parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HttpFramingError(f"bad request line {start[:80]!r}")
+        raise HttpFramingError(f"bad request line {lines[0][:80]!r}")
     method, target, version = parts
     http10 = version == b"HTTP/1.0"
-    content_length = _content_length(headers)
+    kept, connection, lengths, codings, expect_continue, upgrade = _fields(
+        lines, _REQUEST_WATCHED
+    )
+    content_length = _content_length(lengths)
     chunked = False
     if codings:
         # Only a final "chunked" tells where the body ends; anything else cannot be relayed
@@ -110,70 +171,57 @@ def parse_request_head(data: bytes) -> RequestHead:
         if codings[-1] != b"chunked" or content_length is not None or http10:
             raise HttpFramingError("unsupported Transfer-Encoding")
         chunked = True
-    upgrade_value = None
-    if b"upgrade" in connection:
-        upgrade_value = next((v for n, v in _raw_headers(data) if n == b"upgrade"), None)
-    expect = any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers)
     keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
-    path = target.split(b"?", 1)[0].decode("latin-1")
     return RequestHead(
-        method=method.decode("latin-1"),
-        target=target,
-        path=path,
-        http10=http10,
-        headers=[(n, v) for n, v in headers if not (expect and n.lower() == b"expect")],
-        content_length=content_length,
-        chunked=chunked,
-        keep_alive=keep_alive,
-        upgrade=upgrade_value,
-        expect_continue=expect,
+        method.decode("latin-1"),
+        target,
+        target.partition(b"?")[0].decode("latin-1"),
+        http10,
+        b"\r\n".join(kept) + b"\r\n" if kept else b"",
+        content_length,
+        chunked,
+        keep_alive,
+        upgrade if b"upgrade" in connection else None,
+        expect_continue,
     )
-
-
-def _raw_headers(data: bytes) -> list[tuple[bytes, bytes]]:
-    out = []
-    for line in data.rstrip(b"\r\n").split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        out.append((name.lower(), value.strip(b" \t")))
-    return out
 
 
 def parse_response_head(data: bytes, *, request_method: str) -> ResponseHead:
     """Parse a response head; framing depends on the request (HEAD has no body)."""
-    start, headers, connection, codings = _split_head(data)
+    lines = _lines(data)
+    start = lines[0]
     parts = start.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise HttpFramingError(f"bad status line {start[:80]!r}")
     status = int(parts[1])
     http10 = parts[0] == b"HTTP/1.0"
+    kept, connection, lengths, codings, _, _ = _fields(lines, _RESPONSE_WATCHED)
     keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
     no_body = request_method == "HEAD" or status < 200 or status in (204, 304)
     chunked = bool(codings) and codings[-1] == b"chunked" and not no_body
-    content_length = None if (chunked or no_body) else _content_length(headers)
+    content_length = None if (chunked or no_body) else _content_length(lengths)
     if no_body:
         content_length = 0
     elif codings and not chunked:
         keep_alive = False  # body runs until the upstream closes
+    headers = b"\r\n".join(kept) + b"\r\n" if kept else b""
     return ResponseHead(status, start, headers, content_length, chunked, keep_alive)
 
 
-def build_head(start_line: bytes, headers: list[tuple[bytes, bytes]], extra: bytes = b"") -> bytes:
+def build_head(start_line: bytes, headers: bytes, extra: bytes = b"") -> bytes:
     """Serialise a head; `extra` is raw header lines (each ending in CRLF) the gate adds."""
-    parts = [start_line, b"\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (extra, b"\r\n")
-    return b"".join(parts)
+    return b"".join((start_line, b"\r\n", headers, extra, b"\r\n"))
 
 
 class ChunkedScanner:
     """Follows chunked framing across arbitrary slices of a body to find where it ends.
 
     `feed()` returns how many bytes of the slice belong to the body; fewer than given only
-    once the final chunk and trailers have passed, after which `done` is true.
+    once the final chunk and trailers have passed, after which `done` is true. `size` is the
+    sum of the chunk sizes announced so far (a body limit can be checked before relaying).
     """
 
-    __slots__ = ("_line", "_remaining", "_state", "done")
+    __slots__ = ("_line", "_remaining", "_state", "done", "size")
 
     _SIZE, _DATA, _TRAILER = 0, 1, 2
 
@@ -182,8 +230,22 @@ class ChunkedScanner:
         self._remaining = 0
         self._line = b""
         self.done = False
+        self.size = 0
 
     def feed(self, data: bytes) -> int:
+        if self._state == self._SIZE and not self._line:
+            # The usual slice of a stream is one whole chunk, "<hex>\r\n<data>\r\n": take it
+            # in one step. Anything else (extensions, several chunks, the last chunk, a chunk
+            # cut across slices, garbage) goes the long way below.
+            newline = data.find(b"\n", 0, 18)
+            if newline > 1 and data[newline - 1] == 0x0D and data[: newline - 1].isalnum():
+                try:
+                    size = int(data[: newline - 1], 16)
+                except ValueError:
+                    size = 0
+                if size and newline + size + 3 == len(data):
+                    self.size += size
+                    return len(data)
         pos, end = 0, len(data)
         while pos < end:
             if self._state == self._DATA:
@@ -213,6 +275,7 @@ class ChunkedScanner:
                 if size == 0:
                     self._state = self._TRAILER
                 else:
+                    self.size += size
                     self._remaining = size + 2  # the data and its CRLF
                     self._state = self._DATA
             elif not line:  # the blank line after the (usually empty) trailers
