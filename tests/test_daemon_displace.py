@@ -1,81 +1,20 @@
 """End to end: reclaim = "displace-interruptible" on Vast.ai, with the whole broker in virtual
 time (fake GPUs, the fake Ollama behind the real gate, the fake Vast.ai, a real ledger).
 
-The fixtures are test_daemon_e2e.py's.
+The fixtures (`make_rig`, `fake_vast`) are in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-import ollama
-import pytest
-from fakes.ollama import FakeOllama
-from fakes.rig import TOKEN, VAST_KEY, Rig, rig_config
+from fakes.rig import RigFactory, chat, journal_kinds
 from fakes.vast import FakeVast
 
 from broker.clock import FakeClock
 from broker.ledger.base import JournalEntry
 from broker.providers import RentalKind
 from broker.scheduling.pool import PoolState
-
-RigFactory = Callable[..., Awaitable[Rig]]
-
-
-@pytest.fixture
-async def fake_ollama() -> AsyncIterator[FakeOllama]:
-    async with FakeOllama() as server:
-        server.loaded["llama3.2:1b"] = 1
-        yield server
-
-
-@pytest.fixture
-async def fake_vast(clock: FakeClock) -> AsyncIterator[FakeVast]:
-    server = FakeVast(clock, machines={4242: 2}, api_keys={VAST_KEY})
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def make_rig(
-    clock: FakeClock,
-    tmp_path: Path,
-    fake_ollama: FakeOllama,
-    fake_vast: FakeVast,
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[RigFactory]:
-    monkeypatch.setenv("RIG_VAST_KEY", VAST_KEY)
-    monkeypatch.setenv("RIG_API_TOKEN", TOKEN)
-    rigs: list[Rig] = []
-
-    async def make(**overrides: Any) -> Rig:
-        config = rig_config(
-            tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url, **overrides
-        )
-        rig = Rig(clock, config, fake_ollama, fake_vast)
-        rigs.append(rig)
-        return await rig.start()
-
-    yield make
-    for rig in rigs:
-        await rig.aclose()
-
-
-async def chat(rig: Rig) -> Any:
-    async with ollama.AsyncClient(host=rig.gate_url) as client:
-        return await client.chat(
-            model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}], stream=False
-        )
-
-
-async def journal_kinds(rig: Rig) -> list[tuple[str, str]]:
-    assert rig.daemon.ledger is not None
-    entries = await rig.daemon.ledger.journal_entries()
-    return [(e.kind, e.status) for e in entries if e.kind != "transition"]
 
 
 async def test_a_local_chat_displaces_an_interruptible_renter(

@@ -28,15 +28,12 @@ import pytest
 from fakes.ollama import FakeOllama
 from fakes.rig import TOKEN, VAST_KEY, Rig, rig_config
 from fakes.vast import FakeVast
-from test_daemon_e2e import fake_ollama, fake_vast
 
 from broker.clock import FakeClock
 from broker.ledger import open_ledger
 from broker.ledger.base import EarningsRecord, EnergyRecord
 from broker.providers import RentalKind
 from broker.scheduling.pool import PoolState
-
-__all__ = ["fake_ollama", "fake_vast"]  # fixtures, used by name
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (

@@ -7,24 +7,14 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from fakes.rig import Rig
+from fakes.rig import Rig, RigFactory, chat, listed
 from fakes.vast import FakeVast
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon_e2e import (  # the same fixtures as the end-to-end stories
-    RigFactory,
-    chat,
-    fake_ollama,
-    fake_vast,
-    listed,
-    make_rig,
-)
 
 from broker.clock import FakeClock
 from broker.metrics import EARNINGS_REFRESH
 from broker.providers import RentalKind
 from broker.scheduling.pool import PoolState
-
-__all__ = ["fake_ollama", "fake_vast", "make_rig"]  # fixtures, used by name
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import ollama
 
 from broker.clock import FakeClock
 from broker.config import Config, parse_config
@@ -179,3 +181,26 @@ class Rig:
 
     async def aclose(self) -> None:
         await drive(self.clock, self.daemon.aclose())
+
+
+RigFactory = Callable[..., Awaitable[Rig]]  # the `make_rig` fixture (tests/conftest.py)
+
+
+async def chat(rig: Rig) -> Any:
+    """One non-streamed chat through the rig's gate, with the real `ollama` client."""
+    async with ollama.AsyncClient(host=rig.gate_url) as client:
+        return await client.chat(
+            model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}], stream=False
+        )
+
+
+async def journal_kinds(rig: Rig) -> list[tuple[str, str]]:
+    """(kind, status) of every journal entry but the transitions, oldest first."""
+    assert rig.daemon.ledger is not None
+    entries = await rig.daemon.ledger.journal_entries()
+    return [(e.kind, e.status) for e in entries if e.kind != "transition"]
+
+
+async def listed(rig: Rig) -> float:
+    """From a fresh start to LISTED; returns the virtual seconds it took."""
+    return await rig.until_state(PoolState.LISTED, limit=600)
