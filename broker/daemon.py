@@ -125,9 +125,10 @@ class Daemon:
                 await gate.start()
             except OSError as err:
                 why = "the address is in use" if err.errno == errno.EADDRINUSE else err.strerror
+                index = self._service_index(gate.name)
                 raise BrokerError(
-                    f"services[{self._service_index(gate.name)}].gate_listen: cannot listen on "
-                    f"{config.services[self._service_index(gate.name)].gate_listen}: {why} "
+                    f"services[{index}].gate_listen: cannot listen on "
+                    f"{config.services[index].gate_listen}: {why} "
                     "(if the service itself still listens there, move it, e.g. "
                     "OLLAMA_HOST=127.0.0.1:11435, and point upstream at it)"
                 ) from None

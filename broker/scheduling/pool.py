@@ -147,7 +147,6 @@ RENEW_AT_FRACTION = 0.5
 @dataclass
 class PoolMachine:
     policy: PolicySection
-    reclaim_displaces: bool = False
     state: PoolState = PoolState.LOCAL
     since: float = 0.0  # monotonic time the state began
     local_hold_until: float | None = None
@@ -163,8 +162,10 @@ class PoolMachine:
     gates: GateMode = OPEN
     tz: tzinfo = UTC  # times in reasons are shown in this zone
 
-    def __post_init__(self) -> None:
-        self.reclaim_displaces = self.policy.reclaim == "displace-interruptible"
+    @property
+    def reclaim_displaces(self) -> bool:
+        # Read from the policy each time, so a reloaded policy applies at once.
+        return self.policy.reclaim == "displace-interruptible"
 
     def step(self, obs: Observation) -> Decision:
         before = self.state

@@ -56,6 +56,7 @@ from broker.scheduling.pool import (
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar, Interval
 from broker.services.base import ServiceAdapter, ServiceProbe
+from broker.services.control import GateMode as ControlMode
 from broker.services.gate import Gate
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,6 @@ class Scheduler:
         """Take up a (re)loaded configuration's policy, windows and tariffs."""
         self.config = config
         self.machine.policy = config.policy
-        self.machine.reclaim_displaces = config.policy.reclaim == "displace-interruptible"
         self.machine.tz = config.broker.tz
         self.calendar = Calendar.from_config(config.windows, config.broker.tz)
         self._window: Interval | None = None  # the open window last found
@@ -508,7 +508,7 @@ class Scheduler:
     def _set_gates(self, decision: Decision) -> None:
         mode = decision.gates
         if not mode.guarded:
-            was_guarded = any(g.control.mode.value == "guarded" for g in self.gates)
+            was_guarded = any(g.control.mode is ControlMode.GUARDED for g in self.gates)
             for gate in self.gates:
                 gate.control.release()
             self._released_early.clear()
