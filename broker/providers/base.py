@@ -170,11 +170,18 @@ class Provider(abc.ABC):
         """Create or update the offer; returns once the platform shows it live."""
 
     @abc.abstractmethod
-    async def unlist(self) -> None:
-        """Stop new rentals; running contracts continue. Returns once shown unlisted."""
+    async def unlist(self, *, urgent: bool = False) -> ProviderStatus | None:
+        """Stop new rentals; running contracts continue. Returns once shown unlisted, with
+        the state read back to confirm it when the adapter read one (None otherwise): a
+        rental that slipped in just before the unlist shows there.
+
+        `urgent`: a local request waits on this call. It skips the spacing meant for
+        background polls and retries a rate-limited answer quickly.
+        """
 
     @abc.abstractmethod
-    async def status(self) -> ProviderStatus: ...
+    async def status(self, *, urgent: bool = False) -> ProviderStatus:
+        """What the platform shows now. `urgent` as for `unlist`."""
 
     @abc.abstractmethod
     async def earnings(self, first_day: date, last_day: date) -> builtins.list[EarningsRecord]:

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 Query = Sequence[tuple[str, object]]
 
+# The longest pause between two tries of an urgent call: a held request is waiting.
+URGENT_MAX_BACKOFF = 1.0
+
 
 def encode_query(query: Query) -> str:
     """Vast's own client: strings as they are, everything else JSON-encoded, then
@@ -106,8 +109,13 @@ class Spacer:
         self._next: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def wait(self, endpoint: str) -> None:
+    async def wait(self, endpoint: str, *, urgent: bool = False) -> None:
+        """Wait this endpoint's turn. An urgent call (a local request waits on it) goes at
+        once, and the background calls after it keep their spacing from it."""
         if self._spacing <= 0:
+            return
+        if urgent:
+            self._next[endpoint] = self._clock.monotonic() + self._spacing
             return
         lock = self._locks.setdefault(endpoint, asyncio.Lock())
         async with lock:
@@ -166,15 +174,23 @@ class JsonApi:
         query: Query = (),
         body: object = None,
         endpoint: str | None = None,
+        urgent: bool = False,
     ) -> Any:
         """One call, retried while temporary; returns the decoded JSON answer.
 
         `endpoint` names the rate-limit bucket (default: method and path without query).
+        `urgent`: a local request waits on this call: no spacing wait, and a 429 or a
+        failure is retried within a second or so rather than with the background backoff.
         """
         bucket = endpoint or f"{method} {path}"
+        backoff = (
+            wait_exponential_jitter(initial=0.1, max=URGENT_MAX_BACKOFF, jitter=0.1)
+            if urgent
+            else wait_exponential_jitter(initial=1, max=self._max_backoff, jitter=1)
+        )
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
-            wait=wait_exponential_jitter(initial=1, max=self._max_backoff, jitter=1),
+            wait=backoff,
             retry=retry_if_exception_type(ProviderUnavailable),
             sleep=self._clock.sleep,
             before_sleep=self._note_retry,
@@ -183,7 +199,7 @@ class JsonApi:
         result: Any = None
         async for attempt in retrying:
             with attempt:
-                await self._spacer.wait(bucket)
+                await self._spacer.wait(bucket, urgent=urgent)
                 result = await self._once(method, path, query, body)
         return result
 

@@ -135,12 +135,13 @@ class PaperMarket(Provider):
         self._rate = self.arrival_rate(offer, now)
         return ListResult(extended=extended)
 
-    async def unlist(self) -> None:
+    async def unlist(self, *, urgent: bool = False) -> ProviderStatus | None:
         now = self._sync()
         self.book.unlist(now)
         self._rate = 0.0
+        return await self.status()
 
-    async def status(self) -> ProviderStatus:
+    async def status(self, *, urgent: bool = False) -> ProviderStatus:
         now = self._sync()
         offer = self.book.offer
         return ProviderStatus(

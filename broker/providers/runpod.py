@@ -121,11 +121,13 @@ class RunpodMarket(Provider):
     async def list(self, offer: Offer) -> ListResult:
         raise ProviderRejected(NOTE)
 
-    async def unlist(self) -> None:
+    async def unlist(self, *, urgent: bool = False) -> ProviderStatus | None:
         raise ProviderRejected(NOTE)
 
-    async def myself(self) -> RunpodMyself:
-        answer = await self._api.request("POST", "/graphql", body={"query": QUERY})
+    async def myself(self, *, urgent: bool = False) -> RunpodMyself:
+        answer = await self._api.request(
+            "POST", "/graphql", body={"query": QUERY}, urgent=urgent
+        )
         if not isinstance(answer, dict):
             raise ProviderError(f"RunPod: unexpected answer: {answer!r:.200}")
         errors = answer.get("errors")
@@ -164,8 +166,8 @@ class RunpodMarket(Provider):
             f"(found: {ids})"
         )
 
-    async def status(self) -> ProviderStatus:
-        machine = self._pick(await self.myself())
+    async def status(self, *, urgent: bool = False) -> ProviderStatus:
+        machine = self._pick(await self.myself(urgent=urgent))
         running = [p for p in machine.pods if (p.desired_status or "").upper() == "RUNNING"]
         total = machine.gpu_total or 0
         reserved = machine.gpu_reserved

@@ -254,17 +254,19 @@ class VastMarket(Provider):
         )  # fmt: skip
         return ListResult(extended=extended)
 
-    async def unlist(self) -> None:
+    async def unlist(self, *, urgent: bool = False) -> ProviderStatus | None:
         answer = await self._api.request(
-            "DELETE", f"/api/v0/machines/{self.config.machine_id}/asks/", body={}
-        )
+            "DELETE", f"/api/v0/machines/{self.config.machine_id}/asks/", body={},
+            urgent=urgent,
+        )  # fmt: skip
         self._check_success(answer, "unlist")
 
         def differences(machine: VastMachine) -> builtins.list[str]:
             return [] if machine.listed is False else [f"listed is {machine.listed}, not False"]
 
-        await self._confirm(differences, "unlist")
+        machine = await self._confirm(differences, "unlist", urgent=urgent)
         log.info("vast: machine %s unlisted", self.machine_id)
+        return await self._status_of(machine)
 
     @staticmethod
     def _check_success(answer: Any, what: str) -> None:
@@ -295,14 +297,19 @@ class VastMarket(Provider):
         return found
 
     async def _confirm(
-        self, differences: Callable[[VastMachine], builtins.list[str]], what: str
-    ) -> None:
+        self,
+        differences: Callable[[VastMachine], builtins.list[str]],
+        what: str,
+        *,
+        urgent: bool = False,
+    ) -> VastMachine:
         """Read the machine back; a second look first, as the platform may lag a moment."""
         problems: builtins.list[str] = []
         for _ in range(2):
-            problems = differences(await self.machine())
+            machine = await self.machine(urgent=urgent)
+            problems = differences(machine)
             if not problems:
-                return
+                return machine
         raise ProviderStateMismatch(
             f"Vast.ai answered the {what} of machine {self.machine_id} as done, but it shows "
             + "; ".join(problems)
@@ -317,12 +324,13 @@ class VastMarket(Provider):
             raise ProviderError(f"Vast.ai: unexpected answer to GET /machines: {answer!r:.200}")
         return [self._machine(row) for row in rows]
 
-    async def machine(self) -> VastMachine:
+    async def machine(self, *, urgent: bool = False) -> VastMachine:
         answer = await self._api.request(
             "GET",
             f"/api/v0/machines/{self.config.machine_id}",
             query=[("owner", "me")],
             endpoint="GET /api/v0/machines/{id}",
+            urgent=urgent,
         )
         # A bare one-element list; tolerate the `{"machines": [...]}` shape as well.
         rows = answer.get("machines") if isinstance(answer, dict) else answer
@@ -343,8 +351,10 @@ class VastMarket(Provider):
         except ValidationError as error:
             raise ProviderError(f"Vast.ai: a machine record is not understood: {error}") from None
 
-    async def status(self) -> ProviderStatus:
-        machine = await self.machine()
+    async def status(self, *, urgent: bool = False) -> ProviderStatus:
+        return await self._status_of(await self.machine(urgent=urgent))
+
+    async def _status_of(self, machine: VastMachine) -> ProviderStatus:
         ours = () if self.self_rental is None else (self.self_rental,)
         renter_gpus = await self._docker.snapshot(exclude=ours) if self._docker else None
         return self.status_from(machine, renter_gpus=renter_gpus)
