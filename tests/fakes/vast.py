@@ -91,8 +91,12 @@ class FakeVast:
         *,
         machines: dict[int, int] | None = None,
         api_keys: set[str] | None = None,
+        latency: float = 0.0,
     ) -> None:
         self.clock = clock
+        # Real seconds every answer takes (the network and the platform): the real API
+        # answers in 100-300 ms, never at once.
+        self.latency = latency
         self.api_keys = api_keys if api_keys is not None else {"test-key"}
         self.machines = {
             mid: FakeMachine(mid, ContractBook(num_gpus=n))
@@ -208,6 +212,8 @@ class FakeVast:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         raw = await request.read()
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
