@@ -20,7 +20,7 @@ from rich.table import Table
 from broker import __version__, runtime
 from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
-from broker.config import Config, RunpodProvider, VastProvider, find_config, load_config
+from broker.config import Config, find_config, load_config
 from broker.errors import BrokerError, ConfigError, ProviderError
 from broker.ledger import ledger_path, open_ledger
 from broker.ledger.sqlite import SCHEMA_VERSION
@@ -320,16 +320,15 @@ def cmd_check(
         )
 
     provider = config.provider
-    if isinstance(provider, VastProvider | RunpodProvider):
-        try:
-            provider.api_key()
-            out.print(f"ok   provider.{provider.kind}: API key is set")
-        except ConfigError as error:
-            problems.extend(error.problems)
-        else:
-            problems.extend(_check_provider(config, clock, out))
+    try:
+        lines = provider.check()
+    except ConfigError as error:
+        problems.extend(error.problems)
     else:
-        out.print("ok   provider: paper market (simulated renters, no account needed)")
+        for line in lines:
+            out.print(f"ok   provider.{provider.kind}: {line}", markup=False)
+        if provider.probes_platform:
+            problems.extend(_check_provider(config, clock, out))
 
     problems.extend(_check_ledger(config, out))
     gpu_problems, service_warnings = asyncio.run(_check_gpus_and_services(config, clock, out))

@@ -15,15 +15,13 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -31,8 +29,15 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from broker.errors import ConfigError, SecretError
-from broker.units import parse_duration, parse_hostport
+from broker.configtypes import Duration, PositiveDuration, SecretRef
+from broker.configtypes import StrictModel as _Model
+from broker.errors import ConfigError
+from broker.providers import registry
+from broker.providers.paper import PaperProvider
+from broker.providers.runpod import RunpodProvider
+from broker.providers.sections import PolledProvider, ProviderKey
+from broker.providers.vast import VastProvider
+from broker.units import parse_hostport
 
 CONFIG_ENV = "GPU_BROKER_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/gpu-broker/config.toml"))
@@ -40,18 +45,6 @@ DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/gpu-broker/config.toml")
 # Keys that would hold a secret inline. They are not fields of any model, so without this
 # table a user writing `api_key = "..."` would only be told "unknown key".
 _INLINE_SECRET_KEYS = {"api_key", "api_token", "token", "password", "secret", "key"}
-
-
-def _duration(value: Any) -> timedelta:
-    if isinstance(value, timedelta):
-        return value
-    return parse_duration(value)
-
-
-def _positive(value: timedelta) -> timedelta:
-    if value <= timedelta(0):
-        raise ValueError("expected a duration longer than zero")
-    return value
 
 
 def _listen(value: str) -> str:
@@ -85,8 +78,6 @@ def _timezone(value: str) -> str:
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
-PositiveDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_positive)]
 ListenAddress = Annotated[str, AfterValidator(_listen)]
 CronExpression = Annotated[str, AfterValidator(_cron)]
 TimeZoneName = Annotated[str, AfterValidator(_timezone)]
@@ -108,31 +99,6 @@ def system_timezone() -> str:
             except (ZoneInfoNotFoundError, ValueError):
                 continue
     return "UTC"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SecretRef(_Model):
-    """Mixin for sections that take one secret as `<name>_env` or `<name>_file`."""
-
-    @staticmethod
-    def _read_secret(key: str, env: str | None, file: Path | None) -> str | None:
-        if env:
-            value = os.environ.get(env)
-            if not value:
-                raise SecretError(f"{key}_env", f"environment variable {env} is not set")
-            return value.strip()
-        if file:
-            try:
-                value = file.expanduser().read_text().strip()
-            except OSError as err:
-                raise SecretError(f"{key}_file", f"cannot read {file}: {err.strerror}") from None
-            if not value:
-                raise SecretError(f"{key}_file", f"{file} is empty")
-            return value
-        return None
 
 
 class BrokerSection(SecretRef):
@@ -365,109 +331,17 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
-class PolledProvider(_Model):
-    # How often the marketplace is read while an offer or a renter may exist (six times
-    # as long otherwise): how soon a new rental or a contract's end is seen.
-    poll_interval: PositiveDuration = timedelta(seconds=10)
+# The marketplaces' sections live in their modules (broker/providers/), listed in the
+# registry; these names stay importable from here.
+if TYPE_CHECKING:
+    ProviderSection = PolledProvider
+else:
+    ProviderSection = registry.section_union()
 
-
-class ProviderKey(SecretRef, PolledProvider):
-    """A provider section whose API key comes from `api_key_env` or `api_key_file`."""
-
-    api_key_env: str | None = None
-    api_key_file: Path | None = None
-
-    def api_key(self) -> str | None:
-        if self.api_key_file is not None:
-            return self._read_secret("provider.api_key", None, self.api_key_file)
-        return self._read_secret("provider.api_key", self.api_key_env, None)
-
-
-class VastProvider(ProviderKey):
-    kind: Literal["vast"]
-    machine_id: int = Field(gt=0)
-    api_key_env: str | None = "VAST_API_KEY"
-    api_key_file: Path | None = None
-    base_url: str = "https://console.vast.ai"
-    price_gpu: float = Field(gt=0, description="USD per GPU-hour, on-demand")
-    min_bid: float | Literal["auto"] = "auto"
-    price_disk: float = Field(default=0.10, ge=0, description="USD per GB-month")
-    min_chunk: int = Field(default=1, ge=1)
-    # min_bid = "auto": the floor is the GPUs' power under load x the tariff x (1 + margin),
-    # near what Vast advises (the cost of power under load), so a bid never runs at a loss.
-    min_bid_margin: float = Field(default=0.25, ge=0)
-    # Vast prices are USD while energy.currency may not be: USD for one unit of it.
-    usd_per_currency: float = Field(default=1.0, gt=0)
-    # Vast rate-limits each endpoint to one call every few seconds.
-    request_spacing: Duration = timedelta(seconds=2)
-    request_timeout: PositiveDuration = timedelta(seconds=30)
-    retry_attempts: int = Field(default=5, ge=1)
-    # Renter containers (C.<contract>) show which GPUs a renter holds; unreadable = unknown.
-    # "" turns the reading off (TOML has no null).
-    docker_socket: Path | None = Path("/var/run/docker.sock")
-    # reclaim = "displace-interruptible": the broker rents its own offer on-demand (free for
-    # the host) to push interruptible renters off. The instance only has to exist and hold
-    # the GPUs, so the image is tiny, it sleeps, and its disk is the least we may ask for.
-    displace_image: str = Field(default="alpine:latest", min_length=1)
-    displace_disk: float = Field(default=1.0, gt=0, description="GB")
-
-    @field_validator("docker_socket", mode="before")
-    @classmethod
-    def _no_socket(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("min_bid")
-    @classmethod
-    def _min_bid(cls, value: float | str) -> float | str:
-        if isinstance(value, float | int) and value < 0:
-            raise ValueError('expected "auto" or a price of at least 0')
-        return value
-
-
-
-class RunpodProvider(ProviderKey):
-    kind: Literal["runpod"]
-    machine_id: str | None = None
-    api_key_env: str | None = "RUNPOD_API_KEY"
-    api_key_file: Path | None = None
-    base_url: str = "https://api.runpod.io"
-    # RunPod reports earnings in USD: USD for one unit of energy.currency (for the report).
-    usd_per_currency: float = Field(default=1.0, gt=0)
-    request_spacing: Duration = timedelta(seconds=2)
-    request_timeout: PositiveDuration = timedelta(seconds=30)
-    retry_attempts: int = Field(default=5, ge=1)
-
-
-
-class PaperProvider(PolledProvider):
-    kind: Literal["paper"]
-    seed: int = 0
-    price_gpu: float = Field(default=0.20, gt=0, description="USD per GPU-hour we ask")
-    market_price_gpu: float = Field(
-        default=0.20, gt=0, description="USD per GPU-hour renters expect"
-    )
-    min_bid: float | None = Field(
-        default=None, ge=0, description="USD per GPU-hour interruptible floor; none = any bid"
-    )
-    arrivals_per_hour: float = Field(
-        default=0.5, ge=0, description="renters arriving at the market price, full duration"
-    )
-    # Demand falls as exp(-elasticity x relative overprice): at elasticity 4 an ask 25 %
-    # above the market draws about a third of the renters.
-    price_elasticity: float = Field(default=4.0, ge=0)
-    full_demand_after: PositiveDuration = Field(
-        default=timedelta(hours=4),
-        description="offers shorter than this draw proportionally fewer renters",
-    )
-    interruptible_share: float = Field(default=0.3, ge=0, le=1)
-    mean_rental: PositiveDuration = timedelta(hours=3)
-    # The paper market prices in USD like Vast: USD for one unit of energy.currency.
-    usd_per_currency: float = Field(default=1.0, gt=0)
-
-
-ProviderSection = Annotated[
-    VastProvider | RunpodProvider | PaperProvider, Field(discriminator="kind")
-]
+__all__ = [
+    "PaperProvider", "PolledProvider", "ProviderKey", "ProviderSection", "RunpodProvider",
+    "VastProvider",
+]  # fmt: skip
 
 
 class Config(_Model):
@@ -637,7 +511,7 @@ def _known_keys(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> list[str
             node = node[part] if isinstance(node, list) and part < len(node) else None
             continue
         if isinstance(node, Mapping) and part not in node and node.get("kind") == part:
-            model = {"vast": VastProvider, "runpod": RunpodProvider, "paper": PaperProvider}[part]
+            model = registry.section_for(part)
             continue
         is_model = isinstance(model, type) and issubclass(model, BaseModel)
         field = model.model_fields.get(part) if is_model else None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from broker.config import BrokerSection
 from broker.ledger.base import (
     EarningsRecord,
     EnergyRecord,
@@ -16,6 +16,10 @@ from broker.ledger.base import (
     energy_totals_of,
 )
 from broker.ledger.sqlite import SqliteLedger
+
+if TYPE_CHECKING:
+    # A type only: broker.config imports the marketplaces, which import broker.ledger.base.
+    from broker.config import BrokerSection
 
 LEDGER_FILE = "ledger.sqlite3"
 

@@ -1,9 +1,12 @@
-"""Marketplace adapters: one module per marketplace, one interface (`base.Provider`)."""
+"""Marketplace adapters: one module per marketplace, one interface (`base.Provider`).
+
+The marketplaces are listed in `registry.py`; see there for how to add one.
+"""
 
 from __future__ import annotations
 
-from broker.clock import Clock
-from broker.config import Config, PaperProvider, RunpodProvider, VastProvider
+from typing import TYPE_CHECKING
+
 from broker.providers.base import (
     Capabilities,
     ListResult,
@@ -16,6 +19,12 @@ from broker.providers.base import (
     RenterGpus,
     auto_min_bid,
 )
+from broker.providers.sections import ProviderContext
+
+if TYPE_CHECKING:
+    # Not at run time: broker.config imports this package (through the registry).
+    from broker.clock import Clock
+    from broker.config import Config
 
 __all__ = [
     "Capabilities",
@@ -23,6 +32,7 @@ __all__ = [
     "Occupancy",
     "Offer",
     "Provider",
+    "ProviderContext",
     "ProviderStatus",
     "RentalKind",
     "Rentals",
@@ -45,24 +55,9 @@ def create_provider(
     `retry_attempts` overrides the configured count (`check` wants an answer soon).
     Reading the API key may raise `SecretError`.
     """
-    section = config.provider
-    if isinstance(section, VastProvider):
-        from broker.providers.docker import DockerRenters
-        from broker.providers.vast import VastMarket
-
-        docker = DockerRenters(section.docker_socket) if section.docker_socket else None
-        return VastMarket(
-            section,
-            clock,
-            docker=docker,
-            energy_currency=config.energy.currency,
-            retry_attempts=retry_attempts,
-        )
-    if isinstance(section, RunpodProvider):
-        from broker.providers.runpod import RunpodMarket
-
-        return RunpodMarket(section, clock, retry_attempts=retry_attempts)
-    assert isinstance(section, PaperProvider)
-    from broker.providers.paper import PaperMarket
-
-    return PaperMarket(section, clock, gpu_count=gpu_count or len(config.gpus.fake) or 1)
+    context = ProviderContext(
+        energy_currency=config.energy.currency,
+        gpu_count=gpu_count or len(config.gpus.fake) or 1,
+        retry_attempts=retry_attempts,
+    )
+    return config.provider.create(clock, context)

@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, Protocol
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -25,7 +26,6 @@ from tenacity import (
 from yarl import URL
 
 from broker.clock import Clock
-from broker.config import RunpodProvider, VastProvider
 from broker.errors import (
     ProviderAuthError,
     ProviderError,
@@ -66,9 +66,25 @@ def platform_message(text: str) -> str:
     return text[:300] if text else "(no message)"
 
 
+class ApiSection(Protocol):
+    """What `provider_api` reads from a marketplace section (`sections.ProviderKey` and
+    the HTTP settings every HTTP marketplace declares)."""
+
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def request_spacing(self) -> timedelta: ...
+    @property
+    def request_timeout(self) -> timedelta: ...
+    @property
+    def retry_attempts(self) -> int: ...
+    def api_key(self) -> str | None: ...
+    def key_source(self) -> str: ...
+
+
 def provider_api(
     platform: str,
-    config: VastProvider | RunpodProvider,
+    config: ApiSection,
     clock: Clock,
     api_key: str | None,
     retry_attempts: int | None,
@@ -81,19 +97,12 @@ def provider_api(
         platform=platform,
         base_url=config.base_url,
         api_key=key,
-        key_source=key_source(config),
+        key_source=config.key_source(),
         clock=clock,
         spacing=config.request_spacing.total_seconds(),
         timeout=config.request_timeout.total_seconds(),
         attempts=retry_attempts or config.retry_attempts,
     )
-
-
-def key_source(config: VastProvider | RunpodProvider) -> str:
-    """Where the key came from, for an error a user can act on. Never the key itself."""
-    if config.api_key_file is not None:
-        return f"the file {config.api_key_file} (provider.api_key_file)"
-    return f"the environment variable {config.api_key_env} (provider.api_key_env)"
 
 
 class Spacer:

@@ -14,9 +14,12 @@ import builtins
 import math
 import random
 from datetime import date, datetime, timedelta
+from typing import ClassVar, Literal
+
+from pydantic import Field
 
 from broker.clock import Clock
-from broker.config import PaperProvider
+from broker.configtypes import PositiveDuration
 from broker.errors import ProviderRejected
 from broker.ledger.base import EarningsRecord
 from broker.providers.base import (
@@ -28,6 +31,47 @@ from broker.providers.base import (
     RentalKind,
 )
 from broker.providers.contracts import Contract, ContractBook, RentRefused
+from broker.providers.sections import PolledProvider, ProviderContext
+
+
+class PaperProvider(PolledProvider):
+    """`[provider] kind = "paper"`: the simulated market, the default."""
+
+    kind: Literal["paper"]
+    seed: int = 0
+    price_gpu: float = Field(default=0.20, gt=0, description="USD per GPU-hour we ask")
+    market_price_gpu: float = Field(
+        default=0.20, gt=0, description="USD per GPU-hour renters expect"
+    )
+    min_bid: float | None = Field(
+        default=None, ge=0, description="USD per GPU-hour interruptible floor; none = any bid"
+    )
+    arrivals_per_hour: float = Field(
+        default=0.5, ge=0, description="renters arriving at the market price, full duration"
+    )
+    # Demand falls as exp(-elasticity x relative overprice): at elasticity 4 an ask 25 %
+    # above the market draws about a third of the renters.
+    price_elasticity: float = Field(default=4.0, ge=0)
+    full_demand_after: PositiveDuration = Field(
+        default=timedelta(hours=4),
+        description="offers shorter than this draw proportionally fewer renters",
+    )
+    interruptible_share: float = Field(default=0.3, ge=0, le=1)
+    mean_rental: PositiveDuration = timedelta(hours=3)
+    # The paper market prices in USD like Vast: USD for one unit of energy.currency.
+    usd_per_currency: float = Field(default=1.0, gt=0)
+
+    # Nothing to ask: the market is in this process.
+    probes_platform: ClassVar[bool] = False
+
+    def create(self, clock: Clock, context: ProviderContext) -> PaperMarket:
+        return PaperMarket(self, clock, gpu_count=context.gpu_count)
+
+    def check(self) -> list[str]:
+        return ["paper market (simulated renters, no account needed)"]
+
+    def estimate_price_gpu(self) -> float | None:
+        return self.price_gpu
 
 
 class PaperMarket(Provider):

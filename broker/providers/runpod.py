@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import builtins
 import logging
-from datetime import date
-from typing import Any
+from datetime import date, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.clock import Clock
-from broker.config import RunpodProvider
+from broker.configtypes import Duration, PositiveDuration
 from broker.errors import ProviderAuthError, ProviderError, ProviderRejected
 from broker.ledger.base import EarningsRecord
 from broker.providers.base import (
@@ -28,7 +29,12 @@ from broker.providers.base import (
     ProviderStatus,
     Rentals,
 )
-from broker.providers.http import key_source, provider_api
+from broker.providers.sections import ProviderContext, ProviderKey
+
+if TYPE_CHECKING:
+    # Imported where used: `broker.config` imports this module for its section, and
+    # must not pull in aiohttp for it.
+    from broker.providers.http import JsonApi
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,27 @@ QUERY = (
     "hostTotalEarnings hostGpuEarnings hostDiskEarnings } } machineEarnings { machineId "
     "date hostTotalEarnings } } }"
 )
+
+
+class RunpodProvider(ProviderKey):
+    """`[provider] kind = "runpod"`."""
+
+    kind: Literal["runpod"]
+    machine_id: str | None = None
+    api_key_env: str | None = "RUNPOD_API_KEY"
+    api_key_file: Path | None = None
+    base_url: str = "https://api.runpod.io"
+    # RunPod reports earnings in USD: USD for one unit of energy.currency (for the report).
+    usd_per_currency: float = Field(default=1.0, gt=0)
+    request_spacing: Duration = timedelta(seconds=2)
+    request_timeout: PositiveDuration = timedelta(seconds=30)
+    retry_attempts: int = Field(default=5, ge=1)
+
+    def create(self, clock: Clock, context: ProviderContext) -> RunpodMarket:
+        return RunpodMarket(self, clock, retry_attempts=context.retry_attempts)
+
+    # No estimate_price_gpu: the price is set in RunPod's dashboard; the broker does not
+    # know it.
 
 
 class _Wire(BaseModel):
@@ -91,7 +118,9 @@ class RunpodMarket(Provider):
         self.config = config
         self.machine_id = config.machine_id or ""
         self._clock = clock
-        self._api = provider_api("RunPod", config, clock, api_key, retry_attempts)
+        from broker.providers.http import provider_api
+
+        self._api: JsonApi = provider_api("RunPod", config, clock, api_key, retry_attempts)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -137,13 +166,13 @@ class RunpodMarket(Provider):
             )
             if any(w in message.lower() for w in ("unauthori", "api key", "forbidden")):
                 raise ProviderAuthError(
-                    f"RunPod refused the API key from {key_source(self.config)} ({message})"
+                    f"RunPod refused the API key from {self.config.key_source()} ({message})"
                 )
             raise ProviderRejected(f"RunPod: {message}")
         myself = (answer.get("data") or {}).get("myself")
         if myself is None:
             raise ProviderAuthError(
-                f"RunPod answered no account for the API key from {key_source(self.config)}"
+                f"RunPod answered no account for the API key from {self.config.key_source()}"
             )
         try:
             return RunpodMyself.model_validate(myself)

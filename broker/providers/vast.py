@@ -23,12 +23,13 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.clock import Clock
-from broker.config import VastProvider
+from broker.configtypes import Duration, PositiveDuration
 from broker.errors import (
     ProviderError,
     ProviderNotFound,
@@ -47,8 +48,13 @@ from broker.providers.base import (
     auto_min_bid,
     utc_day_bounds,
 )
-from broker.providers.docker import DockerRenters
-from broker.providers.http import provider_api
+from broker.providers.sections import ProviderContext, ProviderKey
+
+if TYPE_CHECKING:
+    # Imported where used: `broker.config` imports this module for its section, and
+    # must not pull in aiohttp for it.
+    from broker.providers.docker import DockerRenters
+    from broker.providers.http import JsonApi
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,64 @@ INSTANCES_PAGE = 25  # what the CLI asks for per page
 _OCCUPANCY: dict[str, Occupancy] = {
     "x": "free", "D": "on-demand", "I": "interruptible", "R": "reserved"
 }  # fmt: skip
+
+
+class VastProvider(ProviderKey):
+    """`[provider] kind = "vast"`."""
+
+    kind: Literal["vast"]
+    machine_id: int = Field(gt=0)
+    api_key_env: str | None = "VAST_API_KEY"
+    api_key_file: Path | None = None
+    base_url: str = "https://console.vast.ai"
+    price_gpu: float = Field(gt=0, description="USD per GPU-hour, on-demand")
+    min_bid: float | Literal["auto"] = "auto"
+    price_disk: float = Field(default=0.10, ge=0, description="USD per GB-month")
+    min_chunk: int = Field(default=1, ge=1)
+    # min_bid = "auto": the floor is the GPUs' power under load x the tariff x (1 + margin),
+    # near what Vast advises (the cost of power under load), so a bid never runs at a loss.
+    min_bid_margin: float = Field(default=0.25, ge=0)
+    # Vast prices are USD while energy.currency may not be: USD for one unit of it.
+    usd_per_currency: float = Field(default=1.0, gt=0)
+    # Vast rate-limits each endpoint to one call every few seconds.
+    request_spacing: Duration = timedelta(seconds=2)
+    request_timeout: PositiveDuration = timedelta(seconds=30)
+    retry_attempts: int = Field(default=5, ge=1)
+    # Renter containers (C.<contract>) show which GPUs a renter holds; unreadable = unknown.
+    # "" turns the reading off (TOML has no null).
+    docker_socket: Path | None = Path("/var/run/docker.sock")
+    # reclaim = "displace-interruptible": the broker rents its own offer on-demand (free for
+    # the host) to push interruptible renters off. The instance only has to exist and hold
+    # the GPUs, so the image is tiny, it sleeps, and its disk is the least we may ask for.
+    displace_image: str = Field(default="alpine:latest", min_length=1)
+    displace_disk: float = Field(default=1.0, gt=0, description="GB")
+
+    @field_validator("docker_socket", mode="before")
+    @classmethod
+    def _no_socket(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("min_bid")
+    @classmethod
+    def _min_bid(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int) and value < 0:
+            raise ValueError('expected "auto" or a price of at least 0')
+        return value
+
+    def create(self, clock: Clock, context: ProviderContext) -> VastMarket:
+        from broker.providers.docker import DockerRenters
+
+        docker = DockerRenters(self.docker_socket) if self.docker_socket else None
+        return VastMarket(
+            self,
+            clock,
+            docker=docker,
+            energy_currency=context.energy_currency,
+            retry_attempts=context.retry_attempts,
+        )
+
+    def estimate_price_gpu(self) -> float | None:
+        return self.price_gpu
 
 
 class VastMachine(BaseModel):
@@ -171,7 +235,9 @@ class VastMarket(Provider):
         self._clock = clock
         self._docker = docker
         self._energy_currency = energy_currency
-        self._api = provider_api("Vast.ai", config, clock, api_key, retry_attempts)
+        from broker.providers.http import provider_api
+
+        self._api: JsonApi = provider_api("Vast.ai", config, clock, api_key, retry_attempts)
         # Our self-rental's instance (= contract) id while one exists. Lost on a restart;
         # `end_displacement` then finds it again by its label.
         self.self_rental: int | None = None

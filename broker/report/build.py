@@ -42,7 +42,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from broker.config import Config, PaperProvider, VastProvider
+from broker.config import Config
 from broker.errors import BrokerError
 from broker.ledger.base import EarningsSource, Ledger, StateInterval
 from broker.report.periods import By, Period, periods
@@ -248,10 +248,9 @@ def _to_currency(amount: float, currency: str, config: Config) -> float:
 
 def _price_gpu(config: Config) -> float:
     """The estimate's price per rented GPU-hour, in energy.currency."""
-    provider = config.provider
-    if isinstance(provider, VastProvider | PaperProvider):
-        return _to_currency(provider.price_gpu, "USD", config)
-    return 0.0  # RunPod's price is set in its dashboard; the broker does not know it.
+    price = config.provider.estimate_price_gpu()
+    # None: the price is set elsewhere (RunPod's dashboard); the broker does not know it.
+    return 0.0 if price is None else _to_currency(price, "USD", config)
 
 
 def _clip(interval: StateInterval, start: datetime, end: datetime, now: datetime) -> tuple[
