@@ -148,6 +148,14 @@ class Provider(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open sessions; called by `async with`."""
 
+    def set_deadline(self, deadline: float | None) -> None:  # noqa: B027 - optional hook
+        """Bound every marketplace call by `deadline` (the provider's Clock, monotonic
+        seconds), or lift the bound (None). The scheduler sets it when it stops, so a stop
+        ends within systemd's TimeoutStopSec: once set, calls skip spacing waits, retry
+        only while the next try can start before the deadline, and cut each request's
+        timeout to what is left; one that cannot finish in time raises
+        `ProviderUnavailable`. A provider without network calls ignores it."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Close sessions; safe to call twice."""
 

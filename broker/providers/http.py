@@ -3,6 +3,12 @@
 Every wait (backoff, spacing) goes through the injected `Clock`, so tests run retries in
 virtual time. Only the per-request timeout is real time: it bounds a socket, not a plan.
 The API key goes into one header and nowhere else: not into errors, not into logs.
+
+Two kinds of call. Background calls (polls) wait their endpoint's turn (`Spacer`) and back
+off 1..60 s. Urgent calls (a local request waits on them) skip the spacing wait and retry
+a 429 or a failure within a second. A `deadline` (the scheduler's stop) makes every call
+urgent and bounds them all: no try starts after it, none waits past it, and each request's
+timeout is cut to what is left.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 from urllib.parse import quote_plus
@@ -23,6 +29,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 from yarl import URL
 
 from broker.clock import Clock
@@ -105,6 +112,16 @@ def provider_api(
     )
 
 
+class _StopAtDeadline(stop_base):
+    """Stop retrying when the next try would start past the deadline."""
+
+    def __init__(self, past: Callable[[RetryCallState], bool]) -> None:
+        self._past = past
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._past(retry_state)
+
+
 class Spacer:
     """At most one call per `spacing` seconds on each endpoint, measured on the Clock.
 
@@ -116,22 +133,29 @@ class Spacer:
         self._clock = clock
         self._spacing = spacing
         self._next: dict[str, float] = {}
+        self._last: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def last_call(self, endpoint: str) -> float | None:
+        """When this endpoint was last called (Clock monotonic seconds); None = never."""
+        return self._last.get(endpoint)
 
     async def wait(self, endpoint: str, *, urgent: bool = False) -> None:
         """Wait this endpoint's turn. An urgent call (a local request waits on it) goes at
         once, and the background calls after it keep their spacing from it."""
-        if self._spacing <= 0:
-            return
-        if urgent:
-            self._next[endpoint] = self._clock.monotonic() + self._spacing
+        if self._spacing <= 0 or urgent:
+            now = self._clock.monotonic()
+            self._last[endpoint] = now
+            self._next[endpoint] = now + self._spacing
             return
         lock = self._locks.setdefault(endpoint, asyncio.Lock())
         async with lock:
             due = self._next.get(endpoint)
             if due is not None and due > self._clock.monotonic():
                 await self._clock.sleep_until(due)
-            self._next[endpoint] = self._clock.monotonic() + self._spacing
+            now = self._clock.monotonic()
+            self._last[endpoint] = now
+            self._next[endpoint] = now + self._spacing
 
 
 class JsonApi:
@@ -157,23 +181,42 @@ class JsonApi:
         self._key_source = key_source
         self._clock = clock
         self._spacer = Spacer(clock, spacing)
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._attempts = attempts
         self._max_backoff = max_backoff
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
+        # Clock monotonic seconds bounding every call (the scheduler's stop); None = none.
+        self.deadline: float | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"JsonApi({self.platform!r}, {self._base!r})"
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            # No cap per host: a background read that stalls at the platform must not
+            # hold a connection an urgent unlist needs (each call gets its own).
+            connector = aiohttp.TCPConnector(limit=100, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector)
 
     async def close(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+    def last_call(self, endpoint: str) -> float | None:
+        """When this rate-limit bucket was last called; None = never (see `Spacer`)."""
+        return self._spacer.last_call(endpoint)
+
+    def _left(self) -> float | None:
+        """Seconds until the deadline (None: no deadline)."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self._clock.monotonic()
+
+    def _past_deadline(self, state: RetryCallState) -> bool:
+        left = self._left()
+        return left is not None and left <= state.upcoming_sleep
 
     async def request(
         self,
@@ -190,15 +233,17 @@ class JsonApi:
         `endpoint` names the rate-limit bucket (default: method and path without query).
         `urgent`: a local request waits on this call: no spacing wait, and a 429 or a
         failure is retried within a second or so rather than with the background backoff.
+        With a `deadline` set every call is urgent, and none retries or waits past it.
         """
         bucket = endpoint or f"{method} {path}"
+        urgent = urgent or self.deadline is not None
         backoff = (
             wait_exponential_jitter(initial=0.1, max=URGENT_MAX_BACKOFF, jitter=0.1)
             if urgent
             else wait_exponential_jitter(initial=1, max=self._max_backoff, jitter=1)
         )
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._attempts),
+            stop=stop_after_attempt(self._attempts) | _StopAtDeadline(self._past_deadline),
             wait=backoff,
             retry=retry_if_exception_type(ProviderUnavailable),
             sleep=self._clock.sleep,
@@ -231,15 +276,27 @@ class JsonApi:
             data = json.dumps({} if body is None else body).encode()
             headers["Content-Type"] = "application/json"
         what = f"{method} {path}"
+        timeout = self._timeout
+        left = self._left()
+        if left is not None:
+            if left <= 0:
+                raise ProviderUnavailable(
+                    f"{self.platform}: {what} not sent: the stop deadline has passed"
+                )
+            timeout = min(timeout, left)
         try:
             async with self._session.request(
-                method, URL(url, encoded=True), data=data, headers=headers
+                method,
+                URL(url, encoded=True),
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 status = response.status
                 text = (await response.read()).decode("utf-8", errors="replace")
         except TimeoutError:
             raise ProviderUnavailable(
-                f"{self.platform}: {what} timed out after {self._timeout.total:g}s"
+                f"{self.platform}: {what} timed out after {timeout:g}s"
             ) from None
         except aiohttp.ClientError as error:
             raise ProviderUnavailable(

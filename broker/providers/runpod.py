@@ -138,6 +138,9 @@ class RunpodMarket(Provider):
     async def close(self) -> None:
         await self._api.close()
 
+    def set_deadline(self, deadline: float | None) -> None:
+        self._api.deadline = deadline
+
     def make_offer(
         self,
         end_date: Any,
@@ -161,15 +164,19 @@ class RunpodMarket(Provider):
             raise ProviderError(f"RunPod: unexpected answer: {answer!r:.200}")
         errors = answer.get("errors")
         if errors:
+            listed = errors if isinstance(errors, list) else [errors]
             message = "; ".join(
-                str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors
+                str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in listed
             )
             if any(w in message.lower() for w in ("unauthori", "api key", "forbidden")):
                 raise ProviderAuthError(
                     f"RunPod refused the API key from {self.config.key_source()} ({message})"
                 )
             raise ProviderRejected(f"RunPod: {message}")
-        myself = (answer.get("data") or {}).get("myself")
+        data = answer.get("data")
+        if data is not None and not isinstance(data, dict):
+            raise ProviderError(f"RunPod: unexpected answer: {answer!r:.200}")
+        myself = (data or {}).get("myself")
         if myself is None:
             raise ProviderAuthError(
                 f"RunPod answered no account for the API key from {self.config.key_source()}"

@@ -66,6 +66,9 @@ SELF_RENTAL_LABEL = "gpu-broker-displace"
 SELF_RENTAL_ENTRYPOINT = "sleep"
 SELF_RENTAL_ARGS = ["infinity"]
 INSTANCES_PAGE = 25  # what the CLI asks for per page
+# The two endpoints that show our machine (rate-limit buckets).
+MACHINE = "GET /api/v0/machines/{id}"
+MACHINES = "GET /api/v0/machines"
 _OCCUPANCY: dict[str, Occupancy] = {
     "x": "free", "D": "on-demand", "I": "interruptible", "R": "reserved"
 }  # fmt: skip
@@ -204,17 +207,25 @@ class VastEarnings(BaseModel):
 def _when(value: float | None) -> datetime | None:
     if value is None or not math.isfinite(value) or value <= 0:
         return None
-    return datetime.fromtimestamp(value, UTC)
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        # Not a time at all: unknown would be a guess (say, that no contract holds the
+        # GPUs), so the answer is refused as not understood.
+        raise ProviderError(f"Vast.ai: {value!r} is not a time") from None
 
 
 def _day(value: float | str) -> date:
     """Vast counts days since the epoch; accept an ISO date too."""
-    if isinstance(value, str):
-        try:
-            return date.fromisoformat(value[:10])
-        except ValueError:
-            value = float(value)
-    return date(1970, 1, 1) + timedelta(days=math.floor(value))
+    try:
+        if isinstance(value, str):
+            try:
+                return date.fromisoformat(value[:10])
+            except ValueError:
+                value = float(value)
+        return date(1970, 1, 1) + timedelta(days=math.floor(value))
+    except (OverflowError, ValueError):
+        raise ProviderError(f"Vast.ai: earnings for a day {value!r} that is not a day") from None
 
 
 class VastMarket(Provider):
@@ -257,6 +268,9 @@ class VastMarket(Provider):
 
     async def close(self) -> None:
         await self._api.close()
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self._api.deadline = deadline
 
     # -- offers ----------------------------------------------------------------------
 
@@ -383,19 +397,32 @@ class VastMarket(Provider):
 
     # -- reading ---------------------------------------------------------------------
 
-    async def machines(self) -> builtins.list[VastMachine]:
-        answer = await self._api.request("GET", "/api/v0/machines", query=[("owner", "me")])
+    async def machines(self, *, urgent: bool = False) -> builtins.list[VastMachine]:
+        answer = await self._api.request(
+            "GET", "/api/v0/machines", query=[("owner", "me")], endpoint=MACHINES,
+            urgent=urgent,
+        )  # fmt: skip
         rows = answer.get("machines") if isinstance(answer, dict) else None
         if not isinstance(rows, list):
             raise ProviderError(f"Vast.ai: unexpected answer to GET /machines: {answer!r:.200}")
         return [self._machine(row) for row in rows]
 
     async def machine(self, *, urgent: bool = False) -> VastMachine:
+        """Our machine. Two endpoints show it: the background poll reads the machine's own,
+        and an urgent read takes whichever was called least recently, so one right after
+        a poll (an unlist's read-back) does not meet that endpoint's rate limit."""
+        if urgent and self._least_recent(MACHINE, MACHINES) == MACHINES:
+            for machine in await self.machines(urgent=True):
+                if machine.ident == self.config.machine_id:
+                    return machine
+            raise ProviderRejected(
+                f"Vast.ai: machine {self.machine_id} is not among this account's machines"
+            )
         answer = await self._api.request(
             "GET",
             f"/api/v0/machines/{self.config.machine_id}",
             query=[("owner", "me")],
-            endpoint="GET /api/v0/machines/{id}",
+            endpoint=MACHINE,
             urgent=urgent,
         )
         # A bare one-element list; tolerate the `{"machines": [...]}` shape as well.
@@ -409,6 +436,13 @@ class VastMarket(Provider):
         raise ProviderRejected(
             f"Vast.ai: machine {self.machine_id} is not among this account's machines"
         )
+
+    def _least_recent(self, *endpoints: str) -> str:
+        def last(endpoint: str) -> float:
+            called = self._api.last_call(endpoint)
+            return -math.inf if called is None else called
+
+        return min(endpoints, key=last)
 
     @staticmethod
     def _machine(row: Any) -> VastMachine:

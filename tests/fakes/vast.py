@@ -12,7 +12,12 @@ it is destroyed. Modelled inferences (FACTS.md): an unlisted machine has no offe
 and the platform counts the self-rental like any on-demand contract (`D` GPUs).
 
 Tests drive it: `add_rental`, `end_rental`, `set_online`, and faults (`fail`, `garbage`,
-`slow`, `drop_writes`, `rate_limit`). Every request is recorded in `requests`.
+`answer`, `slow`, `drop_writes`, `rate_limit`). Every request is recorded in `requests`.
+
+`FakeVast.realistic(clock)` behaves as the real platform does towards a client: every answer
+takes `latency` (150 ms), and each endpoint answers 429 "Too Many Requests" (plain text) when
+called again within `endpoint_spacing` (1.5 s on the fake's clock). `rental_visible_after`
+delays a new rental in `GET /machines` as the real API lags a renter's container.
 """
 
 from __future__ import annotations
@@ -50,15 +55,20 @@ class Recorded:
 
 @dataclass
 class Fault:
-    kind: str  # "status" | "garbage" | "slow"
+    kind: str  # "status" | "garbage" | "json" | "slow"
     times: int
     status: int = 500
     body: str = ""
     seconds: float = 0.0
     path: str | None = None  # only requests whose path starts with this
+    method: str | None = None  # only requests with this method
 
     def matches(self, request: web.Request) -> bool:
-        return self.times > 0 and (self.path is None or request.path.startswith(self.path))
+        return (
+            self.times > 0
+            and (self.path is None or request.path.startswith(self.path))
+            and (self.method is None or request.method == self.method)
+        )
 
 
 @dataclass
@@ -72,6 +82,10 @@ class FakeMachine:
 
 
 ASK_BASE = 70000  # a machine's ask (offer) id is ASK_BASE + its id
+# The real API answers in 100-300 ms and rate-limits each endpoint to one call every
+# second or few (FACTS.md); `FakeVast.realistic` uses these.
+REALISTIC_LATENCY = 0.15
+REALISTIC_SPACING = 1.5
 
 
 @dataclass
@@ -92,11 +106,20 @@ class FakeVast:
         machines: dict[int, int] | None = None,
         api_keys: set[str] | None = None,
         latency: float = 0.0,
+        endpoint_spacing: float = 0.0,
+        rental_visible_after: float = 0.0,
     ) -> None:
         self.clock = clock
         # Real seconds every answer takes (the network and the platform): the real API
         # answers in 100-300 ms, never at once.
         self.latency = latency
+        # Seconds (on the fake's clock) each endpoint (method and route) wants between two
+        # calls; a call sooner is answered 429. 0 = no limit.
+        self.endpoint_spacing = endpoint_spacing
+        # Seconds (on the fake's clock) between a rental starting and `GET /machines`
+        # showing it: a renter's container may load the GPUs before the API shows the
+        # rental. Earnings and the contract rules count it from its start.
+        self.rental_visible_after = rental_visible_after
         self.api_keys = api_keys if api_keys is not None else {"test-key"}
         self.machines = {
             mid: FakeMachine(mid, ContractBook(num_gpus=n))
@@ -108,8 +131,17 @@ class FakeVast:
         self.instances: dict[int, FakeInstance] = {}
         self._rate_limits: dict[str, float] = {}
         self._last_call: dict[str, float] = {}
+        self.rate_limited = 0  # requests answered 429 by a rate limit (not by `fail`)
         self._runner: web.AppRunner | None = None
         self.url = ""
+
+    @classmethod
+    def realistic(cls, clock: Clock, **kwargs: Any) -> FakeVast:
+        """A fake with the real platform's latency and per-endpoint rate limits (each
+        can be overridden by keyword)."""
+        kwargs.setdefault("latency", REALISTIC_LATENCY)
+        kwargs.setdefault("endpoint_spacing", REALISTIC_SPACING)
+        return cls(clock, **kwargs)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -169,33 +201,52 @@ class FakeVast:
     def set_online(self, online: bool, *, machine_id: int = 4242) -> None:
         self.machine(machine_id).online = online
 
-    def fail(self, status: int, times: int = 1, body: str = "", path: str | None = None) -> None:
-        """The next `times` requests answer `status` (429 comes as plain text, no
-        Retry-After, as Vast sends it)."""
+    def fail(
+        self,
+        status: int,
+        times: int = 1,
+        body: str = "",
+        path: str | None = None,
+        method: str | None = None,
+    ) -> None:
+        """The next `times` requests (to `path...` by `method`, when given) answer `status`
+        (429 comes as plain text, no Retry-After, as Vast sends it)."""
         if not body:
             body = (
                 "Too Many Requests"
                 if status == 429
                 else json.dumps({"success": False, "error": "server_error", "msg": "oops"})
             )
-        self.faults.append(Fault("status", times, status=status, body=body, path=path))
+        self.faults.append(
+            Fault("status", times, status=status, body=body, path=path, method=method)
+        )
 
-    def garbage(self, times: int = 1, path: str | None = None) -> None:
+    def garbage(self, times: int = 1, path: str | None = None, method: str | None = None) -> None:
         """Answer 200 with an HTML page, as a proxy in front of the API sometimes does."""
         body = "<html><body>502 Bad Gateway</body></html>"
-        self.faults.append(Fault("garbage", times, body=body, path=path))
+        self.faults.append(Fault("garbage", times, body=body, path=path, method=method))
 
-    def slow(self, seconds: float, times: int = 1, path: str | None = None) -> None:
-        """Wait `seconds` of real time before answering (for client timeouts)."""
-        self.faults.append(Fault("slow", times, seconds=seconds, path=path))
+    def answer(
+        self, data: Any, times: int = 1, path: str | None = None, method: str | None = None
+    ) -> None:
+        """Answer 200 with this JSON instead (a shape the client may not expect)."""
+        body = json.dumps(data)
+        self.faults.append(Fault("json", times, body=body, path=path, method=method))
+
+    def slow(
+        self, seconds: float, times: int = 1, path: str | None = None, method: str | None = None
+    ) -> None:
+        """Wait `seconds` of real time before answering (for client timeouts). Only the
+        stalled request waits: the server goes on answering others meanwhile."""
+        self.faults.append(Fault("slow", times, seconds=seconds, path=path, method=method))
 
     def drop_writes(self, times: int = 1) -> None:
         """Answer the next writes `success` without doing them."""
         self.dropped_writes += times
 
     def rate_limit(self, endpoint_prefix: str, seconds: float) -> None:
-        """429 when a path starting with the prefix is called again within `seconds`
-        (on the fake's clock)."""
+        """429 when a path starting with the prefix is called again (same method) within
+        `seconds` of the last call it answered (on the fake's clock)."""
         self._rate_limits[endpoint_prefix] = seconds
 
     def calls(self, *, method: str | None = None, path: str | None = None) -> list[Recorded]:
@@ -237,6 +288,8 @@ class FakeVast:
                     return web.Response(status=fault.status, text=fault.body, content_type=ctype)
                 if fault.kind == "garbage":
                     return web.Response(text=fault.body, content_type="text/html")
+                if fault.kind == "json":
+                    return web.Response(text=fault.body, content_type="application/json")
                 await asyncio.sleep(fault.seconds)
                 break
         auth = request.headers.get("Authorization", "")
@@ -244,17 +297,34 @@ class FakeVast:
             return web.json_response(
                 {"success": False, "error": "auth_error", "msg": "Invalid user key"}, status=401
             )
-        now_mono = self.clock.monotonic()
-        for prefix, spacing in self._rate_limits.items():
-            if request.path.startswith(prefix):
-                key = f"{request.method} {prefix}"
-                last = self._last_call.get(key)
-                self._last_call[key] = now_mono
-                if last is not None and now_mono - last < spacing:
-                    return web.Response(status=429, text="Too Many Requests")
+        if self._too_soon(request):
+            self.rate_limited += 1
+            return web.Response(status=429, text="Too Many Requests")
         for machine in self.machines.values():
             machine.book.advance(self.clock.now())
         return await handler(request)
+
+    def _too_soon(self, request: web.Request) -> bool:
+        """Per-endpoint rate limits. Whether the real platform counts a refused call
+        towards the next is not known; here only answered calls do, so a client that
+        backs off gets through."""
+        now = self.clock.monotonic()
+        limits = [
+            (f"{request.method} {prefix}", spacing)
+            for prefix, spacing in self._rate_limits.items()
+            if request.path.startswith(prefix)
+        ]
+        if self.endpoint_spacing > 0:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else request.path
+            limits.append((f"{request.method} {route}", self.endpoint_spacing))
+        for key, spacing in limits:
+            last = self._last_call.get(key)
+            if last is not None and now - last < spacing:
+                return True
+        for key, _ in limits:
+            self._last_call[key] = now
+        return False
 
     @staticmethod
     def _error(status: int, msg: str, error: str = "invalid_args") -> web.Response:
@@ -490,12 +560,27 @@ class FakeVast:
     def render(self, machine: FakeMachine) -> dict[str, Any]:
         """The machine as Vast shows it, including fields gpu-broker does not read."""
         book = machine.book
-        book.advance(self.clock.now())
+        now = self.clock.now()
+        book.advance(now)
         offer = book.offer
-        running = book.running()
+        # Rentals too new for the API to show (rental_visible_after): left out, their
+        # GPUs shown as before they came.
+        hidden = {
+            c.id
+            for c in book.active()
+            if not c.self_rental and (now - c.start).total_seconds() < self.rental_visible_after
+        }
+        running = [c for c in book.running() if c.id not in hidden]
+        active = [c for c in book.active() if c.id not in hidden]
         firm = [c for c in running if c.kind != RentalKind.INTERRUPTIBLE]
-        locked = book.locked_until()
-        today = self.clock.now().date()
+        ends = [c.end for c in active if not c.self_rental]
+        locked = max(ends) if ends else None
+        tokens = book.occupancy_tokens()
+        for contract in book.running():
+            if contract.id in hidden:
+                for index in contract.gpu_indices:
+                    tokens[index] = "x"
+        today = now.date()
         return {
             "id": machine.id,
             "machine_id": machine.id,
@@ -509,13 +594,13 @@ class FakeVast:
             "listed_storage_cost": machine.price_disk,
             "end_date": offer.end_date.timestamp() if offer.end_date else None,
             "client_end_date": locked.timestamp() if locked else None,
-            "gpu_occupancy": " ".join(book.occupancy_tokens()),
+            "gpu_occupancy": " ".join(tokens),
             "current_rentals_running": len(running),
             "current_rentals_running_on_demand": len(firm),
             "current_rentals_on_demand": sum(
-                c.kind != RentalKind.INTERRUPTIBLE for c in book.active()
+                c.kind != RentalKind.INTERRUPTIBLE for c in active
             ),
-            "current_rentals_resident": len(book.active()),
+            "current_rentals_resident": len(active),
             "reliability2": 0.995,
             "timeout": 0 if machine.online else 3600,
             "earn_hour": sum(c.price_gpu * c.gpus for c in running),
