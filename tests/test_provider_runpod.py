@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from fakes.runpod import KEY, FakeRunpod
 from fakes.vast import FakeVast, ServerThread, drive
 
 from broker.cli import main
@@ -17,60 +17,6 @@ from broker.config import RunpodProvider
 from broker.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from broker.providers import Offer
 from broker.providers.runpod import NOTE, QUERY, RunpodMarket
-
-KEY = "rp-key"
-
-
-class FakeRunpod:
-    """`POST /graphql` answering the one read query, from state the test sets."""
-
-    def __init__(self) -> None:
-        self.machines: list[dict[str, Any]] = [
-            {
-                "id": "m-1", "listed": True, "gpuTotal": 4, "gpuReserved": 0,
-                "hostPricePerGpu": 0.25, "hostMinBidPerGpu": 0.1, "pods": [],
-                "machineBalance": {"hostTotalEarnings": 12.5, "hostGpuEarnings": 12.0,
-                                   "hostDiskEarnings": 0.5},
-                "someNewField": 1,
-            }
-        ]  # fmt: skip
-        self.earnings: list[dict[str, Any]] = [
-            {"machineId": "m-1", "date": "2026-11-24T00:00:00Z", "hostTotalEarnings": 3.0},
-            {"machineId": "m-1", "date": "2026-11-25", "hostTotalEarnings": 4.5},
-            {"machineId": "m-2", "date": "2026-11-25", "hostTotalEarnings": 9.0},
-        ]
-        self.queries: list[str] = []
-        self.failures: list[int] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.add_routes([web.post("/graphql", self._graphql)])
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        return self.url
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _graphql(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.queries.append(body["query"])
-        if self.failures:
-            return web.Response(status=self.failures.pop(0), text="upstream error")
-        if request.headers.get("Authorization") != f"Bearer {KEY}":
-            return web.json_response(
-                {"errors": [{"message": "Unauthorized request, please check your API key"}]}
-            )
-        return web.json_response(
-            {"data": {"myself": {"machines": self.machines, "machineEarnings": self.earnings}}}
-        )
 
 
 @pytest.fixture

@@ -389,3 +389,38 @@ async def test_probe_names_the_machines_the_account_has(fake: FakeVast, clock: F
     async with VastMarket(vast_config(fake, machine_id=7), clock, api_key=KEY) as vast:
         with pytest.raises(ProviderRejected, match=r"machine 7 is not .* \(found: 4242\)"):
             await vast.probe()
+
+
+# -- the fake's realistic knobs (other tests rely on them) --------------------------------
+
+
+async def test_a_new_rental_shows_only_after_rental_visible_after(
+    vast: VastMarket, fake: FakeVast, clock: FakeClock
+) -> None:
+    fake.rental_visible_after = 15
+    await vast.list(offer(clock.now() + 2 * H))
+    fake.add_rental("on-demand", 2)
+    status = await vast.status()
+    assert not status.rented and status.locked_until is None
+    assert status.gpu_occupancy == ("free",) * 4
+    await clock.advance(15)
+    status = await vast.status()
+    assert status.rented and status.rentals.on_demand == 1
+    assert status.gpu_occupancy.count("on-demand") == 2
+
+
+async def test_the_realistic_fake_limits_each_endpoint(clock: FakeClock) -> None:
+    fake = FakeVast.realistic(clock, api_keys={KEY}, latency=0.0)
+    await fake.start()
+    try:
+        config = vast_config(fake, retry_attempts=1)  # request_spacing 0: no waiting turns
+        async with VastMarket(config, clock, api_key=KEY) as vast:
+            await vast.status()
+            await vast.machines()  # another endpoint: its own limit
+            with pytest.raises(ProviderUnavailable, match=r"429\): Too Many Requests"):
+                await vast.status()
+            await clock.advance(1.5)  # refused calls do not count: the window has passed
+            assert (await vast.status()).listed is False
+        assert fake.rate_limited == 1
+    finally:
+        await fake.close()

@@ -27,7 +27,9 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
+    wait_exponential,
     wait_exponential_jitter,
+    wait_random,
 )
 from tenacity.stop import stop_base
 from yarl import URL
@@ -238,7 +240,8 @@ class JsonApi:
         bucket = endpoint or f"{method} {path}"
         urgent = urgent or self.deadline is not None
         backoff = (
-            wait_exponential_jitter(initial=0.1, max=URGENT_MAX_BACKOFF, jitter=0.1)
+            # 0.1, 0.2, 0.4 ... s, plus up to 0.1 s so two held requests do not collide.
+            wait_exponential(multiplier=0.1, max=URGENT_MAX_BACKOFF) + wait_random(0, 0.1)
             if urgent
             else wait_exponential_jitter(initial=1, max=self._max_backoff, jitter=1)
         )

@@ -411,6 +411,7 @@ class VastMarket(Provider):
         """Our machine. Two endpoints show it: the background poll reads the machine's own,
         and an urgent read takes whichever was called least recently, so one right after
         a poll (an unlist's read-back) does not meet that endpoint's rate limit."""
+        urgent = urgent or self._api.deadline is not None  # a stop is waiting too
         if urgent and self._least_recent(MACHINE, MACHINES) == MACHINES:
             for machine in await self.machines(urgent=True):
                 if machine.ident == self.config.machine_id:
