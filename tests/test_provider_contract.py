@@ -21,6 +21,8 @@ What every provider promises the scheduler:
 from __future__ import annotations
 
 import abc
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -32,7 +34,7 @@ from fakes.vast import FakeVast, drive
 
 from broker.clock import FakeClock
 from broker.config import parse_config
-from broker.errors import ProviderError, ProviderRejected
+from broker.errors import ConfigError, ProviderError, ProviderRejected
 from broker.providers import Offer, Provider, ProviderStatus, RentalKind, create_provider
 from broker.providers.paper import PaperMarket
 from broker.providers.registry import MARKETPLACES, kind_of
@@ -238,6 +240,29 @@ ODD_READS = [(k, i) for k, w in WORLDS.items() for i in range(len(w.odd_reads))]
 
 def test_every_registered_marketplace_has_a_harness() -> None:
     assert sorted(WORLDS) == sorted(kind_of(m) for m in MARKETPLACES)
+
+
+@pytest.mark.parametrize("section", MARKETPLACES, ids=kind_of)
+def test_every_section_gets_the_config_errors_with_key_paths(section: type[Any]) -> None:
+    kind = kind_of(section)
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"provider": {"kind": kind, "poll_intervall": "5s"}})
+    assert "provider.poll_intervall: unknown key (did you mean 'poll_interval'?)" in (
+        raised.value.problems
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"provider": {"kind": kind, "poll_interval": "soon"}})
+    assert any(p.startswith("provider.poll_interval: ") for p in raised.value.problems)
+
+
+def test_reading_the_config_loads_no_http_stack() -> None:
+    # broker.config imports every marketplace module for its section; their adapters'
+    # HTTP clients are imported only when an adapter is made.
+    code = "import sys, broker.config; print(sorted({'aiohttp', 'tenacity'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.fixture
