@@ -29,14 +29,20 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from broker.configtypes import Duration, PositiveDuration, SecretRef
+from broker.configtypes import Duration as Duration
+from broker.configtypes import PositiveDuration as PositiveDuration
+from broker.configtypes import SecretRef as SecretRef
 from broker.configtypes import StrictModel as _Model
 from broker.errors import ConfigError
 from broker.providers import registry
-from broker.providers.paper import PaperProvider
-from broker.providers.runpod import RunpodProvider
-from broker.providers.sections import PolledProvider, ProviderKey
-from broker.providers.vast import VastProvider
+
+# The marketplaces' sections live in their modules (broker/providers/), listed in the
+# registry; these names stay importable from here.
+from broker.providers.paper import PaperProvider as PaperProvider
+from broker.providers.runpod import RunpodProvider as RunpodProvider
+from broker.providers.sections import PolledProvider as PolledProvider
+from broker.providers.sections import ProviderKey as ProviderKey
+from broker.providers.vast import VastProvider as VastProvider
 from broker.units import parse_hostport
 
 CONFIG_ENV = "GPU_BROKER_CONFIG"
@@ -331,17 +337,11 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
-# The marketplaces' sections live in their modules (broker/providers/), listed in the
-# registry; these names stay importable from here.
+# One of the registered marketplaces' sections, chosen by `kind` (statically: their base).
 if TYPE_CHECKING:
     ProviderSection = PolledProvider
 else:
     ProviderSection = registry.section_union()
-
-__all__ = [
-    "PaperProvider", "PolledProvider", "ProviderKey", "ProviderSection", "RunpodProvider",
-    "VastProvider",
-]  # fmt: skip
 
 
 class Config(_Model):
