@@ -54,6 +54,8 @@ class World(abc.ABC):
     read_faults: ClassVar[tuple[str, ...]] = ()
     # 200 answers of a shape the adapter must refuse (not guess from).
     odd_reads: ClassVar[tuple[Any, ...]] = ()
+    # Whether writes (list, unlist) can be made to fail.
+    failing_writes: ClassVar[bool] = False
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
@@ -95,6 +97,13 @@ class World(abc.ABC):
     def answer_reads(self, data: Any, times: int) -> None:
         raise NotImplementedError
 
+    def fail_writes(self, status: int, times: int) -> None:
+        raise NotImplementedError
+
+    def heal(self) -> None:
+        """Every injected fault gone."""
+        raise NotImplementedError
+
 
 class PaperWorld(World):
     kind = "paper"
@@ -126,6 +135,7 @@ class VastWorld(World):
 
     kind = "vast"
     can_list = True
+    failing_writes = True
     read_faults = ("500", "429", "garbage", "timeout")
     odd_reads = (
         None, {}, "x", [None], {"machines": 5}, [{"id": "x"}],
@@ -179,6 +189,13 @@ class VastWorld(World):
 
     def answer_reads(self, data: Any, times: int) -> None:
         self.fake.answer(data, times, path="/api/v0/machines", method="GET")
+
+    def fail_writes(self, status: int, times: int) -> None:
+        self.fake.fail(status, times, path="/api/v0/machines", method="PUT")
+        self.fake.fail(status, times, path="/api/v0/machines", method="DELETE")
+
+    def heal(self) -> None:
+        self.fake.faults.clear()
 
 
 class RunpodWorld(World):
@@ -432,6 +449,22 @@ async def test_a_passing_failure_is_retried_to_the_true_state(world: World, faul
     world.fail_reads(fault, times=1)
     status = await world.run(world.provider.status())
     assert status.rented and status.rentals.total == 1
+
+
+@pytest.mark.parametrize("status", [500, 429, 400])
+@pytest.mark.parametrize("world", [k for k, w in WORLDS.items() if w.failing_writes], indirect=True)
+async def test_a_failing_write_raises_and_is_not_taken_as_done(world: World, status: int) -> None:
+    await world.run(world.provider.list(offer(world)))
+    world.fail_writes(status, times=100)
+    with pytest.raises(ProviderError):
+        await world.run(world.provider.unlist(urgent=True))
+    with pytest.raises(ProviderError):
+        await world.run(world.provider.list(offer(world, hours=5)))
+    world.heal()
+    status_now = await world.run(world.provider.status())
+    assert status_now.listed is True  # the unlist did not happen, and nothing says it did
+    assert status_now.offer_end is not None
+    assert status_now.offer_end <= world.clock.now() + 2 * H  # nor did the new end
 
 
 @pytest.mark.parametrize(
