@@ -27,7 +27,7 @@ from broker.errors import BrokerError, ConfigError
 from broker.ledger.base import StateInterval
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
-from broker.scheduling.scheduler import POOL
+from broker.scheduling.status import POOL
 from broker.units import parse_hostport
 
 if TYPE_CHECKING:

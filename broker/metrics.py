@@ -28,7 +28,7 @@ from broker import __version__
 from broker.clock import Clock
 from broker.errors import LedgerError
 from broker.scheduling.pool import PoolState, ProviderView
-from broker.scheduling.scheduler import POOL, SchedulerHooks
+from broker.scheduling.status import POOL, SchedulerHooks
 
 if TYPE_CHECKING:
     from broker.daemon import Daemon

@@ -184,7 +184,7 @@ class JsonApi:
         """
         bucket = endpoint or f"{method} {path}"
         backoff = (
-            wait_exponential_jitter(initial=0.1, max=URGENT_MAX_BACKOFF, jitter=0.1)
+            wait_exponential_jitter(multiplier=0.1, max=URGENT_MAX_BACKOFF, jitter=0.1)
             if urgent
             else wait_exponential_jitter(initial=1, max=self._max_backoff, jitter=1)
         )
