@@ -97,8 +97,10 @@ def rig_config(
             "retry_attempts": 2,
             "docker_socket": "",
         } | (provider or {})
-    else:
+    elif (provider or {}).get("kind", "paper") == "paper":
         data["provider"] = {"kind": "paper", "arrivals_per_hour": 0} | (provider or {})
+    else:
+        data["provider"] = dict(provider or {})  # another marketplace, given whole
     return parse_config(data)
 
 
