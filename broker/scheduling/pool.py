@@ -130,8 +130,7 @@ class CheckProvider:
 
 
 Action = (
-    Drain | ResumeServices | List | Unlist | DisplaceInterruptible | EndDisplacement
-    | CheckProvider
+    Drain | ResumeServices | List | Unlist | DisplaceInterruptible | EndDisplacement | CheckProvider
 )
 
 
@@ -154,7 +153,7 @@ class GateMode:
 
     @property
     def value(self) -> str:
-        """"guarded" or "open", as the status API shows it."""
+        """Either "guarded" or "open", as the status API shows it."""
         return "guarded" if self.guarded else "open"
 
 
@@ -358,9 +357,7 @@ class PoolMachine:
 
         if view.rentals_running > 0:
             # Interruptible renters we may displace do not keep the GPUs until their end.
-            displaceable = (
-                self.reclaim_displaces and obs.can_displace and view.only_interruptible
-            )
+            displaceable = self.reclaim_displaces and obs.can_displace and view.only_interruptible
             rented_until = None if displaceable else view.locked_until
             self._go(PoolState.RENTED, GateMode(True, rented_until, renters=True))
             until = self._clock_time(view.locked_until, obs.now) if view.locked_until else "unknown"

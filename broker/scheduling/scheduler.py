@@ -166,10 +166,7 @@ class Scheduler:
     @property
     def reading(self) -> bool:
         """A watcher's read is in flight."""
-        return any(
-            w.fetching or w.refreshing
-            for w in (self.market.poller, self.services.poller)
-        )
+        return any(w.fetching or w.refreshing for w in (self.market.poller, self.services.poller))
 
     def locked_until(self) -> datetime | None:
         view = self.view

@@ -168,9 +168,7 @@ class EarningsWatch:
         self.provider = provider
         self.ledger = ledger
         self._clock = clock
-        self.poller: Poller[int] = Poller(
-            "earnings", self._fetch, clock, lambda: EARNINGS_POLL
-        )
+        self.poller: Poller[int] = Poller("earnings", self._fetch, clock, lambda: EARNINGS_POLL)
 
     async def _fetch(self, urgent: bool) -> int:
         return await self.sync()
