@@ -148,6 +148,11 @@ class Actions:
         try:
             async with asyncio.timeout_at(self._deadline):
                 result = await call()
+        except asyncio.CancelledError:
+            # Called off (an unlist overtakes a listing, or the broker stops): whether the
+            # platform did it is for the next read to say.
+            await self.journal.complete(entry, "failed", "called off")
+            raise
         except Exception as err:  # a marketplace failing in any way must not stop the broker
             if isinstance(err, TimeoutError) and self._deadline is not None:
                 log.warning("%s given up: the stop deadline passed", kind)

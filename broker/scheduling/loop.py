@@ -117,6 +117,7 @@ class DecisionLoop:
         self._gpu_states: dict[str, str] = {}
         self._released_early: set[str] = set()
         self._checking = False
+        self._listing: asyncio.Task[None] | None = None
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -329,19 +330,7 @@ class DecisionLoop:
         elif isinstance(action, CheckProvider):
             self._check_provider()
         elif isinstance(action, List):
-            read, _ = self.market.poller.begin()
-            if await actions.list(action):
-                # The provider confirmed the offer live; a read begun before it cannot
-                # say otherwise.
-                before = self.market.view
-                self.market.confirmed(read, ProviderView(
-                    listed=True,
-                    rentals_running=before.rentals_running if before else 0,
-                    locked_until=before.locked_until if before else None,
-                    offer_end=action.end,
-                    only_interruptible=before.only_interruptible if before else False,
-                ))  # fmt: skip
-                return True
+            self._start_list(action)
         elif isinstance(action, Unlist):
             return await self._unlist(decision.reason, urgent=urgent)
         elif isinstance(action, DisplaceInterruptible):
@@ -351,7 +340,51 @@ class DecisionLoop:
             await actions.end_displacement()
         return False
 
+    def _start_list(self, action: List) -> None:
+        """List in the background: on Vast the call and its spaced read-backs take seconds,
+        and a local request arriving meanwhile must not wait for them. Until the call ends
+        the offer is taken as up, so such a request withdraws it (`_unlist` calls the
+        listing off first)."""
+        if self._listing is not None and not self._listing.done():
+            return  # one listing call at a time; the machine asks again if it must
+        before = self.market.view
+        offer = ProviderView(
+            listed=True,
+            rentals_running=before.rentals_running if before else 0,
+            locked_until=before.locked_until if before else None,
+            offer_end=action.end,
+            only_interruptible=before.only_interruptible if before else False,
+        )
+        self.market.assume(offer)
+        self._free_at, self._was_exposed = None, True
+
+        async def run() -> None:
+            try:
+                listed = await self.actions.list(action)
+            except asyncio.CancelledError:
+                self.market.forget()
+                raise
+            if listed:
+                self.market.confirmed(offer)
+            else:
+                self.market.forget()
+            self._wake.set()
+
+        self._listing = asyncio.create_task(run(), name="list")
+
+    @property
+    def acting(self) -> bool:
+        """A marketplace call runs beside the loop (a listing)."""
+        return self._listing is not None and not self._listing.done()
+
+    async def cancel_listing(self) -> None:
+        task, self._listing = self._listing, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _unlist(self, reason: str, *, urgent: bool) -> bool:
+        await self.cancel_listing()  # a withdrawal overtakes a listing under way
         if self._demand_at is not None:
             self._latency("arrival_to_unlist", self._clock.monotonic() - self._demand_at)
         poller = self.market.poller

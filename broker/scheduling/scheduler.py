@@ -161,7 +161,7 @@ class Scheduler:
     def parked(self) -> bool:
         """The loop waits for its next step and nothing it asked for is under way (tests
         wait for this to settle; a stalled background read does not count)."""
-        return self.loop.parked and not self.loop.woken
+        return self.loop.parked and not self.loop.woken and not self.loop.acting
 
     @property
     def reading(self) -> bool:
@@ -267,6 +267,7 @@ class Scheduler:
         services their GPUs back if no renter holds them, close the ledger's intervals.
         Marketplace calls share one deadline, so the stop ends inside TimeoutStopSec."""
         self.actions.set_deadline(STOP_BUDGET_S)
+        await self.loop.cancel_listing()
         await self.actions.cancel_drain()
         await self._stop_pollers()
         can_list = self.provider.capabilities.can_list

@@ -79,8 +79,9 @@ class MarketWatch:
         self._clock = clock
         self.poll = poll
         self._busy = busy  # the pool is on its way to or in a listing: poll at full rate
-        # What an action the provider confirmed made true, until a read begun after it.
+        # What an action made true (or may have), until a read begun after it.
         self._assumed: ProviderView | None = None
+        self._pending = False
         self.poller: Poller[ProviderStatus] = Poller(
             "marketplace", self._fetch, clock, self.interval, on_update=on_update,
             describe=lambda err: str(err) if isinstance(err, ProviderError)
@@ -101,18 +102,28 @@ class MarketWatch:
     def view(self) -> ProviderView | None:
         snap = self.poller.snapshot
         if self._assumed is not None:
-            if snap is None or snap.read < self.poller.floor:
+            if self._pending or snap is None or snap.read < self.poller.floor:
                 return self._assumed
             self._assumed = None
         status = self.status
         return view_of(status) if status is not None else None
 
-    def confirmed(self, read: int, view: ProviderView) -> None:
-        """An action the provider confirmed (`read`: numbered with `poller.begin()` before
-        it) made `view` true: show it until a read begun after the action comes back,
-        and drop the reads begun before it."""
-        self.poller.set_floor(read + 1)
-        self._assumed = view
+    def assume(self, view: ProviderView) -> None:
+        """A listing call is under way: an offer may be up, so decide as if it were (a
+        local request then withdraws it) until the call ends."""
+        self._assumed, self._pending = view, True
+        self.poller.set_floor(self.poller.reads_started + 1)
+
+    def confirmed(self, view: ProviderView) -> None:
+        """The provider confirmed the action: show `view` until a read begun after it."""
+        self._assumed, self._pending = view, False
+        self.poller.set_floor(self.poller.reads_started + 1)
+        self.poller.request_refresh()
+
+    def forget(self) -> None:
+        """The action failed or was called off: nothing is known until the next read."""
+        self._assumed, self._pending = None, False
+        self.poller.set_floor(self.poller.reads_started + 1)
         self.poller.request_refresh()
 
     def interval(self) -> float:
