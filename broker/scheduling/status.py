@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from broker.gpu.idle import IdleDetector
     from broker.gpu.sampler import GpuSampler
     from broker.ledger.base import Ledger
+    from broker.metrics import BrokerMetrics
     from broker.services.gate import Gate
 
 POOL = "machine"  # on Vast a listing covers the whole machine: one pool, named for that
@@ -102,5 +103,7 @@ class StatusSource(Protocol):
     def gates(self) -> list[Gate]: ...
     @property
     def scheduler(self) -> PoolStatus: ...
+    @property
+    def metrics(self) -> BrokerMetrics | None: ...
 
     def status(self) -> dict[str, Any]: ...
