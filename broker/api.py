@@ -27,11 +27,11 @@ from broker.errors import BrokerError, ConfigError
 from broker.ledger.base import StateInterval
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
-from broker.scheduling.scheduler import POOL
+from broker.scheduling.status import POOL
 from broker.units import parse_hostport
 
 if TYPE_CHECKING:
-    from broker.daemon import Daemon
+    from broker.scheduling.status import StatusSource
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiServer:
-    def __init__(self, daemon: Daemon, broker: BrokerSection) -> None:
+    def __init__(self, daemon: StatusSource, broker: BrokerSection) -> None:
         self._daemon = daemon
         self._token: str | None = None
         self._token_problem = ""

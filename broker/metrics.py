@@ -28,10 +28,10 @@ from broker import __version__
 from broker.clock import Clock
 from broker.errors import LedgerError
 from broker.scheduling.pool import PoolState, ProviderView
-from broker.scheduling.scheduler import POOL, SchedulerHooks
+from broker.scheduling.status import POOL, SchedulerHooks
 
 if TYPE_CHECKING:
-    from broker.daemon import Daemon
+    from broker.scheduling.status import StatusSource
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The broker's own share of a reclaim is milliseconds (an API call or two); the buckets
@@ -44,7 +44,7 @@ MIB = 1024 * 1024
 
 
 class BrokerMetrics(SchedulerHooks):
-    def __init__(self, daemon: Daemon, clock: Clock) -> None:
+    def __init__(self, daemon: StatusSource, clock: Clock) -> None:
         # `_created` series (a counter's creation time) say nothing here but the start time,
         # and on a FakeClock they would be real time among virtual: left out.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -134,7 +134,7 @@ class BrokerMetrics(SchedulerHooks):
 class _StateCollector(Collector):
     """The daemon's present state, read at scrape time (no NVML call: `sampler.latest`)."""
 
-    def __init__(self, daemon: Daemon, metrics: BrokerMetrics) -> None:
+    def __init__(self, daemon: StatusSource, metrics: BrokerMetrics) -> None:
         self._daemon = daemon
         self._metrics = metrics
 

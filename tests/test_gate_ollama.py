@@ -177,9 +177,10 @@ async def test_held_request_times_out_with_503_and_retry_after(
         await request
     assert caught.value.status_code == 503
     # the real client surfaces our sentence, parsed out of Ollama's {"error": ...} shape
+    # No renter was shown (a plain guard): the answer does not invent one.
     assert caught.value.error == (
-        "the GPUs of this server are being reclaimed from a renter and were not free "
-        "within 30 s; retry in 30 s"
+        "the GPUs of this server are being reclaimed from the marketplace and were not free "
+        "within 30 s; retry in 30 s at the latest"
     )
     assert gate.control.rejected_total == 1 and gate.control.held == 0
 
@@ -212,8 +213,8 @@ async def test_contract_beyond_the_hold_is_refused_at_once(gate: Gate, clock: Fa
         assert r.status == 503
         assert r.headers["Retry-After"] == "7200"
     assert body == {"error": "the GPUs of this server are rented until "
-                             "2026-11-25T14:00:00+00:00; gpu-broker will hand them back then, "
-                             "retry after 7200 s"}  # fmt: skip
+                             "2026-11-25T14:00:00+00:00 at the latest; gpu-broker hands them "
+                             "back then: retry after 7200 s at the latest"}  # fmt: skip
     assert clock.sleepers == 0 and gate.control.held_total == 0
 
 

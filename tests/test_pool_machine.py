@@ -310,7 +310,7 @@ def test_displace_interruptible_renters_once_and_keep_them_off_until_their_end()
     first = story.at(31, provider=view, local_demand=True)
     assert first.actions == (Unlist(), DisplaceInterruptible(contract_end))
     # The renters leave in moments, so requests are held, not refused for the contract.
-    assert first.gates == GateMode(guarded=True, rented_until=None)
+    assert first.gates == GateMode(guarded=True, rented_until=None, renters=True)
     again = story.at(32, provider=replace(view, listed=False), local_demand=True)
     assert again.actions == ()
     # Displaced: local again, but the self-rental stays, or the renters would resume on the

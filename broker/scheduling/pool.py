@@ -11,7 +11,9 @@ The invariants it is built to keep:
 2. Never listed while a local service holds the GPUs: `List` only follows a verified drain
    observed together with idle GPUs and no local demand.
 3. No local request is lost: local demand while listed or rented always unlists at once, and
-   held requests are released as soon as no renter holds the GPUs.
+   held requests are released as soon as no renter holds the GPUs. A request refused with
+   503 stays demand until the GPUs are back, and the pool is not listed again before the
+   time the refusal told that user to retry.
 6. Anti-flap: `min_listed` (no listing shorter than that), `max_cycles_per_day` (rolling 24h),
    `local_hold` after a reclaim.
 """
@@ -19,9 +21,10 @@ The invariants it is built to keep:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
+from typing import ClassVar
 
 from broker.config import PolicySection
 from broker.units import format_duration
@@ -67,6 +70,17 @@ class Observation:
     drain: DrainStatus = DrainStatus.NONE
     paused: bool = False
     reclaim_requested: bool = False
+    # Whose is the GPU activity (see attribution.py)? True: every busy GPU is a renter's
+    # (its container, or a GPU the provider shows occupied), so it is not local use.
+    busy_is_renters: bool = False
+    # The provider view was read after the unexplained GPU activity began: if it shows no
+    # renter, the activity is local. False: read the marketplace before deciding.
+    view_after_activity: bool = True
+    # The latest time a 503 told a refused user to retry by (kept by the scheduler).
+    refused_until: datetime | None = None
+    # The provider's capabilities: a provider that cannot list is only observed.
+    can_list: bool = True
+    can_displace: bool = True
 
 
 # -- actions ------------------------------------------------------------------------------
@@ -109,23 +123,42 @@ class EndDisplacement:
     on GPUs the team is using."""
 
 
-Action = Drain | ResumeServices | List | Unlist | DisplaceInterruptible | EndDisplacement
+@dataclass(frozen=True)
+class CheckProvider:
+    """Read the marketplace now (urgently): GPU activity nobody explains is only taken for
+    local use once a provider read newer than the activity still shows no renter."""
+
+
+Action = (
+    Drain | ResumeServices | List | Unlist | DisplaceInterruptible | EndDisplacement | CheckProvider
+)
 
 
 @dataclass(frozen=True)
 class GateMode:
     """What the gates should do now; applied every step, so it is a setting, not an action.
+    The one gate-mode type: the machine decides it, `GateControl` applies it.
 
     `guarded` False: pass everything through (held requests are released). True: an inference
     request triggers a reclaim and waits; with `rented_until` set the GPUs are known to be
-    taken until then, so a request that cannot wait that long is refused at once.
+    taken until then at the latest, so a request that cannot wait that long is refused at
+    once. `renters`: the provider shows renters on the GPUs (a refusal may say so).
     """
+
+    OPEN: ClassVar[GateMode]
 
     guarded: bool
     rented_until: datetime | None = None
+    renters: bool = False
+
+    @property
+    def value(self) -> str:
+        """Either "guarded" or "open", as the status API shows it."""
+        return "guarded" if self.guarded else "open"
 
 
 OPEN = GateMode(guarded=False)
+GateMode.OPEN = OPEN  # `mode is GateMode.OPEN` reads as it did when it was an enum
 
 
 @dataclass(frozen=True)
@@ -159,6 +192,10 @@ class PoolMachine:
     # that starts while the provider cannot be read withdraws a listing it cannot see.
     exposed: bool = True
     services_stopped: bool = False  # a drain was started and the services not resumed since
+    # A request was refused with 503 since the GPUs were last local: it is demand until
+    # they are back (no renewal, no new renter).
+    refused_pending: bool = False
+    refusal_seen: datetime | None = None  # the latest `refused_until` taken in
     gates: GateMode = OPEN
     tz: tzinfo = UTC  # times in reasons are shown in this zone
 
@@ -222,6 +259,9 @@ class PoolMachine:
         if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
             left = timedelta(seconds=self.local_hold_until - obs.monotonic)
             return f"local hold after a reclaim ({format_duration(left)} left)"
+        if obs.refused_until is not None and obs.now < obs.refused_until:
+            until = self._clock_time(obs.refused_until, obs.now)
+            return f"a refused request was promised the GPUs by {until}"
         if self.displaced_until is not None:
             until = self._clock_time(self.displaced_until, obs.now)
             return f"our self-rental keeps displaced renters off until {until}"
@@ -236,6 +276,7 @@ class PoolMachine:
         """Local services own the GPUs again (`step` adds the ResumeServices)."""
         self._go(PoolState.PAUSED if obs.paused else PoolState.LOCAL)
         self.offer_end = None
+        self.refused_pending = False
         self.displaced = False  # the self-rental itself stays until `displaced_until`
         if reclaimed:
             self.local_hold_until = obs.monotonic + self.policy.local_hold.total_seconds()
@@ -247,6 +288,7 @@ class PoolMachine:
             actions.append(Unlist())
         if (
             self.reclaim_displaces
+            and obs.can_displace
             and not self.displaced
             and view.only_interruptible
             and view.rentals_running
@@ -258,7 +300,7 @@ class PoolMachine:
         # Renters being displaced leave in moments: hold requests up to max_hold rather
         # than refusing them for a contract that no longer keeps the GPUs.
         rented_until = None if self.displaced else view.locked_until
-        self._go(PoolState.RECLAIMING, GateMode(True, rented_until))
+        self._go(PoolState.RECLAIMING, GateMode(True, rented_until, view.rentals_running > 0))
         return actions, f"reclaiming: {why}"
 
     # -- the transitions ------------------------------------------------------------------
@@ -268,6 +310,14 @@ class PoolMachine:
         view = obs.provider
         if view is not None:
             self.exposed = view.listed or view.rentals_running > 0
+        if obs.refused_until is not None and (
+            self.refusal_seen is None or obs.refused_until > self.refusal_seen
+        ):
+            self.refusal_seen = obs.refused_until
+            self.refused_pending = True
+
+        if not obs.can_list:
+            return self._decide_observed(obs, view)
 
         if state is PoolState.DRAINING:
             return self._decide_draining(obs)
@@ -276,7 +326,7 @@ class PoolMachine:
             if self.exposed:
                 # Never leave up a listing we cannot see: withdraw it, retrying every step.
                 # The gates stay guarded: renters may still hold the GPUs.
-                self._go(PoolState.DEGRADED, GateMode(True, self.gates.rented_until))
+                self._go(PoolState.DEGRADED, replace(self.gates, guarded=True))
                 return [Unlist()], "degraded: the provider cannot be read"
             if obs.paused:
                 self._go(PoolState.PAUSED)
@@ -300,14 +350,16 @@ class PoolMachine:
 
         if state is PoolState.RECLAIMING:
             # Demand went away before the renters did; keep the offer down (no flapping).
-            self.gates = GateMode(True, None if self.displaced else view.locked_until)
+            rented_until = None if self.displaced else view.locked_until
+            self.gates = GateMode(True, rented_until, view.rentals_running > 0)
             actions: list[Action] = [Unlist()] if view.listed else []
             return actions, "reclaiming: waiting for contracts to end"
 
         if view.rentals_running > 0:
             # Interruptible renters we may displace do not keep the GPUs until their end.
-            displaceable = self.reclaim_displaces and view.only_interruptible
-            self._go(PoolState.RENTED, GateMode(True, None if displaceable else view.locked_until))
+            displaceable = self.reclaim_displaces and obs.can_displace and view.only_interruptible
+            rented_until = None if displaceable else view.locked_until
+            self._go(PoolState.RENTED, GateMode(True, rented_until, renters=True))
             until = self._clock_time(view.locked_until, obs.now) if view.locked_until else "unknown"
             reason = f"rented: {view.rentals_running} rental(s), locked until {until}"
             return self._renewal(obs, view), reason
@@ -317,7 +369,15 @@ class PoolMachine:
             return self._back_to_local(obs, reclaimed=False), "offer no longer listed"
 
         self._go(PoolState.LISTED, GateMode(True))
+        if self._unexplained(obs) and not obs.view_after_activity:
+            # A renter's container may load the GPUs before the provider shows its rental:
+            # read the marketplace first, decide on that read (no renewal meanwhile).
+            return [CheckProvider()], "listed: GPU activity nobody explains yet, checking"
         return self._renewal(obs, view), "listed"
+
+    @staticmethod
+    def _unexplained(obs: Observation) -> bool:
+        return obs.gpus_idle is False and not obs.busy_is_renters
 
     def _local_reason(self, obs: Observation) -> str | None:
         if obs.paused:
@@ -326,11 +386,17 @@ class PoolMachine:
             return "reclaim requested"
         if obs.local_demand:
             return "local request"
+        if self.refused_pending:
+            return "a refused request waits for the GPUs"
         if obs.window_end is None:
             return "window closed"
-        if self.state is PoolState.LISTED and obs.gpus_idle is not True:
-            # Nobody rents, yet something uses (or may use) the GPUs: it is local.
-            return "local GPU use" if obs.gpus_idle is False else "GPU telemetry unavailable"
+        if self.state is PoolState.LISTED:
+            # Nobody rents, yet something uses (or may use) the GPUs: once a provider read
+            # newer than the activity shows no renter either, it is local.
+            if obs.gpus_idle is None:
+                return "GPU telemetry unavailable"
+            if self._unexplained(obs) and obs.view_after_activity:
+                return "local GPU use"
         return None
 
     def _renewal(self, obs: Observation, view: ProviderView) -> list[Action]:
@@ -344,7 +410,40 @@ class PoolMachine:
         self.offer_end = end
         return [List(end, renewal=True)]
 
+    def _decide_observed(
+        self, obs: Observation, view: ProviderView | None
+    ) -> tuple[list[Action], str]:
+        """A provider that cannot list (RunPod: listed by hand in its dashboard) is only
+        watched: no drain, no list or unlist, and the gates hold or refuse local requests
+        only while the provider shows renters on the GPUs."""
+        if view is None:
+            # Renters seen last may still be there; nobody else can come through us.
+            gates = self.gates if self.gates.renters else OPEN
+            self._go(PoolState.PAUSED if obs.paused else PoolState.DEGRADED, gates)
+            return [], "degraded: the provider cannot be read (observed only)"
+        if view.rentals_running:
+            until = self._clock_time(view.locked_until, obs.now) if view.locked_until else "unknown"
+            self._go(PoolState.RENTED, GateMode(True, view.locked_until, renters=True))
+            return [], f"rented (observed): {view.rentals_running} rental(s) until {until}"
+        was_rented = self.state in (PoolState.RENTED, PoolState.RECLAIMING)
+        self.refused_pending = False
+        self.offer_end = None
+        if obs.paused:
+            self._go(PoolState.PAUSED)
+            return [], "paused"
+        if was_rented:
+            self._go(PoolState.LOCAL)
+            return [], "no renter left (observed)"
+        quiet = obs.gpus_idle is True and not obs.local_demand and obs.window_end is not None
+        if quiet:
+            self._go(PoolState.IDLE)
+            return [], "idle (observed only: listing is done in the provider's dashboard)"
+        self._go(PoolState.LOCAL)
+        return [], "local (observed only)"
+
     def _decide_unlisted(self, obs: Observation, view: ProviderView) -> tuple[list[Action], str]:
+        if not view.listed and not view.rentals_running:
+            self.refused_pending = False  # the GPUs are local: the refused user gets them
         if view.listed or view.rentals_running:
             # Found an offer or renters we did not put there, or left from before a crash.
             if view.rentals_running:

@@ -69,6 +69,11 @@ class ServiceAdapter(ABC):
             return await self._probe()
         except (aiohttp.ClientError, TimeoutError, ServiceError, ValueError) as err:
             return ServiceProbe(reachable=False, busy=None, detail=str(err) or type(err).__name__)
+        except Exception as err:  # an answer of a shape nobody expected: unknown, not fatal
+            log.debug("service %s: probe failed", self.name, exc_info=True)
+            return ServiceProbe(
+                reachable=False, busy=None, detail=f"unexpected answer: {type(err).__name__}: {err}"
+            )
 
     async def drain(self, limit_s: float) -> None:
         """Free the GPUs within `limit_s` seconds, or raise DrainError."""

@@ -16,6 +16,8 @@ class ComfyUIAdapter(ServiceAdapter):
 
     async def _busy(self) -> bool:
         queue: Any = await self._get_json("/queue")
+        if not isinstance(queue, dict):
+            raise ValueError(f"GET /queue: unexpected answer {queue!r:.120}")
         return bool(queue.get("queue_running") or queue.get("queue_pending"))
 
     async def _reserved_bytes(self) -> int:

@@ -14,9 +14,11 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
-from enum import StrEnum
 
 from broker.clock import Clock
+from broker.scheduling.pool import OPEN, GateMode
+
+__all__ = ["GateControl", "GateMode", "GateStats", "Refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,6 @@ ReclaimCallback = Callable[[], Awaitable[None]]
 # Told of each request held ("held") or answered 503 ("rejected"), with the service's name
 # and when; the daemon keeps these in its ledger for the report.
 EventListener = Callable[[str, str, datetime], None]
-
-
-class GateMode(StrEnum):
-    OPEN = "open"  # pass everything through
-    GUARDED = "guarded"  # inference asks for a reclaim and waits for release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +51,11 @@ class GateControl:
     """Hold-and-release state for one service's gate.
 
     `guard()` before the GPUs leave local use (draining, listing); `release()` once they are
-    back. While guarded, the first inference request calls `on_reclaim` (once per guarded
-    spell, again after it fails) and every inference request waits up to `max_hold`. With
-    `set_rented_until(t)` and `t` beyond the hold, requests are refused at once.
+    back (or `apply(mode)` with the machine's `GateMode`). While guarded, the first inference
+    request calls `on_reclaim` (once per guarded spell, again after it fails) and every
+    inference request waits up to `max_hold`. With `set_rented_until(t)` and `t` beyond the
+    hold, requests are refused at once. Each refusal is remembered (`refused_until`: the
+    latest time a refused user was told to retry by) and logged once.
     """
 
     def __init__(
@@ -74,9 +73,8 @@ class GateControl:
         self.on_reclaim = on_reclaim
         self.on_event: EventListener | None = None
         self._display_tz = display_tz
-        self._mode = GateMode.OPEN
+        self._mode = OPEN
         self._wake: asyncio.Future[None] | None = None  # resolved on any change of state
-        self._rented_until: datetime | None = None
         self._reclaim_task: asyncio.Task[None] | None = None
         self._reclaim_asked = False
         self.in_flight = 0
@@ -85,6 +83,7 @@ class GateControl:
         self.rejected_total = 0
         self.last_request_at: datetime | None = None
         self.last_request_monotonic: float | None = None
+        self.refused_until: datetime | None = None
 
     # ---- driven by the scheduler
     @property
@@ -93,30 +92,46 @@ class GateControl:
 
     @property
     def rented_until(self) -> datetime | None:
-        return self._rented_until
+        return self._mode.rented_until
+
+    @property
+    def guarded(self) -> bool:
+        return self._mode.guarded
+
+    def apply(self, mode: GateMode) -> None:
+        """Take up the scheduler's decision: open, or guarded (with what is known of the
+        renters)."""
+        if mode.rented_until is not None and mode.rented_until.tzinfo is None:
+            raise ValueError("rented_until must be timezone-aware")
+        before = self._mode
+        if not mode.guarded:
+            if not before.guarded:
+                return
+            self._mode = OPEN
+            self._notify()
+            log.info("gate %s: open, %d held request(s) released", self.name, self.held)
+            return
+        if mode == before:
+            return
+        self._mode = mode
+        if not before.guarded:
+            self._reclaim_asked = False
+            log.info("gate %s: guarded, inference requests will be held", self.name)
+        self._notify()  # held requests re-check: a long contract refuses them now
 
     def guard(self) -> None:
-        if self._mode is GateMode.GUARDED:
-            return
-        self._mode = GateMode.GUARDED
-        self._reclaim_asked = False
-        log.info("gate %s: guarded, inference requests will be held", self.name)
+        if not self._mode.guarded:
+            self.apply(GateMode(True))
 
     def release(self) -> None:
         """GPUs are local again: forward everything, wake every held request."""
-        if self._mode is GateMode.OPEN:
-            return
-        self._mode = GateMode.OPEN
-        self._rented_until = None
-        self._notify()
-        log.info("gate %s: open, %d held request(s) released", self.name, self.held)
+        self.apply(OPEN)
 
     def set_rented_until(self, until: datetime | None) -> None:
-        """A renter's contract keeps the GPUs until `until` (None: not known / no contract)."""
-        if until is not None and until.tzinfo is None:
-            raise ValueError("rented_until must be timezone-aware")
-        self._rented_until = until
-        self._notify()  # held requests re-check: a long contract refuses them now
+        """A renter's contract keeps the GPUs until `until` at the latest (None: not known /
+        no contract)."""
+        if self._mode.guarded:
+            self.apply(GateMode(True, until, renters=until is not None or self._mode.renters))
 
     def stats(self) -> GateStats:
         return GateStats(
@@ -139,7 +154,7 @@ class GateControl:
         """None when the request may go upstream now; a Refusal to answer 503."""
         self.last_request_at = self._clock.now()
         self.last_request_monotonic = self._clock.monotonic()
-        if self._mode is GateMode.OPEN:
+        if not self._mode.guarded:
             return None
         self._ask_reclaim()
         if self._outlasts_hold():
@@ -165,7 +180,12 @@ class GateControl:
     def _reject(self) -> Refusal:
         self.rejected_total += 1
         self._tell("rejected")
-        return self._refusal()
+        refusal = self._refusal()
+        retry_by = self._clock.now() + timedelta(seconds=refusal.retry_after_s)
+        if self.refused_until is None or retry_by > self.refused_until:
+            self.refused_until = retry_by
+        log.info("gate %s: request refused (503): %s", self.name, refusal.message)
+        return refusal
 
     def _tell(self, event: str) -> None:
         if self.on_event is not None:
@@ -175,7 +195,7 @@ class GateControl:
                 log.exception("gate %s: event listener failed", self.name)
 
     def _outlasts_hold(self) -> bool:
-        until = self._rented_until
+        until = self._mode.rented_until
         return until is not None and until - self._clock.now() > self.max_hold
 
     async def _wait_for_release(self) -> bool:
@@ -184,7 +204,7 @@ class GateControl:
         timer = asyncio.ensure_future(self._clock.sleep_until(deadline))
         try:
             while True:
-                if self._mode is GateMode.OPEN:
+                if not self._mode.guarded:
                     return True
                 if timer.done() or self._outlasts_hold():
                     return False
@@ -220,21 +240,25 @@ class GateControl:
             log.exception("gate %s: reclaim callback failed", self.name)
 
     def _refusal(self) -> Refusal:
+        # A contract's end is the latest the renter may keep the GPUs (it may leave sooner),
+        # so the retry time is an upper bound: the broker keeps the GPUs local for this user
+        # until then rather than listing them again.
         now = self._clock.now()
-        until = self._rented_until
+        until = self._mode.rented_until
         if until is not None and until > now:
             wait_s = max(1, math.ceil((until - now).total_seconds()))
             shown = until.astimezone(self._display_tz or until.tzinfo).isoformat(
                 timespec="seconds"
             )
             message = (
-                f"the GPUs of this server are rented until {shown}; "
-                f"gpu-broker will hand them back then, retry after {wait_s} s"
+                f"the GPUs of this server are rented until {shown} at the latest; "
+                f"gpu-broker hands them back then: retry after {wait_s} s at the latest"
             )
             return Refusal(wait_s, until, message)
         wait_s = max(1, math.ceil(self.max_hold.total_seconds()))
+        source = "from a renter" if self._mode.renters else "from the marketplace"
         message = (
-            "the GPUs of this server are being reclaimed from a renter and were not free "
-            f"within {wait_s} s; retry in {wait_s} s"
+            f"the GPUs of this server are being reclaimed {source} and were not free "
+            f"within {wait_s} s; retry in {wait_s} s at the latest"
         )
         return Refusal(wait_s, None, message)

@@ -12,7 +12,13 @@ class OllamaAdapter(ServiceAdapter):
 
     async def _loaded(self) -> list[str]:
         answer: Any = await self._get_json("/api/ps")
-        return [str(m.get("name") or m.get("model")) for m in answer.get("models") or []]
+        models = answer.get("models") if isinstance(answer, dict) else False
+        if not isinstance(models, list | None):
+            raise ValueError(f"GET /api/ps: unexpected answer {answer!r:.120}")
+        return [
+            str(m.get("name") or m.get("model")) if isinstance(m, dict) else str(m)
+            for m in models or []
+        ]
 
     async def _probe(self) -> ServiceProbe:
         # Ollama has no in-flight counter anywhere in its API: only the gate knows.

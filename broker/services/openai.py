@@ -49,7 +49,10 @@ class OpenAIAdapter(ServiceAdapter):
         status, _ = await self._get_text("/slots")
         if status == 200:
             slots: Any = await self._get_json("/slots")
-            return any(s.get("is_processing") for s in slots), False
+            if isinstance(slots, list) and all(isinstance(s, dict) for s in slots):
+                return any(s.get("is_processing") for s in slots), False
+            # Not llama.cpp's list of slots (another server answers /slots its own way):
+            # whether it works cannot be told from it; fall through to /metrics.
         metrics = await self._metrics()
         if metrics:
             is_vllm = any(k.startswith("vllm:") for k in metrics)

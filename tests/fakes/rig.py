@@ -97,8 +97,10 @@ def rig_config(
             "retry_attempts": 2,
             "docker_socket": "",
         } | (provider or {})
-    else:
+    elif (provider or {}).get("kind", "paper") == "paper":
         data["provider"] = {"kind": "paper", "arrivals_per_hour": 0} | (provider or {})
+    else:
+        data["provider"] = dict(provider or {})  # another marketplace, given whole
     return parse_config(data)
 
 
@@ -142,12 +144,23 @@ class Rig:
         its deadline once nothing else has happened for a few milliseconds, as `drive()`
         does, so virtual waits inside a step pass and real I/O still runs."""
         quiet = 0
+        scheduler = self.daemon.scheduler
+        reading_since: float | None = None
         for _ in range(5000):
             await asyncio.sleep(0.001)
-            if self.daemon.scheduler.parked:
+            if scheduler.parked:
+                # The watchers' reads (real I/O to the fakes) finish too, unless one stalls
+                # (a `slow` fault): the loop must not wait on it, nor must the story.
+                if scheduler.reading:
+                    now = asyncio.get_running_loop().time()
+                    reading_since = reading_since or now
+                    if now - reading_since < 0.3:
+                        continue
                 await asyncio.sleep(0.001)
-                if self.daemon.scheduler.parked:
+                if scheduler.parked and (not scheduler.reading or reading_since is not None):
                     return
+            else:
+                reading_since = None
             quiet += 1
             deadline = self.clock.next_deadline()
             if quiet >= 20 and deadline is not None:
