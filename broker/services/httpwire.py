@@ -52,7 +52,6 @@ _CHUNK_LINE = re.compile(
     + _TCHAR + rb"++|" + _QUOTED + rb"))?)*+\r\n"
 )
 _TRAILER_LINE = re.compile(_FIELD_LINE)
-_HEXDIGITS = b"0123456789abcdefABCDEF"
 # Header names the parsers look at; every other line is relayed as it came, untouched.
 _REQUEST_WATCHED = HOP_BY_HOP | {
     b"host", b"content-length", b"transfer-encoding", b"expect", b"close"
@@ -323,13 +322,18 @@ class ChunkedScanner:
             # in one step. Anything else (extensions, several chunks, the last chunk, a chunk
             # cut across slices, garbage) goes the long way below.
             newline = data.find(b"\n", 0, 18)
-            if newline > 1 and data[newline - 1] == 0x0D:
-                size_text = data[: newline - 1]
-                if not size_text.translate(None, _HEXDIGITS):
-                    size = int(size_text, 16)
-                    if size and newline + size + 3 == len(data) and data.endswith(b"\r\n"):
-                        self.size += size
-                        return len(data)
+            # alphanumeric and no "0x" prefix: then int() takes hex digits and nothing else
+            # (it forgives "+", "_", spaces and "0x", which RFC 9112 does not)
+            if (newline > 1 and data[newline - 1] == 0x0D and data[1] | 0x20 != 0x78
+                    and data[: newline - 1].isalnum()):  # fmt: skip
+                try:
+                    size = int(data[: newline - 1], 16)
+                except ValueError:
+                    size = 0
+                end = len(data)
+                if size and newline + size + 3 == end and data[end - 2 : end] == b"\r\n":
+                    self.size += size
+                    return end
         pos, end = 0, len(data)
         while pos < end:
             state = self._state
