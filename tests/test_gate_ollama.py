@@ -95,9 +95,11 @@ async def test_embeddings_both_routes(client: ollama.AsyncClient) -> None:
 async def test_host_is_rewritten_for_the_upstream(
     client: ollama.AsyncClient, upstream: FakeOllama, gate: Gate
 ) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(gate.url + "/api/tags", headers={"Host": "localhost:80"}) as r:
-            assert r.status == 200
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gate.url + "/api/tags", headers={"Host": "localhost:80"}) as r,
+    ):
+        assert r.status == 200
     assert upstream.seen[-1].host == upstream.url.removeprefix("http://")
 
 
@@ -123,7 +125,7 @@ async def test_a_foreign_host_is_refused_as_ollama_refuses_it(
 
 async def test_hop_by_hop_headers_are_not_forwarded(upstream: FakeOllama, gate: Gate) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.port)
-    writer.write(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, X-Secret\r\n"
+    writer.write(b"GET /api/version HTTP/1.1\r\nHost: [::1]\r\nConnection: keep-alive, X-Secret\r\n"
                  b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\n")  # fmt: skip
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
@@ -251,7 +253,7 @@ async def test_client_leaving_while_held_frees_its_slot(gate: Gate, clock: FakeC
     gate.control.guard()
     _, writer = await asyncio.open_connection("127.0.0.1", gate.port)
     body = b'{"model": "llama3.2:1b", "prompt": "hi"}'
-    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
     await until(lambda: gate.control.held == 1, "the request to be held")
     assert clock.sleepers == 1

@@ -61,7 +61,7 @@ def _reference_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def _reference_request(data: bytes) -> dict[str, Any]:
-    start, headers, connection, codings = _reference_split(data)
+    start, headers, connection, _ = _reference_split(data)
     parts = start.split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpFramingError("bad request line")

@@ -180,7 +180,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(gate: Gate) 
     try:
         for i in range(3):
             body = b"n=%d" % i
-            writer.write(b"POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+            writer.write(b"POST /api/show HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(body), body))  # fmt: skip
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
