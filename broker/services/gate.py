@@ -282,6 +282,7 @@ class _Client(asyncio.Protocol):
                 self.pieces = [rest]
                 self.have = len(rest)
                 self.state = _BODY
+                self.since = gate.now  # the body's timeout starts now
                 return True
             self.body = rest[:length]
             self.buf = rest[length:]
@@ -394,6 +395,7 @@ class _Client(asyncio.Protocol):
             self.body_scanner = ChunkedScanner()
             self.sink = self._body_chunked
         self._resume(_PAUSE_BACKLOG)
+        self.since = self.gate.now  # the body's timeout starts now
         pending, self.buf = self.buf, b""
         if pending:
             self.sink(pending)
