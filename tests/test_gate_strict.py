@@ -205,7 +205,7 @@ async def test_a_head_that_never_completes_gets_408_within_the_timeout(
     answer = await _until_closed(reader)
     elapsed = time.monotonic() - started
     assert _status(answer) == 408 and b"Connection: close" in answer
-    assert SHORT <= elapsed < SHORT + 0.3, elapsed
+    assert SHORT <= elapsed < SHORT + 0.5, elapsed  # a tick or two late at most
     assert upstream.heads == []
     await _close(writer)
 
@@ -218,7 +218,7 @@ async def test_an_idle_keep_alive_connection_is_closed_quietly(make_gate: MakeGa
     assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
     started = time.monotonic()
     assert await _until_closed(reader) == b""  # closed, nothing said
-    assert IDLE <= time.monotonic() - started < IDLE + 0.3
+    assert IDLE <= time.monotonic() - started < IDLE + 0.5
     assert not gate._clients
     await _close(writer)
 
@@ -232,7 +232,7 @@ async def test_a_stalled_body_gets_408(make_gate: MakeGate, length: int) -> None
     started = time.monotonic()
     answer = await _until_closed(reader)
     assert _status(answer) == 408 and "body" in _error_message(answer)
-    assert time.monotonic() - started < SHORT + 0.3
+    assert time.monotonic() - started < SHORT + 0.5
     await _close(writer)
 
 

@@ -928,10 +928,13 @@ class Gate:
             self._over_cap_logged_at = now
             self._over_cap_count = 0
         # write, then half-close and read what the client sends until it closes: closing
-        # with its request unread would reset the connection and lose the 503
+        # with its request unread would reset the connection and lose the 503. In a flood
+        # (as many lingering as the cap) they are closed at once: the descriptors matter more.
         transport.write(self._over_cap_answer)
-        if transport.can_write_eof():
-            transport.write_eof()
+        if len(self._lingering) >= self.max_connections or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
         self._lingering.add(transport)
         loop.call_later(_OVER_CAP_LINGER_S, self._drop_lingering, transport)
 
