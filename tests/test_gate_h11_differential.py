@@ -102,8 +102,8 @@ def _chunk(draw: st.DrawFn, tags: set[str], last: bool) -> bytes:
             tags.add("ext_syntax")
         elif ext == "long":
             tags.add("long_ext")
-    elif form == "trail_sp":
-        tags.add("size_ows")
+    if form == "trail_sp":  # "5 ;a" is BWS before an extension, "5 " alone is not
+        tags.add("ext_bws" if ext_bytes else "size_ows")
     ending = draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"]))
     if ending == b"\n":
         tags.add("bare_lf")  # the gate refuses; h11 waits for a CRLF that never comes
