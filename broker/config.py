@@ -255,6 +255,10 @@ class GpusSection(_Model):
 _SYSTEMD_UNIT = re.compile(r"systemd:[A-Za-z0-9:_.@\\-]+")
 
 
+# a DNS name, an IPv4 address or an IPv6 address (brackets optional); no port, no scheme
+_ALLOWED_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9.])?|\[?[0-9A-Fa-f:.]+\]?")
+
+
 class ServiceSection(_Model):
     name: str = Field(min_length=1)
     kind: Literal["ollama", "comfyui", "openai"]
@@ -269,6 +273,15 @@ class ServiceSection(_Model):
     # The body default leaves room for base64 images sent to multimodal models.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # Host names the gate also answers to, besides its listen address and loopback (a
+    # guard against DNS rebinding; "*" turns that guard off). Then the connection cap and
+    # the timeouts: a request head must arrive within head_timeout (else 408), a kept-alive
+    # connection may stay idle idle_timeout, a request body may stall body_timeout (408).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    max_connections: int = Field(default=1024, ge=1)
+    head_timeout: PositiveDuration = timedelta(seconds=10)
+    idle_timeout: PositiveDuration = timedelta(seconds=75)
+    body_timeout: PositiveDuration = timedelta(seconds=60)
 
     @field_validator("upstream")
     @classmethod
@@ -278,6 +291,16 @@ class ServiceSection(_Model):
                 f'expected an http(s) URL like "http://127.0.0.1:11435", got "{value}"'
             )
         return value.rstrip("/")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not _ALLOWED_HOST.fullmatch(name):
+                raise ValueError(
+                    f'expected host names like "gpu.lan" or "192.168.1.20" (or "*"), got "{name}"'
+                )
+        return [name.lower() for name in value]
 
     @field_validator("drain")
     @classmethod

@@ -160,7 +160,7 @@ async def connect(gate: Gate, rcvbuf: int | None = None) -> tuple[asyncio.Stream
 
 
 def post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
-    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
+    return (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n%s\r\n%s"
             % (path, len(body), extra, body))  # fmt: skip
 
 
@@ -303,7 +303,7 @@ async def test_pipelined_request_waits_behind_a_paused_answer(make_gate: MakeGat
 async def test_pipelined_requests_are_answered_in_order(make_gate: MakeGate) -> None:
     gate, up = await make_gate(echo)
     reader, writer = await connect(gate)
-    chunked = (b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = (b"POST /api/show HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"3\r\none\r\n4;ext=1\r\n two\r\n0\r\nX-Trailer: t\r\n\r\n")  # fmt: skip
     # three requests in one write: a plain one, a chunked one, and an inference request
     writer.write(post(b"/api/show", b"first") + chunked + post(b"/api/generate", b"third"))
@@ -335,7 +335,7 @@ async def test_head_and_body_split_across_reads(make_gate: MakeGate) -> None:
 async def test_expect_100_continue_is_answered_by_the_gate(make_gate: MakeGate) -> None:
     gate, up = await make_gate(echo)
     reader, writer = await connect(gate)
-    writer.write(b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    writer.write(b"POST /api/show HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
                  b"Expect: 100-continue\r\n\r\n")  # fmt: skip
     assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b"hello")
@@ -348,7 +348,7 @@ async def test_expect_100_continue_is_answered_by_the_gate(make_gate: MakeGate) 
 async def test_upstream_sees_the_head_rewritten(make_gate: MakeGate) -> None:
     gate, up = await make_gate(echo)
     reader, writer = await connect(gate)
-    writer.write(b"GET /api/tags?x=1 HTTP/1.1\r\nHost: gpu.example\r\nConnection: keep-alive, "
+    writer.write(b"GET /api/tags?x=1 HTTP/1.1\r\nHost: localhost:1\r\nConnection: keep-alive, "
                  b"X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
                  b"X-Kept:  spaced  \r\nAccept: */*\r\n\r\n")  # fmt: skip
     await reader.readuntil(b"\r\n\r\n")
@@ -391,7 +391,7 @@ async def test_body_until_close_reaches_the_client(make_gate: MakeGate) -> None:
 
     gate, _ = await make_gate(unframed)
     reader, writer = await connect(gate)
-    writer.write(b"GET /api/ps HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /api/ps HTTP/1.1\r\nHost: localhost\r\n\r\n")
     answer = await reader.read(-1)  # the gate closes after the body, as the upstream did
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"Connection: close" in head and body == b"part one, part two"

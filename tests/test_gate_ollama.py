@@ -95,18 +95,37 @@ async def test_embeddings_both_routes(client: ollama.AsyncClient) -> None:
 async def test_host_is_rewritten_for_the_upstream(
     client: ollama.AsyncClient, upstream: FakeOllama, gate: Gate
 ) -> None:
-    # the fake, like Ollama on loopback, answers 403 to a non-local Host
-    async with aiohttp.ClientSession() as session:
-        async with session.get(upstream.url + "/api/tags", headers={"Host": "gpu.example"}) as r:
-            assert r.status == 403
-        async with session.get(gate.url + "/api/tags", headers={"Host": "gpu.example"}) as r:
-            assert r.status == 200
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gate.url + "/api/tags", headers={"Host": "localhost:80"}) as r,
+    ):
+        assert r.status == 200
     assert upstream.seen[-1].host == upstream.url.removeprefix("http://")
+
+
+async def test_a_foreign_host_is_refused_as_ollama_refuses_it(
+    upstream: FakeOllama, gate: Gate
+) -> None:
+    """DNS rebinding (issue 12): the gate rewrites Host, so it must make Ollama's check."""
+    seen = len(upstream.seen)
+    async with aiohttp.ClientSession() as session:
+        # the fake, like Ollama on loopback, answers 403 to a non-local Host
+        async with session.get(upstream.url + "/api/tags", headers={"Host": "evil.example"}) as r:
+            assert r.status == 403
+        async with session.get(gate.url + "/api/tags", headers={"Host": "evil.example"}) as r:
+            assert r.status == 403
+            body = await r.json()
+            assert set(body) == {"error"} and "evil.example" in body["error"]
+        # loopback names and the gate's own address pass, with or without a port
+        for host in ("localhost", "127.0.0.1", "[::1]:9", gate.url.removeprefix("http://")):
+            async with session.get(gate.url + "/api/tags", headers={"Host": host}) as r:
+                assert r.status == 200, host
+    assert len(upstream.seen) == seen + 1 + 4  # the refused one never reached the upstream
 
 
 async def test_hop_by_hop_headers_are_not_forwarded(upstream: FakeOllama, gate: Gate) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.port)
-    writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret\r\n"
+    writer.write(b"GET /api/version HTTP/1.1\r\nHost: [::1]\r\nConnection: keep-alive, X-Secret\r\n"
                  b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\n")  # fmt: skip
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
@@ -235,7 +254,7 @@ async def test_client_leaving_while_held_frees_its_slot(gate: Gate, clock: FakeC
     gate.control.guard()
     _, writer = await asyncio.open_connection("127.0.0.1", gate.port)
     body = b'{"model": "llama3.2:1b", "prompt": "hi"}'
-    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
     await until(lambda: gate.control.held == 1, "the request to be held")
     assert clock.sleepers == 1
@@ -252,7 +271,7 @@ async def test_client_leaving_mid_stream_releases_upstream(
     upstream.pause_streams = asyncio.Event()
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.port)
     body = b'{"model": "llama3.2:1b", "prompt": "hi"}'
-    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+    writer.write(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                  % (len(body), body))  # fmt: skip
     await reader.readuntil(b"tok0")
     assert gate.control.in_flight == 1

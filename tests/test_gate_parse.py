@@ -61,16 +61,23 @@ def _reference_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def _reference_request(data: bytes) -> dict[str, Any]:
-    start, headers, connection, codings = _reference_split(data)
+    start, headers, connection, _ = _reference_split(data)
     parts = start.split(b" ")
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpFramingError("bad request line")
     method, target, version = parts
     http10 = version == b"HTTP/1.0"
+    # issue 12, RFC 9112 section 3.2: one Host in HTTP/1.1, never two
+    hosts = sum(1 for line in data.split(b"\r\n")[1:] if line.lower().startswith(b"host:"))
+    if hosts > 1 or (hosts == 0 and not http10):
+        raise HttpFramingError("Host")
     content_length = _reference_length(headers)
     chunked = False
-    if codings:
-        if codings[-1] != b"chunked" or content_length is not None or http10:
+    if any(n.lower() == b"transfer-encoding" for n, _ in headers):
+        # issue 12: a request's only transfer coding is a single "chunked"
+        raw = [v.strip(b" \t").lower() for n, value in headers
+               if n.lower() == b"transfer-encoding" for v in value.split(b",")]  # fmt: skip
+        if raw != [b"chunked"] or content_length is not None or http10:
             raise HttpFramingError("unsupported Transfer-Encoding")
         chunked = True
     upgrade = None
@@ -81,6 +88,7 @@ def _reference_request(data: bytes) -> dict[str, Any]:
                 upgrade = value.strip(b" \t")
                 break
     expect = any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers)
+    expect_continue = expect and not http10  # issue 12: never 100 Continue to HTTP/1.0
     keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
     kept = [(n, v) for n, v in headers if not (expect and n.lower() == b"expect")]
     return {
@@ -94,7 +102,7 @@ def _reference_request(data: bytes) -> dict[str, Any]:
         "chunked": chunked,
         "keep_alive": keep_alive,
         "upgrade": upgrade,
-        "expect_continue": expect,
+        "expect_continue": expect_continue,
     }
 
 
@@ -108,10 +116,15 @@ def _reference_response(data: bytes, method: str) -> dict[str, Any]:
     keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
     no_body = method == "HEAD" or status < 200 or status in (204, 304)
     chunked = bool(codings) and codings[-1] == b"chunked" and not no_body
-    content_length = None if (chunked or no_body) else _reference_length(headers)
+    # issue 12, RFC 9112 section 6.3: any Transfer-Encoding (even an empty one) overrides
+    # Content-Length, which is dropped; without a final "chunked" the body ends at close
+    te = any(n.lower() == b"transfer-encoding" for n, _ in headers)
+    if te:
+        headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+    content_length = None if (chunked or no_body or te) else _reference_length(headers)
     if no_body:
         content_length = 0
-    elif codings and not chunked:
+    elif te and not chunked:
         keep_alive = False
     return {
         "status": status,

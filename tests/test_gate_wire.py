@@ -138,7 +138,7 @@ async def test_oversized_head_gets_431(gate: Gate) -> None:
 
 
 async def test_oversized_body_gets_413_before_it_is_read(gate: Gate) -> None:
-    raw = b"POST /api/chat HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"
+    raw = b"POST /api/chat HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 99999999\r\n\r\n"
     answer = await _exchange(gate, raw)
     assert answer.startswith(b"HTTP/1.1 413 ") and b'"error"' in answer
 
@@ -150,7 +150,7 @@ async def test_malformed_request_gets_400(gate: Gate) -> None:
 
 async def test_large_and_chunked_bodies_stream_through_byte_exact(gate: Gate) -> None:
     payload = bytes(range(256)) * 8192  # 2 MiB: above the read-whole size, so streamed
-    raw = (b"POST /api/show?chunked=1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+    raw = (b"POST /api/show?chunked=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
            b"Connection: close\r\n\r\n" % len(payload)) + payload  # fmt: skip
     answer = await _exchange(gate, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -168,7 +168,7 @@ async def test_large_and_chunked_bodies_stream_through_byte_exact(gate: Gate) ->
         rest = rest[size + 2 :]
     assert bytes(out) == payload
     chunked_request = _chunked([b"hello ", b"world"])
-    raw = (b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    raw = (b"POST /api/show HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
            b"Connection: close\r\n\r\n") + chunked_request  # fmt: skip
     answer = await _exchange(gate, raw)
     assert answer.endswith(b"\r\n\r\nhello world")
@@ -180,7 +180,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(gate: Gate) 
     try:
         for i in range(3):
             body = b"n=%d" % i
-            writer.write(b"POST /api/show HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            writer.write(b"POST /api/show HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(body), body))  # fmt: skip
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head

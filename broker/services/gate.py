@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from datetime import tzinfo
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from broker.clock import Clock
 from broker.services.classify import ServiceKind, is_inference
 from broker.services.control import GateControl, ReclaimCallback, Refusal
+from broker.services.hostcheck import FOREIGN, HostPolicy, local_address
 from broker.services.httpwire import (
     ChunkedScanner,
     HttpFramingError,
@@ -50,6 +51,12 @@ T = TypeVar("T")
 
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_HEAD_TIMEOUT_S = 10.0
+DEFAULT_IDLE_TIMEOUT_S = 75.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
+_OVER_CAP_LINGER_S = 1.0  # an over-cap connection gets this long to read its 503
+_OVER_CAP_LOG_EVERY_S = 60.0  # one log line per this, however many were refused
 _PREREAD_BYTES = 1024 * 1024  # bodies up to this are read whole (one upstream write, retryable)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -64,6 +71,8 @@ _WAIT_HEAD = 5  # the request is out; waiting for the answer's head
 _RELAY = 6  # copying the answer's body to the client
 _TUNNEL = 7  # after 101 Switching Protocols: bytes both ways until either side closes
 _CLOSED = 8
+# The timeouts (head, idle keep-alive, body) apply only to _IDLE, _BODY and a _SEND_BODY
+# still reading: waiting for the upstream, relaying a stream, a tunnel are never cut.
 
 # How the answer's body ends.
 _BY_LENGTH = 0
@@ -142,13 +151,24 @@ class _Client(asyncio.Protocol):
         self.scanner: ChunkedScanner | None = None
         self.client_keep = False
         self.upstream_keep = False
+        # the timeouts: when the current wait (for a head, the next request, more body)
+        # began or last made progress, on the gate's coarse clock (see Gate._sweep)
+        self.since = 0.0
+        self.kept = False  # served a request and kept the connection: now it is idle
+        self.local_ip: str | bool | None = False  # where it arrived (False: not looked up)
 
     # ---- asyncio callbacks: the client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a cast, not an isinstance check: uvloop's transports do not subclass asyncio's
         self.transport = cast(asyncio.Transport, transport)
+        gate = self.gate
+        if len(gate._clients) >= gate.max_connections:
+            self.state = _CLOSED
+            gate._over_cap(self.transport)
+            return
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.gate._clients.add(self)
+        gate._clients.add(self)
+        self.since = gate._watch()
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -157,6 +177,7 @@ class _Client(asyncio.Protocol):
             return
         state = self.state
         if state == _BODY:
+            self.since = self.gate.now
             self.pieces.append(data)
             self.have += len(data)
             head = self.head
@@ -166,7 +187,11 @@ class _Client(asyncio.Protocol):
             return
         if state == _CLOSED:
             return
-        self.buf = self.buf + data if self.buf else data
+        if self.buf:
+            self.buf += data
+        else:
+            self.since = self.gate.now  # the first bytes of a head: its timeout starts
+            self.buf = data
         if state == _IDLE and not self.write_paused:
             self._pump()
         else:
@@ -178,6 +203,8 @@ class _Client(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client that closes its side mid-request gives it up, as one that hangs up: a
         # held slot or an upstream stream must not wait for a write to notice.
+        if self.state == _CLOSED:
+            return False  # (an over-cap connection that read its 503): close it now
         if self.state != _IDLE:
             self._abandon()
         else:
@@ -189,6 +216,7 @@ class _Client(asyncio.Protocol):
             self._abandon()
         self.state = _CLOSED
         self.gate._clients.discard(self)
+        self.gate._lingering.discard(self.transport)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -233,7 +261,12 @@ class _Client(asyncio.Protocol):
             if not head.target.startswith(b"/"):
                 raise HttpFramingError("only origin-form request targets are served")
         except HttpFramingError as err:
-            self._refuse("/", 400, f"bad request: {err}")
+            self._refuse("/", err.status, f"bad request: {err}")
+            return False
+        host = head.host
+        if (host is not None and (verdict := gate._hosts.check(host))
+                and (verdict != FOREIGN or not gate._hosts.arrived_on(host, self._local_ip()))):
+            self._refuse_host(head, verdict)
             return False
         rest = buf[end + 4 :]
         self.head = head
@@ -241,7 +274,7 @@ class _Client(asyncio.Protocol):
         if length is not None and length > gate.max_body_bytes:
             self._refuse(head.path, 413, f"request body over {gate.max_body_bytes} bytes")
             return False
-        if head.expect_continue:
+        if head.expect_continue:  # never for HTTP/1.0 (the parser drops it there)
             self.transport.write(_CONTINUE)
         if length is not None and length <= _PREREAD_BYTES:
             if len(rest) < length:
@@ -249,6 +282,7 @@ class _Client(asyncio.Protocol):
                 self.pieces = [rest]
                 self.have = len(rest)
                 self.state = _BODY
+                self.since = gate.now  # the body's timeout starts now
                 return True
             self.body = rest[:length]
             self.buf = rest[length:]
@@ -257,6 +291,21 @@ class _Client(asyncio.Protocol):
             self.buf = rest
         self._admit(head)
         return True
+
+    def _local_ip(self) -> str | None:
+        if self.local_ip is False:
+            self.local_ip = local_address(self.transport.get_extra_info("sockname"))
+        return self.local_ip if isinstance(self.local_ip, str) else None
+
+    def _refuse_host(self, head: RequestHead, verdict: int) -> None:
+        shown = head.host.decode("latin-1") if head.host is not None else ""
+        if verdict == FOREIGN:
+            # DNS rebinding: a page from that name reaching a local service (issue 12)
+            message = (f"gpu-broker gate: Host {shown!r} is not this gate's address, "
+                       f"loopback or one of services.allowed_hosts of {self.gate.name!r}")
+        else:
+            message = f"bad request: Host {shown[:80]!r} is not a host[:port]"
+        self._refuse(head.path, verdict, message)
 
     def _body_complete(self, length: int) -> None:
         data = b"".join(self.pieces)
@@ -346,6 +395,7 @@ class _Client(asyncio.Protocol):
             self.body_scanner = ChunkedScanner()
             self.sink = self._body_chunked
         self._resume(_PAUSE_BACKLOG)
+        self.since = self.gate.now  # the body's timeout starts now
         pending, self.buf = self.buf, b""
         if pending:
             self.sink(pending)
@@ -353,6 +403,7 @@ class _Client(asyncio.Protocol):
     def _body_by_length(self, data: bytes) -> None:
         up = self.up
         assert up is not None
+        self.since = self.gate.now
         left = self.body_left
         if len(data) < left:
             up.transport.write(data)
@@ -366,10 +417,13 @@ class _Client(asyncio.Protocol):
     def _body_chunked(self, data: bytes) -> None:
         up, scanner, head = self.up, self.body_scanner, self.head
         assert up is not None and scanner is not None and head is not None
+        self.since = self.gate.now
         try:
             used = scanner.feed(data)
-        except HttpFramingError:
-            self._abandon()  # garbage framing: drop the connection
+        except HttpFramingError as err:
+            # nothing of an answer has reached the client yet: tell it why, then close
+            self._drop_upstream()
+            self._refuse(head.path, 400, f"bad request: {err}")
             return
         if scanner.size > self.gate.max_body_bytes:
             self._drop_upstream()
@@ -569,6 +623,18 @@ class _Client(asyncio.Protocol):
             up.transport.write(pending)
 
     # ---- endings
+    def _timed_out(self) -> None:
+        """A wait that has a timeout ran out (see Gate._sweep for which waits do)."""
+        head = self.head
+        if self.state == _IDLE:
+            if self.buf:  # part of a head came, the rest did not (slowloris)
+                self._refuse("/", 408, "request head not received in time")
+            else:  # an idle keep-alive connection, or one that never sent anything
+                self._close()
+        elif head is not None:  # a body stalled: nothing of an answer was relayed yet
+            self._drop_upstream()
+            self._refuse(head.path, 408, "request body not received in time")
+
     def _reply(
         self,
         path: str,
@@ -643,6 +709,8 @@ class _Client(asyncio.Protocol):
         self._end_request()
         if keep_alive and self.state != _CLOSED:
             self.state = _IDLE
+            self.kept = True
+            self.since = self.gate.now
             if self.paused:
                 self._resume(_PAUSE_BACKLOG)
         else:
@@ -664,6 +732,7 @@ class _Client(asyncio.Protocol):
         if self.paused & reason:
             self.paused &= ~reason
             if not self.paused and self.state != _CLOSED:
+                self.since = self.gate.now  # time paused by the gate is not the client's
                 self.transport.resume_reading()
 
 
@@ -680,14 +749,42 @@ class Gate:
         control: GateControl,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        allowed_hosts: Iterable[str] = (),
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         self.name = name
         self.kind: ServiceKind = kind
         self.control = control
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.max_connections = max_connections
+        self.head_timeout_s = head_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.body_timeout_s = body_timeout_s
         # a (host, 0) tuple lets tests and the bench take any free port
         self._listen = parse_hostport(listen) if isinstance(listen, str) else listen
+        self._hosts = HostPolicy(self._listen[0], allowed_hosts)
+        # The timeouts run on a coarse clock: one timer per gate, ticking only while it has
+        # connections, checks each connection's `since` (an attribute store per request:
+        # no timer armed or cancelled per request, nothing that shows on scripts/bench-gate).
+        # A wait runs out between its timeout and that plus two ticks.
+        self._tick = max(0.05, min(1.0, head_timeout_s / 4, idle_timeout_s / 4,
+                                   body_timeout_s / 4))  # fmt: skip
+        self.now = 0.0  # loop time of the last tick
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lingering: set[asyncio.Transport] = set()  # over the cap, reading their 503
+        self._over_cap_count = 0
+        self._over_cap_logged_at = -_OVER_CAP_LOG_EVERY_S
+        self._over_cap_answer = error_response(
+            kind, "/", 503,
+            f"gpu-broker gate: {name} has {max_connections} open connections "
+            "(services.max_connections); retry shortly",
+            keep_alive=False, retry_after_s=1,
+        )  # fmt: skip
         self._upstream = UpstreamAddress.parse(upstream)
         self._upstream_url = upstream
         self._pool = UpstreamPool(self._upstream)
@@ -722,12 +819,17 @@ class Gate:
             control=control,
             max_header_bytes=section.max_header_bytes,
             max_body_bytes=section.max_body_bytes,
+            allowed_hosts=section.allowed_hosts,
+            max_connections=section.max_connections,
+            head_timeout_s=section.head_timeout.total_seconds(),
+            idle_timeout_s=section.idle_timeout.total_seconds(),
+            body_timeout_s=section.body_timeout.total_seconds(),
         )
 
     # ---- lifecycle
     async def start(self) -> None:
         host, port = self._listen
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Client(self), host, port, backlog=1024, reuse_address=True
         )
@@ -750,6 +852,11 @@ class Gate:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for transport in list(self._lingering):
+            transport.abort()
         clients = list(self._clients)
         tasks = [c.task for c in clients if c.task is not None]
         for client in clients:
@@ -769,6 +876,72 @@ class Gate:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    # ---- timeouts and the connection cap
+    def _watch(self) -> float:
+        """A connection opened: make sure the sweep runs; the loop's time now."""
+        loop = self._loop
+        if loop is None:  # a connection made by hand (a test), not by start()
+            loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._sweeper is None:
+            self.now = now
+            self._sweeper = loop.call_later(self._tick, self._sweep)
+        return now
+
+    def _sweep(self) -> None:
+        """Close the connections whose head, idle or body wait ran out; tick again while any
+        connection is open."""
+        loop = self._loop
+        assert loop is not None
+        now = self.now = loop.time()
+        if not self._clients:
+            self._sweeper = None
+            return
+        slack = self._tick  # `since` is read from a clock up to one tick stale
+        head_limit, idle_limit = self.head_timeout_s + slack, self.idle_timeout_s + slack
+        body_limit = self.body_timeout_s + slack
+        for client in tuple(self._clients):
+            if client.paused or client.pump_on_resume:
+                continue  # the gate stopped reading it, or it has an answer to read
+            state = client.state
+            if state == _IDLE:
+                limit = head_limit if client.buf or not client.kept else idle_limit
+            elif state == _BODY or (state == _SEND_BODY and client.sink is not None):
+                limit = body_limit
+            else:
+                continue
+            if now - client.since > limit:
+                client._timed_out()
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    def _over_cap(self, transport: asyncio.Transport) -> None:
+        """Answer a connection over `max_connections` with 503 and let it go; the ones
+        already open are not touched. Logged once a minute, not once per connection."""
+        loop = asyncio.get_running_loop()
+        self._over_cap_count += 1
+        now = loop.time()
+        if now - self._over_cap_logged_at >= _OVER_CAP_LOG_EVERY_S:
+            log.warning("gate %s: %d connection(s) refused with 503: %d open is the cap "
+                        "(services.max_connections)", self.name, self._over_cap_count,
+                        self.max_connections)  # fmt: skip
+            self._over_cap_logged_at = now
+            self._over_cap_count = 0
+        # write, then half-close and read what the client sends until it closes: closing
+        # with its request unread would reset the connection and lose the 503. In a flood
+        # (as many lingering as the cap) they are closed at once: the descriptors matter more.
+        transport.write(self._over_cap_answer)
+        if len(self._lingering) >= self.max_connections or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._lingering.add(transport)
+        loop.call_later(_OVER_CAP_LINGER_S, self._drop_lingering, transport)
+
+    def _drop_lingering(self, transport: asyncio.Transport) -> None:
+        if transport in self._lingering:
+            self._lingering.discard(transport)
+            transport.abort()
 
     # ---- the request line and headers the upstream gets
     def _upstream_head(self, head: RequestHead) -> bytes:

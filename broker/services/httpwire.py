@@ -9,6 +9,7 @@ to nginx on a streamed answer (see scripts/bench-gate).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from itertools import islice
 
@@ -28,8 +29,29 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_MAX_CHUNK_LINE = 4096  # a chunk-size line longer than this is an attack, not a size
-_WS = (0x20, 0x09)  # space and tab, as bytes items
+_MAX_CHUNK_LINE = 4096  # a chunk-size line (with its extensions) longer than this is an attack
+_MAX_TRAILERS = 16 * 1024  # all trailer lines of one chunked body together
+_MAX_LENGTH_DIGITS = 18  # a Content-Length that does not fit in 63 bits is not a length
+
+# RFC 9110/9112 grammar, as whole-head regular expressions: one C-level pass validates the
+# start line, every header name (a token) and every value (no control character but HTAB;
+# bare CR or LF cannot appear, so no line is split two ways), and refuses obs-fold (a line
+# starting with whitespace is not a token). Possessive quantifiers keep each pass linear.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_FIELD_LINE = _TCHAR + rb"++:[\t\x20-\x7e\x80-\xff]*+\r\n"
+_REQUEST_HEAD = re.compile(
+    _TCHAR + rb"++ [\x21-\x7e]++ HTTP/1\.[01]\r\n(?:" + _FIELD_LINE + rb")*+\r\n"
+)
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.[0-9] [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*+)?\r\n(?:" + _FIELD_LINE + rb")*+\r\n"
+)
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*+"'
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] )
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*+;[ \t]*+" + _TCHAR + rb"++(?:[ \t]*+=[ \t]*+(?:"
+    + _TCHAR + rb"++|" + _QUOTED + rb"))?)*+\r\n"
+)
+_TRAILER_LINE = re.compile(_FIELD_LINE)
 # Header names the parsers look at; every other line is relayed as it came, untouched.
 _REQUEST_WATCHED = HOP_BY_HOP | {
     b"host", b"content-length", b"transfer-encoding", b"expect", b"close"
@@ -39,7 +61,11 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class HttpFramingError(ValueError):
-    """A message head or body framing that the gate will not relay."""
+    """A message head or body framing that the gate will not relay; `status` is the answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(slots=True)
@@ -56,6 +82,7 @@ class RequestHead:
     keep_alive: bool
     upgrade: bytes | None  # the protocol asked for (websocket), with `Connection: upgrade`
     expect_continue: bool
+    host: bytes | None  # the Host value (OWS stripped); None only for HTTP/1.0 without one
 
 
 @dataclass(slots=True)
@@ -70,22 +97,57 @@ class ResponseHead:
 
 # What one pass over the header lines found: the relayed lines (without CRLF), the
 # `Connection` tokens (lowercase), the `Content-Length` values, the `Transfer-Encoding`
-# codings (lowercase, in order), whether `Expect: 100-continue` came (then every Expect line
-# is dropped: the gate answers it), and the first `Upgrade` value.
-_Fields = tuple[list[bytes], set[bytes], list[bytes], list[bytes], bool, "bytes | None"]
+# codings (lowercase, in order; None when no such header came), whether
+# `Expect: 100-continue` came (then every Expect line is dropped: the gate answers it), the
+# first `Upgrade` value, and the Host values.
+_Fields = tuple[
+    list[bytes], set[bytes], list[bytes], "list[bytes] | None", bool, "bytes | None", list[bytes]
+]
 
 
-def _lines(data: bytes) -> list[bytes]:
-    """The head's lines, start line first; refuses a head that is not CRLF-framed."""
-    if not data.endswith(b"\r\n\r\n"):
-        raise HttpFramingError("incomplete head")
+def _request_lines(data: bytes) -> list[bytes]:
+    """The head's lines, request line first, once the whole head obeys the grammar."""
+    if _REQUEST_HEAD.fullmatch(data) is None:
+        raise HttpFramingError(_why_not(data, request=True))
     lines = data.split(b"\r\n")
-    separators = len(lines) - 1
-    if data.count(b"\n") != separators or data.count(b"\r") != separators:
-        # a bare CR or LF: some servers end a line there and others do not (smuggling)
-        raise HttpFramingError("bare CR or LF in the head")
     del lines[-2:]
     return lines
+
+
+def _response_lines(data: bytes) -> list[bytes]:
+    if _RESPONSE_HEAD.fullmatch(data) is None:
+        raise HttpFramingError(_why_not(data, request=False))
+    lines = data.split(b"\r\n")
+    del lines[-2:]
+    return lines
+
+
+_START_LINE = re.compile(_TCHAR + rb"++ [\x21-\x7e]++ HTTP/1\.[01]")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*+)?")
+_FIELD = re.compile(_TCHAR + rb"++:[\t\x20-\x7e\x80-\xff]*+")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _why_not(data: bytes, *, request: bool) -> str:
+    """A readable reason for a head the grammar refused (only refused heads come here)."""
+    if not data.endswith(b"\r\n\r\n"):
+        return "incomplete head"
+    body = data[:-4]
+    if body.count(b"\n") != body.count(b"\r\n") or body.count(b"\r") != body.count(b"\r\n"):
+        # a bare CR or LF: some servers end a line there and others do not (smuggling)
+        return "bare CR or LF in the head"
+    lines = body.split(b"\r\n")
+    start = (_START_LINE if request else _STATUS_LINE).fullmatch(lines[0])
+    if start is None:
+        return f"bad {'request' if request else 'status'} line {lines[0][:80]!r}"
+    for line in lines[1:]:
+        if _FIELD.fullmatch(line) is None:
+            if line[:1] in (b" ", b"\t"):
+                return f"obsolete line folding {line[:60]!r}"
+            if _CTL.search(line) is not None:
+                return f"control character in header line {line[:60]!r}"
+            return f"malformed header line {line[:60]!r}"
+    return "malformed head"
 
 
 def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
@@ -93,16 +155,15 @@ def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
     kept: list[bytes] = []
     connection: set[bytes] = set()
     lengths: list[bytes] = []
-    codings: list[bytes] = []
+    codings: list[bytes] | None = None
     expects: list[bytes] = []
     closes: list[bytes] = []
+    hosts: list[bytes] = []
     expect_continue = False
     upgrade: bytes | None = None
     for line in islice(lines, 1, None):
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1] in _WS or line[0] in _WS:
-            # obsolete line folding or "Name :" are request-smuggling vectors: refuse them
-            raise HttpFramingError(f"malformed header line {line[:60]!r}")
+        # the grammar already checked the line: a token, a colon, a value without CTLs
+        name, _, value = line.partition(b":")
         lower = name.lower()
         if lower not in watched:
             kept.append(line)
@@ -112,10 +173,14 @@ def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
             lengths.append(value)
             kept.append(line)
         elif lower == b"transfer-encoding":
-            codings.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+            if codings is None:
+                codings = []
+            codings.extend(t.strip(b" \t").lower() for t in value.split(b","))
             kept.append(line)
+        elif lower == b"host":
+            hosts.append(value)
         elif lower == b"connection":
-            connection.update(t.strip().lower() for t in value.split(b","))
+            connection.update(t.strip(b" \t").lower() for t in value.split(b","))
         elif lower == b"expect":
             expect_continue = expect_continue or value.lower() == b"100-continue"
             expects.append(line)
@@ -124,7 +189,7 @@ def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
                 upgrade = value
         elif lower == b"close":  # a header named like the token: dropped with it
             closes.append(line)
-        # other hop-by-hop headers and Host are dropped
+        # other hop-by-hop headers are dropped
     if closes and b"close" not in connection:
         kept += closes
     if connection:
@@ -138,7 +203,7 @@ def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
             expects, expect_continue = [], False
     if expects and not expect_continue:
         kept += expects  # other expectations are the upstream's to answer
-    return kept, connection, lengths, codings, expect_continue, upgrade
+    return kept, connection, lengths, codings, expect_continue, upgrade, hosts
 
 
 def _content_length(lengths: list[bytes]) -> int | None:
@@ -147,29 +212,36 @@ def _content_length(lengths: list[bytes]) -> int | None:
     value = lengths[0]
     if len(lengths) > 1 and any(v != value for v in lengths):
         raise HttpFramingError("conflicting Content-Length headers")
-    if not value.isdigit():
+    # digits only: no sign, no list ("5, 5"), nothing int() would forgive ("0_5", " 5")
+    if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
         raise HttpFramingError(f"bad Content-Length {value[:20]!r}")
     return int(value)
 
 
 def parse_request_head(data: bytes) -> RequestHead:
-    """Parse a request head (up to and including the blank line)."""
-    lines = _lines(data)
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise HttpFramingError(f"bad request line {lines[0][:80]!r}")
-    method, target, version = parts
+    """Parse a request head (up to and including the blank line), as RFC 9112 asks."""
+    lines = _request_lines(data)
+    method, target, version = lines[0].split(b" ")
     http10 = version == b"HTTP/1.0"
-    kept, connection, lengths, codings, expect_continue, upgrade = _fields(
+    kept, connection, lengths, codings, expect_continue, upgrade, hosts = _fields(
         lines, _REQUEST_WATCHED
     )
+    # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, never two in any version
+    if len(hosts) != 1 and (len(hosts) > 1 or not http10):
+        raise HttpFramingError("a request needs exactly one Host header"
+                               if hosts else "an HTTP/1.1 request needs a Host header")  # fmt: skip
     content_length = _content_length(lengths)
     chunked = False
-    if codings:
-        # Only a final "chunked" tells where the body ends; anything else cannot be relayed
-        # safely, and a request carrying both framings is the classic smuggling attempt.
-        if codings[-1] != b"chunked" or content_length is not None or http10:
-            raise HttpFramingError("unsupported Transfer-Encoding")
+    if codings is not None:
+        # A request carrying both framings is the classic smuggling attempt, and HTTP/1.0
+        # has no chunked framing; anything but a single "chunked" is a body whose end the
+        # gate cannot find (RFC 9112 section 6.1: 501 for a coding it does not understand).
+        if content_length is not None or lengths:
+            raise HttpFramingError("both Content-Length and Transfer-Encoding")
+        if http10:
+            raise HttpFramingError("Transfer-Encoding in an HTTP/1.0 request")
+        if codings != [b"chunked"]:
+            raise HttpFramingError("unsupported Transfer-Encoding", 501)
         chunked = True
     keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
     return RequestHead(
@@ -182,28 +254,35 @@ def parse_request_head(data: bytes) -> RequestHead:
         chunked,
         keep_alive,
         upgrade if b"upgrade" in connection else None,
-        expect_continue,
+        expect_continue and not http10,  # an HTTP/1.0 client never gets 100 Continue
+        hosts[0] if hosts else None,
     )
 
 
 def parse_response_head(data: bytes, *, request_method: str) -> ResponseHead:
     """Parse a response head; framing depends on the request (HEAD has no body)."""
-    lines = _lines(data)
+    lines = _response_lines(data)
     start = lines[0]
-    parts = start.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise HttpFramingError(f"bad status line {start[:80]!r}")
-    status = int(parts[1])
-    http10 = parts[0] == b"HTTP/1.0"
-    kept, connection, lengths, codings, _, _ = _fields(lines, _RESPONSE_WATCHED)
+    version, status_text = start.split(b" ", 2)[:2]
+    status = int(status_text)
+    http10 = version == b"HTTP/1.0"
+    kept, connection, lengths, codings, _, _, _ = _fields(lines, _RESPONSE_WATCHED)
     keep_alive = (b"keep-alive" in connection) if http10 else (b"close" not in connection)
     no_body = request_method == "HEAD" or status < 200 or status in (204, 304)
-    chunked = bool(codings) and codings[-1] == b"chunked" and not no_body
-    content_length = None if (chunked or no_body) else _content_length(lengths)
-    if no_body:
-        content_length = 0
-    elif codings and not chunked:
-        keep_alive = False  # body runs until the upstream closes
+    content_length: int | None
+    if codings is not None:
+        # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length, and a proxy
+        # must drop the Content-Length before relaying (a client trusting it would desync)
+        if lengths:
+            kept = [k for k in kept if k.partition(b":")[0].lower() != b"content-length"]
+        codings = [c for c in codings if c]
+        chunked = bool(codings) and codings[-1] == b"chunked" and not no_body
+        content_length = 0 if no_body else None
+        if not chunked and not no_body:
+            keep_alive = False  # body runs until the upstream closes
+    else:
+        chunked = False
+        content_length = 0 if no_body else _content_length(lengths)
     headers = b"\r\n".join(kept) + b"\r\n" if kept else b""
     return ResponseHead(status, start, headers, content_length, chunked, keep_alive)
 
@@ -219,16 +298,21 @@ class ChunkedScanner:
     `feed()` returns how many bytes of the slice belong to the body; fewer than given only
     once the final chunk and trailers have passed, after which `done` is true. `size` is the
     sum of the chunk sizes announced so far (a body limit can be checked before relaying).
+    Every chunk line is checked against RFC 9112 section 7.1 (hex digits only, extensions
+    well-formed, CRLF after each chunk's data), and a chunk line or the trailers are
+    bounded however the bytes are split.
     """
 
-    __slots__ = ("_line", "_remaining", "_state", "done", "size")
+    __slots__ = ("_crlf", "_line", "_remaining", "_state", "_trailers", "done", "size")
 
-    _SIZE, _DATA, _TRAILER = 0, 1, 2
+    _SIZE, _DATA, _CRLF, _TRAILER = 0, 1, 2, 3
 
     def __init__(self) -> None:
         self._state = self._SIZE
         self._remaining = 0
+        self._crlf = 0  # bytes of the CRLF after a chunk's data seen so far
         self._line = b""
+        self._trailers = 0
         self.done = False
         self.size = 0
 
@@ -238,47 +322,68 @@ class ChunkedScanner:
             # in one step. Anything else (extensions, several chunks, the last chunk, a chunk
             # cut across slices, garbage) goes the long way below.
             newline = data.find(b"\n", 0, 18)
-            if newline > 1 and data[newline - 1] == 0x0D and data[: newline - 1].isalnum():
+            # alphanumeric and no "0x" prefix: then int() takes hex digits and nothing else
+            # (it forgives "+", "_", spaces and "0x", which RFC 9112 does not)
+            if (newline > 1 and data[newline - 1] == 0x0D and data[1] | 0x20 != 0x78
+                    and data[: newline - 1].isalnum()):  # fmt: skip
                 try:
                     size = int(data[: newline - 1], 16)
                 except ValueError:
                     size = 0
-                if size and newline + size + 3 == len(data):
+                end = len(data)
+                if size and newline + size + 3 == end and data[end - 2 : end] == b"\r\n":
                     self.size += size
-                    return len(data)
+                    return end
         pos, end = 0, len(data)
         while pos < end:
-            if self._state == self._DATA:
+            state = self._state
+            if state == self._DATA:
                 take = min(self._remaining, end - pos)
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
+                    self._state = self._CRLF
+                continue
+            if state == self._CRLF:
+                if data[pos] != b"\r\n"[self._crlf]:
+                    raise HttpFramingError("chunk data not followed by CRLF")
+                pos += 1
+                self._crlf += 1
+                if self._crlf == 2:
+                    self._crlf = 0
                     self._state = self._SIZE
                 continue
             newline = data.find(b"\n", pos)
             if newline < 0:
                 self._line += data[pos:]
-                if len(self._line) > _MAX_CHUNK_LINE:
-                    raise HttpFramingError("chunk line too long")
+                self._check_length(len(self._line))
                 return end
-            line = (self._line + data[pos:newline]).rstrip(b"\r")
+            line = self._line + data[pos : newline + 1] if self._line else data[pos : newline + 1]
             self._line = b""
             pos = newline + 1
-            if self._state == self._SIZE:
-                size_text = line.split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise HttpFramingError(f"bad chunk size {size_text[:20]!r}") from None
-                if size < 0:
-                    raise HttpFramingError("negative chunk size")
+            self._check_length(len(line))
+            if state == self._SIZE:
+                match = _CHUNK_LINE.fullmatch(line)
+                if match is None:
+                    raise HttpFramingError(f"bad chunk size line {line[:40]!r}")
+                size = int(match[1], 16)
                 if size == 0:
                     self._state = self._TRAILER
                 else:
                     self.size += size
-                    self._remaining = size + 2  # the data and its CRLF
+                    self._remaining = size
                     self._state = self._DATA
-            elif not line:  # the blank line after the (usually empty) trailers
+            elif line == b"\r\n":  # the blank line after the (usually empty) trailers
                 self.done = True
                 return pos
+            elif _TRAILER_LINE.fullmatch(line) is None:
+                raise HttpFramingError(f"bad trailer line {line[:40]!r}")
+            else:
+                self._trailers += len(line)
+                if self._trailers > _MAX_TRAILERS:
+                    raise HttpFramingError("trailers too large")
         return pos
+
+    def _check_length(self, length: int) -> None:
+        if length > _MAX_CHUNK_LINE:
+            raise HttpFramingError("chunk line too long")

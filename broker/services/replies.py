@@ -12,12 +12,17 @@ from broker.services.classify import ServiceKind
 
 _REASONS = {
     400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
 }
-_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error"}
+_TYPES = {400: "invalid_request_error", 403: "permission_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 431: "invalid_request_error",
+          501: "invalid_request_error"}  # fmt: skip
 
 
 def error_body(kind: ServiceKind, path: str, status: int, message: str) -> bytes:
