@@ -334,3 +334,23 @@ def test_a_taken_api_port_fails_before_reconcile_naming_the_key(
     assert vast.requests == [], "the marketplace was called before the port was checked"
     assert vast.machine().book.offer.listed
     assert not (tmp_path / "state" / "ledger.sqlite3").exists(), "the ledger was opened"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("GPU_BROKER_SOAK"),
+    reason="the crash soak takes a minute: GPU_BROKER_SOAK=1 to run it (or scripts/soak-crash)",
+)
+def test_crash_soak_short() -> None:
+    """scripts/soak-crash with 20 kills: every crash point once, then at random."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "soak-crash"), "--kills", "20"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["kills"] >= 20
+    assert report["listed_after_sigterm"] is False
+    assert report["intents_open_after_the_next_clean_start"] == 0
