@@ -1,9 +1,15 @@
 """The HTTP API on `broker.api_listen` (SPEC section 7).
 
-`GET /api/status` is open (it is on loopback by default and holds no secret); the POST
-routes change what the broker does and need `Authorization: Bearer <token>`, the token
-named by `api_token_env` / `api_token_file`. Without a configured token they refuse
-everything: an open control route on a shared server would let anyone take the GPUs.
+`GET /api/status` is open on loopback (it holds no secret); the POST routes change what
+the broker does and need `Authorization: Bearer <token>`, the token named by
+`api_token_env` / `api_token_file`. Without a configured token they refuse everything: an
+open control route on a shared server would let anyone take the GPUs. An API listening
+beyond loopback needs the token on every route, GET and /metrics included.
+
+Every route first checks `Host` (loopback, the listen address or `api_allowed_hosts`,
+else 403), so a web page that rebinds its own name to 127.0.0.1 cannot read or drive it.
+The listener closes connections that send no complete request within
+`KEEPALIVE_TIMEOUT_S` or stay idle that long, and holds at most `MAX_CONNECTIONS`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from broker.config import BrokerSection
+from broker.connlimit import CappedSite, ConnectionLimit
 from broker.errors import BrokerError, ConfigError
+from broker.hosts import HostCheck
 from broker.ledger.base import StateInterval
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
@@ -37,17 +45,33 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Idle keep-alive, and the time a connection has to send a complete request head (aiohttp
+# arms the same timer when a connection opens): a slow or silent client is closed by then.
+KEEPALIVE_TIMEOUT_S = 15.0
+MAX_CONNECTIONS = 256
+
 
 class ApiServer:
-    def __init__(self, daemon: StatusSource, broker: BrokerSection) -> None:
+    def __init__(
+        self,
+        daemon: StatusSource,
+        broker: BrokerSection,
+        *,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self._daemon = daemon
         self._token: str | None = None
         self._token_problem = ""
-        self.configure(broker)
         self._listen = parse_hostport(broker.api_listen)
+        self._exposed = broker.api_exposed
+        self._hosts = HostCheck(self._listen[0])
+        self.configure(broker)
+        self._keepalive_timeout = keepalive_timeout
+        self.limit = ConnectionLimit("API", max_connections)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._gatekeeper])
         self.app.router.add_get("/", self._dashboard)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/api/status", self._status)
@@ -58,15 +82,43 @@ class ApiServer:
         self.app.router.add_post("/api/resume", self._guarded(self._resume))
 
     def configure(self, broker: BrokerSection) -> None:
+        self._hosts = HostCheck(self._listen[0], broker.api_allowed_hosts)
         try:
-            self._token = broker.api_token()
-            self._token_problem = "" if self._token else (
-                "no API token is configured (broker.api_token_env or broker.api_token_file)"
-            )
+            self._token, self._token_problem = broker.api_token_state()
         except ConfigError as err:
             self._token = None
             self._token_problem = "; ".join(err.problems)
-            log.warning("POST routes refuse every request: %s", self._token_problem)
+        if self._token is None:
+            log.warning(
+                "%s refuse every request: %s",
+                "all routes" if self._exposed else "POST routes", self._token_problem,
+            )  # fmt: skip
+
+    @web.middleware
+    async def _gatekeeper(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self._hosts.allows(request.headers.get("Host")):
+            return web.json_response(
+                {"error": "this Host is not one the API answers to (broker.api_allowed_hosts)"},
+                status=403,
+            )
+        if self._exposed:
+            refusal = self._refusal(request)
+            if refusal is not None:
+                return refusal
+        return await handler(request)
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """401 unless the request carries the configured token."""
+        expected = self._token
+        if expected is None:
+            return _unauthorized(self._token_problem)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given or not hmac.compare_digest(
+            given.encode(), expected.encode()
+        ):
+            return _unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        return None
 
     @property
     def url(self) -> str:
@@ -75,10 +127,21 @@ class ApiServer:
         return f"http://{shown}:{self.port or self._listen[1]}"
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        if self._exposed:
+            log.warning(
+                "the API listens on %s, beyond this machine: every route needs the token, "
+                "and anyone who can reach it can try; prefer 127.0.0.1 and an SSH tunnel",
+                self.url,
+            )
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self._keepalive_timeout,
+        )
         await self._runner.setup()
         host, port = self._listen
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = CappedSite(self._runner, host, port, self.limit)
         try:
             await site.start()
         except OSError as err:
@@ -86,8 +149,7 @@ class ApiServer:
             self._runner = None
             why = "the address is in use" if err.errno == errno.EADDRINUSE else err.strerror
             raise BrokerError(f"broker.api_listen: cannot listen on {host}:{port}: {why}") from None
-        server = site._server  # aiohttp keeps the asyncio server here; it has the real port
-        sockets = getattr(server, "sockets", None) or []
+        sockets = site.server.sockets if site.server is not None else []
         self.port = sockets[0].getsockname()[1] if sockets else port
 
     async def aclose(self) -> None:
@@ -184,16 +246,8 @@ class ApiServer:
 
     def _guarded(self, handler: Handler) -> Handler:
         async def check(request: web.Request) -> web.StreamResponse:
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            expected = self._token
-            if expected is None:
-                return _unauthorized(self._token_problem)
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), expected.encode()
-            ):
-                return _unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-            return await handler(request)
+            refusal = self._refusal(request)
+            return refusal if refusal is not None else await handler(request)
 
         return check
 

@@ -305,19 +305,19 @@ def cmd_check(
     else:
         warnings.append("windows: none configured, so the machine is never listed")
 
+    if config.broker.api_exposed:
+        warnings.append(_exposure_warning(config))
     try:
-        if config.broker.api_token() is None:
+        token, why = config.broker.api_token_state()
+        if token is None:
             warnings.append(
-                "broker: no api_token_env or api_token_file, so POST /api/reclaim, "
-                "/api/pause and /api/resume refuse every request"
+                f"{why} (POST /api/reclaim, /api/pause and /api/resume will refuse every "
+                "request)"
             )
         else:
-            out.print("ok   broker.api_token is set")
+            out.print(f"ok   broker.api_token is set ({len(token)} characters)")
     except ConfigError as error:
-        warnings.extend(
-            f"{p} (POST /api/reclaim, /api/pause and /api/resume will refuse every request)"
-            for p in error.problems
-        )
+        problems.extend(error.problems)
 
     provider = config.provider
     try:
@@ -340,6 +340,15 @@ def cmd_check(
     for problem in problems:
         out.print(f"FAIL {problem}", markup=False)
     return EXIT_USAGE if problems else EXIT_OK
+
+
+def _exposure_warning(config: Config) -> str:
+    return (
+        f"broker.api_listen: {config.broker.api_listen} is reachable from other machines: "
+        "every route (GET and /metrics too) requires the token, and only the Host names in "
+        "broker.api_allowed_hosts (and loopback) are answered; 127.0.0.1 with an SSH tunnel "
+        "is safer"
+    )
 
 
 def _check_provider(config: Config, clock: Clock, out: Console) -> list[str]:
@@ -438,6 +447,15 @@ def cmd_run(
 ) -> int:
     from broker.daemon import Daemon
 
+    try:
+        config.broker.api_token_state()  # an unsafe token stops the start, naming its key
+    except ConfigError as error:
+        error.source = error.source or str(path)
+        raise
+    if config.broker.api_exposed:
+        logging.getLogger("broker").warning("%s", _exposure_warning(config))
+    stop_problems: list[str] = []
+
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -463,8 +481,12 @@ def cmd_run(
         finally:
             logging.getLogger("broker").info("stopping")
             await daemon.aclose()
+            stop_problems.extend(daemon.stop_problems)
 
     runtime.run(serve())  # uvloop when installed: the gates relay every request
+    if stop_problems:
+        # Exit 1 so systemd (and whoever reads its status) sees the stop was not clean.
+        raise BrokerError("the stop could not finish: " + "; ".join(stop_problems))
     return EXIT_OK
 
 

@@ -27,7 +27,13 @@ class ServiceClient:
         self.base = f"http://{shown}:{port}"
 
     async def status(self) -> dict[str, Any]:
-        return await self._call("GET", "/api/status", {})
+        # Beyond loopback the API wants the token on every route; on loopback none is needed.
+        headers: dict[str, str] = {}
+        if self._broker.api_exposed:
+            token = self._broker.api_token()
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token}"
+        return await self._call("GET", "/api/status", headers)
 
     async def post(self, route: str) -> dict[str, Any]:
         token = self._broker.api_token()  # raises ConfigError naming the key when unset

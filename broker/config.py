@@ -9,6 +9,7 @@ gets pasted into a bug report.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -107,6 +108,24 @@ def system_timezone() -> str:
     return "UTC"
 
 
+# The API token's least length after stripping: 16 characters of `openssl rand -hex 16`
+# are 64 bits, beyond guessing over HTTP; a short or blank one is refused, not weakened.
+MIN_TOKEN_CHARS = 16
+
+
+class UnsafeTokenError(SecretError):
+    """The API token is set but must not be used: blank, short, or readable by others."""
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
 class BrokerSection(SecretRef):
     state_dir: Path = Path("~/.local/share/gpu-broker")
     database_url: str | None = None
@@ -115,6 +134,9 @@ class BrokerSection(SecretRef):
     api_listen: ListenAddress = "127.0.0.1:9477"
     api_token_env: str | None = "GPU_BROKER_TOKEN"
     api_token_file: Path | None = None
+    # Names (or addresses) the API answers to besides its listen address and loopback: the
+    # Host check that stops DNS rebinding (a web page talking to the API by a name of its own).
+    api_allowed_hosts: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
     @field_validator("database_url")
     @classmethod
@@ -138,11 +160,72 @@ class BrokerSection(SecretRef):
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    @property
+    def api_exposed(self) -> bool:
+        """The API listens beyond loopback (0.0.0.0, ::, a LAN address or a name)."""
+        return not is_loopback_host(parse_hostport(self.api_listen)[0])
+
     def api_token(self) -> str | None:
-        """The bearer token for POST routes; `SecretError` when a named source is empty."""
+        """The bearer token; None when no source is named. `SecretError` when the named
+        source is unset or empty, `UnsafeTokenError` when the token is blank or shorter than
+        MIN_TOKEN_CHARS, or its file is readable by group or others."""
         if self.api_token_file is not None:
-            return self._read_secret("broker.api_token", None, self.api_token_file)
-        return self._read_secret("broker.api_token", self.api_token_env, None)
+            file = self.api_token_file.expanduser()
+            key = "broker.api_token_file"
+            try:
+                mode = file.stat().st_mode
+            except OSError:
+                mode = 0  # not there: _read_secret says so
+            if mode & 0o077:
+                raise UnsafeTokenError(
+                    key,
+                    f"{file} is readable by group or others (mode {mode & 0o777:o}); "
+                    f"chmod 600 {file}",
+                )
+            token = self._read_secret("broker.api_token", None, self.api_token_file)
+        else:
+            key = "broker.api_token_env"
+            env = self.api_token_env
+            raw = os.environ.get(env) if env else None
+            if env and raw is not None and not raw.strip():
+                raise UnsafeTokenError(key, f"environment variable {env} is blank")
+            token = self._read_secret("broker.api_token", env, None)
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            where = f"environment variable {self.api_token_env}" if key.endswith("_env") else (
+                str(self.api_token_file)
+            )
+            raise UnsafeTokenError(
+                key,
+                f"the token in {where} is {len(token)} characters; at least "
+                f"{MIN_TOKEN_CHARS} are required (e.g. openssl rand -hex 16)",
+            )
+        return token
+
+    def api_token_state(self) -> tuple[str | None, str]:
+        """What `check` and `run` accept: (token, "") or, on loopback only, (None, why
+        there is none: the control routes then refuse everything). Raises `ConfigError`
+        for an unsafe token, and for a missing one when the API listens beyond loopback
+        (every route needs it then)."""
+        try:
+            token = self.api_token()
+        except UnsafeTokenError:
+            raise
+        except SecretError as err:
+            if self.api_exposed:
+                raise ConfigError([self._exposed_needs_token("; ".join(err.problems))]) from None
+            return None, "; ".join(err.problems)
+        if token is None:
+            if self.api_exposed:
+                raise ConfigError([self._exposed_needs_token("no token source is named")])
+            return None, "no API token is configured (broker.api_token_env or api_token_file)"
+        return token, ""
+
+    def _exposed_needs_token(self, why: str) -> str:
+        return (
+            f"broker.api_listen: {self.api_listen} is reachable from other machines, so every "
+            f"route needs the API token, and there is none ({why}); set one, or listen on "
+            "127.0.0.1"
+        )
 
 
 class FakeGpu(_Model):

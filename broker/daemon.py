@@ -1,11 +1,13 @@
 """`gpu-broker run`: everything wired together, started in order, stopped in reverse.
 
-Start: ledger, GPU telemetry (first sample taken), services, marketplace, reconcile with
-the journal, one scheduler step (so the gates open in the right mode: a listing left by a
-crashed run keeps them guarded), then the gates and the HTTP API. Stop: gates and API
-first (no new requests), then the scheduler's clean shutdown (withdraw the offer, give
-the services back, close the ledger's intervals), then telemetry (energy flushed) and
-the ledger.
+Start: the state directory's lock (one broker per ledger, before anything else), every
+listening address claimed (a taken port fails here, before anything is touched), ledger,
+GPU telemetry (first sample taken), services, marketplace, reconcile with the journal, one
+scheduler step (so the gates open in the right mode: a listing left by a crashed run keeps
+them guarded), then the gates and the HTTP API. Stop: gates and API first (no new
+requests), then the scheduler's clean shutdown (withdraw the offer, give the services
+back, close the ledger's intervals), then telemetry (energy flushed), the ledger and the
+lock. What the stop could not do is kept in `stop_problems` (the exit status is 1 then).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
+from broker.instance_lock import InstanceLock
 from broker.ledger import Ledger, open_ledger
+from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
 from broker.providers import Provider, create_provider
 from broker.scheduling.pool import PoolState
@@ -34,6 +38,11 @@ from broker.scheduling.scheduler import POOL, Scheduler
 from broker.services import Gate, ServiceAdapter, build_adapter
 
 log = logging.getLogger(__name__)
+
+_GATE_HINT = (
+    " (if the service itself still listens there, move it, e.g. "
+    "OLLAMA_HOST=127.0.0.1:11435, and point upstream at it)"
+)
 
 
 def iso(t: datetime | None) -> str | None:
@@ -54,6 +63,9 @@ class Daemon:
         self.metrics: BrokerMetrics | None = None
         self._scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._lock: InstanceLock | None = None
+        self._reserved: Reservation | None = None
+        self.stop_problems: list[str] = []
 
     @property
     def clock(self) -> Clock:
@@ -76,6 +88,17 @@ class Daemon:
 
     async def _start(self) -> None:
         config, clock = self.config, self._clock
+        self._lock = InstanceLock.acquire(config.broker.state_dir)
+        self._reserved = reserve(
+            [
+                *(
+                    (f"services[{i}].gate_listen", s.gate_listen, _GATE_HINT)
+                    for i, s in enumerate(config.services)
+                    if s.gate_listen is not None
+                ),
+                ("broker.api_listen", config.broker.api_listen, ""),
+            ]
+        )
         self.ledger = ledger = await open_ledger(config.broker, self._host)
         backend = await create_backend(config.gpus, clock)
         idle = IdleDetector.from_config(config.gpus)
@@ -121,19 +144,20 @@ class Daemon:
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:
+            index = self._service_index(gate.name)
+            key = f"services[{index}].gate_listen"
             try:
                 await gate.start()
             except OSError as err:
                 why = "the address is in use" if err.errno == errno.EADDRINUSE else err.strerror
-                index = self._service_index(gate.name)
                 raise BrokerError(
-                    f"services[{index}].gate_listen: cannot listen on "
-                    f"{config.services[index].gate_listen}: {why} "
-                    "(if the service itself still listens there, move it, e.g. "
-                    "OLLAMA_HOST=127.0.0.1:11435, and point upstream at it)"
+                    f"{key}: cannot listen on {config.services[index].gate_listen}: {why}"
+                    + _GATE_HINT
                 ) from None
+            self._reserved.release(key)
         self.api = ApiServer(self, config.broker)
         await self.api.start()
+        self._reserved.release()
         self._tasks = [
             asyncio.create_task(sampler.run(), name="gpu-sampler"),
             asyncio.create_task(scheduler.run(), name="scheduler"),
@@ -160,7 +184,12 @@ class Daemon:
                 raise BrokerError(f"{task.get_name()} stopped: {task.exception()!r}")
 
     async def aclose(self) -> None:
-        """Stop everything that was started, in reverse order; safe after a failed start."""
+        """Stop everything that was started, in reverse order; safe after a failed start.
+        What could not be done (a ledger that would not take a write, an offer left up) is
+        logged and kept in `stop_problems`."""
+        if self._reserved is not None:
+            self._reserved.release()
+            self._reserved = None
         if self.api is not None:
             await self.api.aclose()
         for gate in self.gates:
@@ -174,6 +203,7 @@ class Daemon:
                 await self._scheduler.shutdown()
             except BrokerError as err:
                 log.error("clean shutdown incomplete: %s", err)
+                self.stop_problems.append(f"clean shutdown incomplete: {err}")
             self._scheduler = None
         for adapter in self.adapters:
             await adapter.aclose()
@@ -182,18 +212,25 @@ class Daemon:
         if self.sampler is not None:
             with contextlib.suppress(BrokerError):
                 await self.sampler.close()
+            lost = self.sampler.energy.unflushed() if self.sampler.energy else None
+            if lost:
+                message = f"energy not written to the ledger, lost: {lost}"
+                log.error("%s", message)
+                self.stop_problems.append(message)
         if self.ledger is not None:
             await self.ledger.close()
             self.ledger = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def reload(self, new: Config) -> list[str]:
         """Apply a re-read configuration, keeping state. Returns the keys that only take
         effect at the next start (they are logged too)."""
         old = self.config
         restart: list[str] = []
-        if new.broker.model_dump(exclude={"timezone", "api_token_env", "api_token_file"}) != (
-            old.broker.model_dump(exclude={"timezone", "api_token_env", "api_token_file"})
-        ):
+        live = {"timezone", "api_token_env", "api_token_file", "api_allowed_hosts"}
+        if new.broker.model_dump(exclude=live) != old.broker.model_dump(exclude=live):
             restart.append("broker")
         if new.gpus != old.gpus:
             restart.append("gpus")
@@ -211,7 +248,7 @@ class Daemon:
         if self.api is not None:
             self.api.configure(new.broker)
         self.scheduler.wake()
-        applied = "policy, windows, energy tariffs, services' max_hold, API token"
+        applied = "policy, windows, energy tariffs, services' max_hold, API token and hosts"
         if restart:
             log.warning(
                 "configuration reloaded (%s); changes to %s take effect at the next start",

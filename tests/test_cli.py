@@ -107,12 +107,12 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
 def test_check_on_the_example(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GPU_BROKER_TOKEN", "t")
+    monkeypatch.setenv("GPU_BROKER_TOKEN", "check-example-token-0123")
     clock = FakeClock(datetime(2026, 11, 25, 23, 0, tzinfo=UTC))  # midnight in Berlin
     assert main(["check", "-c", str(EXAMPLE)], clock=clock) == 0
     out = capsys.readouterr().out
     assert "ok   windows: open now, until Thu 2026-11-26 07:00 CET" in out
-    assert "ok   broker.api_token is set" in out
+    assert "ok   broker.api_token is set (24 characters)" in out
     assert "paper market" in out
 
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -269,3 +270,87 @@ def test_sighup_reloads_and_sigterm_stops_cleanly(tmp_path: Path, vast: FakeVast
 def _state(broker: Broker) -> str | None:
     status = broker.status()
     return status["pools"][0]["state"] if status else None
+
+
+# ---- issue 12: one broker per state directory, ports claimed before anything is touched ---
+
+
+def _ledger_rows(state_dir: Path) -> list[Any]:
+    db = sqlite3.connect(state_dir / "ledger.sqlite3")
+    try:
+        return [
+            db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("state_intervals", "journal", "energy", "earnings")
+        ]
+    finally:
+        db.close()
+
+
+def test_a_second_start_on_the_same_state_dir_touches_nothing(
+    tmp_path: Path, vast: FakeVast
+) -> None:
+    config, port = write_config(tmp_path / "config.toml", vast)
+    first = Broker(config, port)
+    other = FakeVast(SystemClock(), machines={4242: 2}, api_keys={KEY})
+    try:
+        wait_for("listed", lambda: vast.machine().book.offer.listed, first)
+        wait_for("LISTED", lambda: _state(first) == "LISTED", first)
+        # The same state_dir and ports, its own marketplace: any call the second one
+        # made would show there.
+        with ServerThread(other.start, other.close):
+            second_config = tmp_path / "second.toml"
+            second_config.write_text(config.read_text().replace(vast.url, other.url))
+            before = _ledger_rows(tmp_path / "state")
+            second = Broker(second_config, port)
+            assert second.wait_exit(30) == 1, second.output()[-3000:]
+            after = _ledger_rows(tmp_path / "state")
+            assert other.requests == [], "the second start called the marketplace"
+        assert (
+            f"another gpu-broker (pid {first.proc.pid}) is using {tmp_path / 'state'}"
+            in second.output()
+        ), second.output()
+        assert "Traceback" not in second.output()
+        assert after == before, "the second start wrote to the ledger"
+        assert vast.machine().book.offer.listed, "the running broker's offer is still up"
+        assert _state(first) == "LISTED" and first.proc.poll() is None
+    finally:
+        assert first.stop() == 0, first.output()[-3000:]
+
+
+def test_a_taken_api_port_fails_before_reconcile_naming_the_key(
+    tmp_path: Path, vast: FakeVast
+) -> None:
+    config, port = write_config(tmp_path / "config.toml", vast)
+    # A crashed run left an offer up: reconcile would withdraw it at once.
+    vast.machine().book.offer.listed = True
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        broker = Broker(config, port)
+        assert broker.wait_exit(30) == 1, broker.output()[-3000:]
+    out = broker.output()
+    assert f"broker.api_listen: cannot listen on 127.0.0.1:{port}: the address is in use" in out
+    assert vast.requests == [], "the marketplace was called before the port was checked"
+    assert vast.machine().book.offer.listed
+    assert not (tmp_path / "state" / "ledger.sqlite3").exists(), "the ledger was opened"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("GPU_BROKER_SOAK"),
+    reason="the crash soak takes a minute: GPU_BROKER_SOAK=1 to run it (or scripts/soak-crash)",
+)
+def test_crash_soak_short() -> None:
+    """scripts/soak-crash with 20 kills: every crash point once, then at random."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "soak-crash"), "--kills", "20"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["kills"] >= 20
+    assert report["listed_after_sigterm"] is False
+    assert report["intents_open_after_the_next_clean_start"] == 0

@@ -13,7 +13,9 @@ is the energy renting costs, and is shared equally among the GPUs still reportin
 
 Records accumulate in memory and are flushed at least every `flush_interval` (a minute),
 so a crash loses at most that much; one record per GPU and pool state per flush keeps the
-ledger small.
+ledger small. A flush the ledger refuses (a full disk) keeps its records for the next one;
+while that lasts, contiguous records of one GPU and state are merged up to a ledger slot
+(15 minutes) and at most `MAX_HELD` are kept, so memory stays bounded through a long outage.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -41,6 +43,11 @@ OVERHEAD_STATES = frozenset({"listed", "rented", "reclaiming"})
 CLAMP_MARGIN = 0.25
 
 Method = Literal["counter", "integrated", "mixed"]
+
+# Records held while the ledger refuses writes: with merging to 15-minute spans, this is
+# about 100 GPU-days; past it the oldest are dropped (and said so), not memory exhausted.
+MAX_HELD = 10_000
+MERGE_SPAN = timedelta(minutes=15)  # the ledger's rollup slot: no record is longer
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class EnergyAccountant:
         self._closed: list[EnergyRecord] = []
         self._last_flush = clock.monotonic()
         self._flush_failures = 0
+        self._dropped = 0
         self._totals: dict[tuple[str, str], list[float]] = {}
         self._clamped: set[int] = set()
 
@@ -274,7 +282,7 @@ class EnergyAccountant:
         try:
             await self._ledger.add_energy(records)
         except LedgerError as err:
-            self._closed[:0] = records
+            self._closed[:0] = self._hold(records)
             if not self._flush_failures:
                 log.warning("cannot write energy to the ledger (kept for later): %s", err)
             self._flush_failures += 1
@@ -285,3 +293,51 @@ class EnergyAccountant:
             )
             self._flush_failures = 0
         return len(records)
+
+    def _hold(self, records: list[EnergyRecord]) -> list[EnergyRecord]:
+        """Records a failed flush keeps: contiguous ones of one GPU and state merged (up to
+        a slot's length), the oldest dropped past `MAX_HELD`."""
+        held: list[EnergyRecord] = []
+        last: dict[tuple[str, int], int] = {}  # (uuid, index) -> position of its newest
+        for rec in sorted(records, key=lambda r: r.start):
+            key = (rec.gpu_uuid, rec.gpu_index)
+            at = last.get(key)
+            prev = held[at] if at is not None else None
+            if (
+                at is not None
+                and prev is not None
+                and prev.pool_state == rec.pool_state
+                and prev.host == rec.host
+                and abs((rec.start - prev.end).total_seconds()) < 1e-3
+                and rec.end - prev.start <= MERGE_SPAN
+            ):
+                held[at] = replace(
+                    prev,
+                    end=rec.end,
+                    joules=prev.joules + rec.joules,
+                    overhead_joules=prev.overhead_joules + rec.overhead_joules,
+                    method=prev.method if prev.method == rec.method else "mixed",
+                )
+                continue
+            last[key] = len(held)
+            held.append(rec)
+        if len(held) > MAX_HELD:
+            drop = len(held) - MAX_HELD
+            self._dropped += drop
+            log.error(
+                "the ledger has refused energy records for too long: %d of the oldest "
+                "dropped (%d in all)", drop, self._dropped,
+            )  # fmt: skip
+            del held[:drop]
+        return held
+
+    def unflushed(self) -> str | None:
+        """What a last flush could not write, for the stop's message; None when nothing."""
+        records = self.pending()
+        if not records and not self._dropped:
+            return None
+        wh = sum(r.joules + r.overhead_joules for r in records) / 3600.0
+        text = f"{len(records)} record(s), {wh:.3f} Wh"
+        if self._dropped:
+            text += f" ({self._dropped} older record(s) dropped earlier)"
+        return text

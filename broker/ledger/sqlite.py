@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +181,22 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIO
     return found
 
 
+def _private_file(path: Path) -> None:
+    """Create `path` readable by its owner only (0600, whatever the umask), or make an
+    existing one so: the ledger holds earnings and the machine's whole history."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        return
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, 0o600)  # someone else's (a report run by another user) is left alone
+
+
 class SqliteLedger:
     def __init__(self, path: Path, host: str, migrations: Sequence[Migration]) -> None:
         self.path = path
@@ -230,7 +247,10 @@ class SqliteLedger:
 
     def _connect(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.chmod(self.path.parent, 0o700)  # whatever the umask took from mkdir's
+            _private_file(self.path)
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=10)
         except (OSError, sqlite3.Error) as err:
             raise LedgerError(f"cannot open the ledger at {self.path}: {err}") from err
@@ -240,6 +260,12 @@ class SqliteLedger:
             # lose the last transactions, which the once-a-minute energy flush bounds anyway.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            # SQLite gives -wal and -shm the database file's mode; ones left by an older
+            # version may be wider.
+            for suffix in ("-wal", "-shm"):
+                sidecar = self.path.with_name(self.path.name + suffix)
+                if sidecar.exists():
+                    _private_file(sidecar)
             self.migrated_from = migrate(conn, self._migrations)
             self._version = len(self._migrations)
         except LedgerError:

@@ -24,7 +24,7 @@ from fakes.ollama import FakeOllama
 from fakes.vast import FakeVast, drive
 
 VAST_KEY = "rig-vast-key"
-TOKEN = "rig-api-token"
+TOKEN = "rig-api-token-0123456789"
 
 
 def free_port() -> int:
