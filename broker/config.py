@@ -34,7 +34,7 @@ from broker.configtypes import Duration as Duration
 from broker.configtypes import PositiveDuration as PositiveDuration
 from broker.configtypes import SecretRef as SecretRef
 from broker.configtypes import StrictModel as _Model
-from broker.errors import ConfigError
+from broker.errors import ConfigError, SecretError
 from broker.providers import registry
 
 # The marketplaces' sections live in their modules (broker/providers/), listed in the
