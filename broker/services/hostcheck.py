@@ -52,7 +52,9 @@ class HostPolicy:
         names = {n.strip().lower() for n in allowed}
         self.any = "*" in names  # the protection is off: every Host is relayed
         self.wildcard = listen_host in _WILDCARD_LISTEN
-        own = host_part(listen_host.encode()) if not self.wildcard else None
+        # An IPv6 listen address comes without brackets; a Host value carries them.
+        literal = f"[{listen_host}]" if ":" in listen_host else listen_host
+        own = host_part(literal.encode()) if not self.wildcard else None
         self._names = {host_part(n.encode()) or n for n in names} | ({own} if own else set())
         self._cache: dict[bytes, int] = {}
 
