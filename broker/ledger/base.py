@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 Scope = Literal["pool", "gpu"]
 JournalStatus = Literal["intent", "done", "failed", "note"]
 EarningsSource = Literal["provider", "estimate"]
+DemandOutcome = Literal["passed", "held", "refused"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,25 @@ class EarningsRecord:
     source: EarningsSource
     updated: datetime
     detail: dict[str, Any] = field(default_factory=dict)
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class DemandRecord:
+    """Local inference requests seen at one service's gate.
+
+    A fresh record is one request (`count` 1). Compaction folds old records into one per
+    (service, outcome, bucket): `arrival` is then the bucket's first arrival, `count` how
+    many requests it holds, and `duration_s` / `held_s` their sums, so totals and means
+    survive while a year of a large team stays small.
+    """
+
+    service: str
+    arrival: datetime
+    duration_s: float  # arrival to the end of the answer (or of the refusal)
+    outcome: DemandOutcome  # passed at once, held at the gate then passed, or refused
+    held_s: float = 0.0  # time spent held at the gate before passing or being refused
+    count: int = 1
     host: str = ""
 
 
