@@ -59,5 +59,6 @@ def create_provider(
         energy_currency=config.energy.currency,
         gpu_count=gpu_count or len(config.gpus.fake) or 1,
         retry_attempts=retry_attempts,
+        max_commitment=config.policy.max_commitment,
     )
     return config.provider.create(clock, context)

@@ -46,6 +46,10 @@ from broker.errors import (
 log = logging.getLogger(__name__)
 
 Query = Sequence[tuple[str, object]]
+# Checks a decoded 200 answer inside the retry loop: raises `ProviderUnavailable` to retry it
+# (an API that answers errors as 200 with a code in the body), another `ProviderError` to
+# fail. Takes the answer and "METHOD path".
+AnswerCheck = Callable[[Any, str], None]
 
 # The longest pause between two tries of an urgent call: a held request is waiting.
 URGENT_MAX_BACKOFF = 1.0
@@ -97,8 +101,13 @@ def provider_api(
     clock: Clock,
     api_key: str | None,
     retry_attempts: int | None,
+    *,
+    auth_header: str = "Authorization",
+    auth_scheme: str = "Bearer ",
+    check_answer: AnswerCheck | None = None,
 ) -> JsonApi:
-    """The authenticated client for a provider section: key, spacing, timeout and retries."""
+    """The authenticated client for a provider section: key, spacing, timeout and retries.
+    `auth_header` and `auth_scheme` say how the key is sent (Clore.ai: `auth: KEY`)."""
     key = api_key if api_key is not None else config.api_key()
     if not key:
         raise ProviderError("provider.api_key: no api_key_env or api_key_file is set")
@@ -111,6 +120,9 @@ def provider_api(
         spacing=config.request_spacing.total_seconds(),
         timeout=config.request_timeout.total_seconds(),
         attempts=retry_attempts or config.retry_attempts,
+        auth_header=auth_header,
+        auth_scheme=auth_scheme,
+        check_answer=check_answer,
     )
 
 
@@ -176,6 +188,9 @@ class JsonApi:
         attempts: int,
         max_backoff: float = 60.0,
         user_agent: str = "gpu-broker",
+        auth_header: str = "Authorization",
+        auth_scheme: str = "Bearer ",
+        check_answer: AnswerCheck | None = None,
     ) -> None:
         self.platform = platform
         self._base = base_url.rstrip("/")
@@ -187,6 +202,9 @@ class JsonApi:
         self._attempts = attempts
         self._max_backoff = max_backoff
         self._user_agent = user_agent
+        self._auth_header = auth_header
+        self._auth_scheme = auth_scheme
+        self._check_answer = check_answer
         self._session: aiohttp.ClientSession | None = None
         # Clock monotonic seconds bounding every call (the scheduler's stop); None = none.
         self.deadline: float | None = None
@@ -272,7 +290,10 @@ class JsonApi:
         if self._session is None:
             raise ProviderError(f"{self.platform}: client used before start()")
         url = self._base + path + (f"?{encode_query(query)}" if query else "")
-        headers = {"Authorization": f"Bearer {self._api_key}", "User-Agent": self._user_agent}
+        headers = {
+            self._auth_header: f"{self._auth_scheme}{self._api_key}",
+            "User-Agent": self._user_agent,
+        }
         data: bytes | None = None
         # The official client sends a JSON body with every write, `{}` when empty.
         if method != "GET" or body is not None:
@@ -328,10 +349,13 @@ class JsonApi:
                 f"{self.platform} rejected {what} ({status}): {platform_message(text)}"
             )
         try:
-            return json.loads(text)
+            answer = json.loads(text)
         except ValueError:
             # Seen from proxies in front of an API during incidents: temporary.
             raise ProviderUnavailable(
                 f"{self.platform}: {what} answered {status} with something that is not "
                 f"JSON: {text[:80]!r}"
             ) from None
+        if self._check_answer is not None:
+            self._check_answer(answer, what)
+        return answer

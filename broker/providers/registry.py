@@ -13,13 +13,16 @@ from typing import Annotated, Any, get_args
 
 from pydantic import Field
 
+from broker.providers.clore import CloreProvider
 from broker.providers.paper import PaperProvider
 from broker.providers.runpod import RunpodProvider
 from broker.providers.sections import PolledProvider
 from broker.providers.vast import VastProvider
 
 # In the order `kind` errors list them ("expected kind to be one of 'vast', ...").
-MARKETPLACES: tuple[type[PolledProvider], ...] = (VastProvider, RunpodProvider, PaperProvider)
+MARKETPLACES: tuple[type[PolledProvider], ...] = (
+    VastProvider, RunpodProvider, CloreProvider, PaperProvider
+)  # fmt: skip
 
 
 def kind_of(section: type[PolledProvider]) -> str:

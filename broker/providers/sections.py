@@ -30,6 +30,9 @@ class ProviderContext:
     gpu_count: int = 1  # the machine's GPUs (the paper market simulates that many)
     # Overrides the section's retry count (`check` wants an answer soon); None = configured.
     retry_attempts: int | None = None
+    # policy.max_commitment: a marketplace whose shortest rental is longer cannot keep the
+    # promise and does not list (Clore.ai); None = not known (nothing is refused for it).
+    max_commitment: timedelta | None = None
 
 
 class PolledProvider(StrictModel, abc.ABC):
