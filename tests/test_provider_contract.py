@@ -2,8 +2,8 @@
 
 Each marketplace has a small harness (a `World`): the adapter, built through the registry
 from a config section, and a handle on the platform behind it (the paper market's book, the
-fake Vast, the fake RunPod) that can add a renter, end it, and make reads fail where the
-platform allows. Adding a marketplace adds one harness to `WORLDS`.
+fake Vast, the fake RunPod, the fake Clore.ai) that can add a renter, end it, and make reads
+fail where the platform allows. Adding a marketplace adds one harness to `WORLDS`.
 
 What every provider promises the scheduler:
 - `status()` is a snapshot: `listed` True/False/None, one occupancy per GPU, and
@@ -28,6 +28,8 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 import pytest
+from fakes.clore import KEY as CLORE_KEY
+from fakes.clore import FakeClore
 from fakes.runpod import KEY as RUNPOD_KEY
 from fakes.runpod import FakeRunpod
 from fakes.vast import FakeVast, drive
@@ -248,7 +250,91 @@ class RunpodWorld(World):
         self.fake.answer(data, times)
 
 
-WORLDS: dict[str, type[World]] = {w.kind: w for w in (PaperWorld, VastWorld, RunpodWorld)}
+class CloreWorld(World):
+    """The fake Clore.ai: one request a second per key (answered `{"code": 5}`), errors as
+    HTTP 200 with a code, latency shortened. Clore's shortest rental is taken as 1 h here
+    (6 h in life) so the suite's 2 h offers may list; `test_provider_clore` keeps 6 h."""
+
+    kind = "clore"
+    can_list = True
+    failing_writes = True
+    # "429" is Clore's own way of saying it: HTTP 200 with {"code": 5}.
+    read_faults = ("500", "429", "garbage", "timeout")
+    odd_reads = (
+        None, {}, "x", [1], {"code": "0"}, {"code": 0}, {"code": 0, "config": 5},
+        {"code": 0, "config": {"name": "rig", "visibility": "public"}},
+        {"code": 0, "config": {"name": "rig", "visibility": "sometimes", "rental_status": 0}},
+        {"code": 0, "config": {"name": "rig", "visibility": "hidden", "rental_status": "no"}},
+        {"code": 0, "config": {"name": "other", "visibility": "hidden", "rental_status": 0}},
+        {"code": 0, "config": {"name": "rig", "visibility": "public", "rental_status": 1,
+                               "mrl": "long"}},
+        {"code": 2}, {"code": 6, "error": "invalid_server"}, {"code": 99},
+    )  # fmt: skip
+    SERVER_CONFIG = "/v1/server_config"
+    SETTINGS = "/v1/set_server_settings"
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.fake = FakeClore.realistic(
+            clock, servers={"rig": GPUS}, latency=0.01, min_rental=1
+        )
+
+    def section(self) -> dict[str, Any]:
+        return {
+            "kind": "clore", "server_name": "rig", "base_url": self.fake.url,
+            "api_key_env": "CONTRACT_CLORE_KEY", "price_on_demand": 0.0002,
+            "min_rental": "1h", "earnings_rate": 80000.0, "request_timeout": "300ms",
+            "retry_attempts": 3,
+        }  # fmt: skip
+
+    async def start(self) -> None:
+        await self.fake.start()
+        await super().start()
+
+    async def close(self) -> None:
+        await super().close()
+        await self.fake.close()
+
+    def add_renter(self, gpus: int, kind: RentalKind = RentalKind.ON_DEMAND) -> Any:
+        # One order rents the whole server, whatever the GPUs asked for.
+        return self.fake.rent(kind="spot" if kind is RentalKind.INTERRUPTIBLE else "on-demand")
+
+    def end_renter(self, renter: Any) -> None:
+        self.fake.end_order(renter)
+
+    def renter_end(self, renter: Any) -> datetime | None:
+        end: datetime = renter.end
+        return end
+
+    def sent(self) -> int:
+        return len(self.fake.requests)
+
+    def fail_reads(self, fault: str, times: int) -> None:
+        if fault == "garbage":
+            self.fake.garbage(times, path=self.SERVER_CONFIG)
+        elif fault == "timeout":
+            self.fake.slow(1.0, times, path=self.SERVER_CONFIG)
+        elif fault == "429":
+            self.fake.code(5, times, path=self.SERVER_CONFIG)
+        else:
+            self.fake.fail(int(fault), times, path=self.SERVER_CONFIG)
+
+    def answer_reads(self, data: Any, times: int) -> None:
+        self.fake.answer(data, times, path=self.SERVER_CONFIG)
+
+    def fail_writes(self, status: int, times: int) -> None:
+        if status == 429:
+            self.fake.code(5, times, path=self.SETTINGS)
+        else:
+            self.fake.fail(status, times, path=self.SETTINGS)
+
+    def heal(self) -> None:
+        self.fake.faults.clear()
+
+
+WORLDS: dict[str, type[World]] = {
+    w.kind: w for w in (PaperWorld, VastWorld, RunpodWorld, CloreWorld)
+}
 LISTING = [k for k, w in WORLDS.items() if w.can_list]
 OBSERVING = [k for k, w in WORLDS.items() if not w.can_list]
 READ_FAULTS = [(k, f) for k, w in WORLDS.items() for f in w.read_faults]
@@ -288,6 +374,7 @@ async def world(
 ) -> AsyncIterator[World]:
     monkeypatch.setenv("CONTRACT_VAST_KEY", "test-key")
     monkeypatch.setenv("CONTRACT_RUNPOD_KEY", RUNPOD_KEY)
+    monkeypatch.setenv("CONTRACT_CLORE_KEY", CLORE_KEY)
     made = WORLDS[request.param](clock)
     await made.start()
     # The harness says what the platform allows; the adapter must say the same.

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 HOUR = 3600.0
 # Clore limits each key to one request a second, whatever the endpoint: one bucket.
 BUCKET = "clore"
+RATE_LIMIT = 1.0  # seconds; even an urgent call waits this long after the last one
 # An offer end this close above a whole hour still counts as that hour: the scheduler's
 # "now" and ours differ by the time it took to get here, not by a renter's minute.
 HOUR_SLACK = 60.0
@@ -206,7 +207,7 @@ class CloreMarket(Provider):
 
         self._api: JsonApi = provider_api(
             "Clore.ai", config, clock, api_key, context.retry_attempts,
-            auth_header="auth", auth_scheme="",
+            auth_header="auth", auth_scheme="", spacing_floor=RATE_LIMIT,
             check_answer=check_answer("Clore.ai", config.key_source()),
         )  # fmt: skip
         # The end the last successful `list` was asked for (Clore keeps no offer end).

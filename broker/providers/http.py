@@ -105,9 +105,11 @@ def provider_api(
     auth_header: str = "Authorization",
     auth_scheme: str = "Bearer ",
     check_answer: AnswerCheck | None = None,
+    spacing_floor: float = 0.0,
 ) -> JsonApi:
     """The authenticated client for a provider section: key, spacing, timeout and retries.
-    `auth_header` and `auth_scheme` say how the key is sent (Clore.ai: `auth: KEY`)."""
+    `auth_header` and `auth_scheme` say how the key is sent (Clore.ai: `auth: KEY`);
+    `spacing_floor` is the gap even an urgent call leaves (see `Spacer`)."""
     key = api_key if api_key is not None else config.api_key()
     if not key:
         raise ProviderError("provider.api_key: no api_key_env or api_key_file is set")
@@ -123,6 +125,7 @@ def provider_api(
         auth_header=auth_header,
         auth_scheme=auth_scheme,
         check_answer=check_answer,
+        spacing_floor=spacing_floor,
     )
 
 
@@ -143,9 +146,12 @@ class Spacer:
     backoff. Calls to one endpoint queue behind a lock in the order they came.
     """
 
-    def __init__(self, clock: Clock, spacing: float) -> None:
+    def __init__(self, clock: Clock, spacing: float, floor: float = 0.0) -> None:
         self._clock = clock
         self._spacing = spacing
+        # The gap the platform refuses to go under even for an urgent call (Clore.ai: one
+        # request a second per key, answered "over the limit" otherwise). 0 = none.
+        self._floor = floor
         self._next: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -154,14 +160,25 @@ class Spacer:
         """When this endpoint was last called (Clock monotonic seconds); None = never."""
         return self._last.get(endpoint)
 
-    async def wait(self, endpoint: str, *, urgent: bool = False) -> None:
-        """Wait this endpoint's turn. An urgent call (a local request waits on it) goes at
-        once, and the background calls after it keep their spacing from it."""
+    async def wait(
+        self, endpoint: str, *, urgent: bool = False, deadline: float | None = None
+    ) -> bool:
+        """Wait this endpoint's turn; False (without waiting) when the turn comes after
+        `deadline`. An urgent call (a local request waits on it) goes at once, or once the
+        platform's floor has passed, and the background calls after it keep their spacing
+        from it."""
         if self._spacing <= 0 or urgent:
+            last = self._last.get(endpoint)
+            if self._floor > 0 and last is not None:
+                turn = last + self._floor
+                if deadline is not None and turn > deadline:
+                    return False
+                if turn > self._clock.monotonic():
+                    await self._clock.sleep_until(turn)
             now = self._clock.monotonic()
             self._last[endpoint] = now
             self._next[endpoint] = now + self._spacing
-            return
+            return True
         lock = self._locks.setdefault(endpoint, asyncio.Lock())
         async with lock:
             due = self._next.get(endpoint)
@@ -170,6 +187,7 @@ class Spacer:
             now = self._clock.monotonic()
             self._last[endpoint] = now
             self._next[endpoint] = now + self._spacing
+        return True
 
 
 class JsonApi:
@@ -191,13 +209,14 @@ class JsonApi:
         auth_header: str = "Authorization",
         auth_scheme: str = "Bearer ",
         check_answer: AnswerCheck | None = None,
+        spacing_floor: float = 0.0,
     ) -> None:
         self.platform = platform
         self._base = base_url.rstrip("/")
         self._api_key = api_key
         self._key_source = key_source
         self._clock = clock
-        self._spacer = Spacer(clock, spacing)
+        self._spacer = Spacer(clock, spacing, spacing_floor)
         self._timeout = timeout
         self._attempts = attempts
         self._max_backoff = max_backoff
@@ -274,7 +293,11 @@ class JsonApi:
         result: Any = None
         async for attempt in retrying:
             with attempt:
-                await self._spacer.wait(bucket, urgent=urgent)
+                if not await self._spacer.wait(bucket, urgent=urgent, deadline=self.deadline):
+                    raise ProviderUnavailable(
+                        f"{self.platform}: {method} {path} not sent: the platform's rate "
+                        "limit allows it only after the stop deadline"
+                    )
                 result = await self._once(method, path, query, body)
         return result
 
