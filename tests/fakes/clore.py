@@ -283,7 +283,6 @@ class FakeClore:
             self.rate_limited += 1
             return web.json_response({"code": 5})
         self.advance()
-        request["body"] = body
         return await handler(request)
 
     def _too_soon(self, key: str) -> bool:
@@ -302,8 +301,16 @@ class FakeClore:
     def _ok(data: dict[str, Any]) -> web.Response:
         return web.json_response(data | {"code": 0})
 
-    def _named(self, request: web.Request, key: str) -> FakeServer | web.Response:
-        body = request["body"]
+    @staticmethod
+    async def _body(request: web.Request) -> Any:
+        raw = await request.read()  # aiohttp keeps it: the middleware's read, again
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    async def _named(self, request: web.Request, key: str) -> FakeServer | web.Response:
+        body = await self._body(request)
         name = body.get(key) if isinstance(body, dict) else None
         if not isinstance(name, str):
             return web.json_response({"code": 2})
@@ -340,7 +347,7 @@ class FakeClore:
         return self._ok({"servers": rows, "limit": 10})
 
     async def _server_config(self, request: web.Request) -> web.Response:
-        server = self._named(request, "server_name")
+        server = await self._named(request, "server_name")
         if isinstance(server, web.Response):
             return server
         order = server.running()
@@ -359,10 +366,10 @@ class FakeClore:
         return self._ok({"config": config, "creation_completed": True})
 
     async def _set_server_settings(self, request: web.Request) -> web.Response:
-        server = self._named(request, "name")
+        server = await self._named(request, "name")
         if isinstance(server, web.Response):
             return server
-        body = request["body"]
+        body = await self._body(request)
         availability = body.get("availability")
         mrl = body.get("mrl")
         on_demand = body.get("on_demand")
