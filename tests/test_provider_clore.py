@@ -38,13 +38,18 @@ async def fake(clock: FakeClock) -> AsyncIterator[FakeClore]:
 
 
 def market(
-    clock: FakeClock, fake: FakeClore, *, commitment: str = "8h", **section: Any
+    clock: FakeClock,
+    fake: FakeClore,
+    *,
+    commitment: str = "8h",
+    min_listed: str = "6h",
+    **section: Any,
 ) -> CloreMarket:
     config = parse_config({
         "provider": {"kind": "clore", "server_name": "rig", "base_url": fake.url,
                      "api_key_env": "TEST_CLORE_KEY", "price_on_demand": 0.0002,
                      "price_spot": 0.0001, "retry_attempts": 3} | section,
-        "policy": {"max_commitment": commitment},
+        "policy": {"max_commitment": commitment, "min_listed": min_listed},
         "energy": {"currency": "EUR", "price_per_kwh": 0.3},
     })  # fmt: skip
     provider = create_provider(config, clock, gpu_count=2)
@@ -210,11 +215,28 @@ async def test_a_commitment_below_the_shortest_rental_never_lists(
     assert not fake.calls(SETTINGS)
 
 
+async def test_a_shortest_listing_below_the_shortest_rental_never_lists_either(
+    clock: FakeClock, fake: FakeClore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scheduler would put up offers of 30 min near a window's end, which Clore cannot
+    # take: rather than drain the services for a listing that fails, do not list.
+    monkeypatch.setenv("TEST_CLORE_KEY", KEY)
+    async with market(clock, fake, min_listed="30m") as provider:
+        assert provider.capabilities.can_list is False
+        assert provider.capabilities.note.startswith(
+            "policy.min_listed (0.5 h) is shorter than Clore's shortest rental (6 h"
+        )
+    async with market(clock, fake, commitment="1h", min_listed="30m") as provider:
+        assert provider.capabilities.note.startswith(
+            "policy.max_commitment (1 h) and policy.min_listed (0.5 h) are shorter"
+        )
+
+
 def write_config(tmp_path: Path, url: str, commitment: str, name: str = "rig") -> Path:
     path = tmp_path / "config.toml"
     path.write_text(
         f'[broker]\nstate_dir = "{tmp_path}"\n'
-        f'[policy]\nmax_commitment = "{commitment}"\n'
+        f'[policy]\nmax_commitment = "{commitment}"\nmin_listed = "6h"\n'
         f'[provider]\nkind = "clore"\nserver_name = "{name}"\nbase_url = "{url}"\n'
         "price_on_demand = 0.0002\n"
     )

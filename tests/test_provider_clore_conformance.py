@@ -93,7 +93,7 @@ async def adapter_calls(
         "provider": {"kind": "clore", "server_name": "rig", "base_url": fake.url,
                      "api_key_env": "CONFORMANCE_CLORE_KEY", "price_on_demand": 0.0002,
                      "price_spot": 0.0001, "earnings_rate": 1.0},
-        "policy": {"max_commitment": "8h"},
+        "policy": {"max_commitment": "8h", "min_listed": "6h"},
     })  # fmt: skip
     provider = create_provider(config, clock, gpu_count=2)
     assert isinstance(provider, CloreMarket)

@@ -252,8 +252,9 @@ class RunpodWorld(World):
 
 class CloreWorld(World):
     """The fake Clore.ai: one request a second per key (answered `{"code": 5}`), errors as
-    HTTP 200 with a code, latency shortened. Clore's shortest rental is taken as 1 h here
-    (6 h in life) so the suite's 2 h offers may list; `test_provider_clore` keeps 6 h."""
+    HTTP 200 with a code, latency shortened. Clore's shortest rental is taken as 30 min here
+    (6 h in life, which no policy default allows) so the suite's 2 h offers may list;
+    `test_provider_clore` keeps 6 h."""
 
     kind = "clore"
     can_list = True
@@ -283,7 +284,7 @@ class CloreWorld(World):
         return {
             "kind": "clore", "server_name": "rig", "base_url": self.fake.url,
             "api_key_env": "CONTRACT_CLORE_KEY", "price_on_demand": 0.0002,
-            "min_rental": "1h", "earnings_rate": 80000.0, "request_timeout": "300ms",
+            "min_rental": "30m", "earnings_rate": 80000.0, "request_timeout": "300ms",
             "retry_attempts": 3,
         }  # fmt: skip
 

@@ -60,5 +60,6 @@ def create_provider(
         gpu_count=gpu_count or len(config.gpus.fake) or 1,
         retry_attempts=retry_attempts,
         max_commitment=config.policy.max_commitment,
+        min_listed=config.policy.min_listed,
     )
     return config.provider.create(clock, context)

@@ -12,7 +12,8 @@ ends at most `mrl` hours after it starts, so while rented the GPUs are taken to 
 until (first seen rented) + `mrl`, or `remaining_time` when Clore shows a sooner end. A
 reclaim hides the server and waits. When Clore's shortest rental (`min_rental`, 6 h per its
 FAQ) is longer than `policy.max_commitment`, the promise cannot be kept: the adapter says it
-cannot list (the broker then only watches the server), and `check` fails.
+cannot list (the broker then only watches the server), and `check` fails; so too when
+`policy.min_listed` is shorter (the scheduler would put up offers Clore cannot take).
 
 Earnings: Clore has no earnings endpoint, only wallet balances. The rise of one wallet's
 balance over a UTC day, converted at a configured rate, is recorded as an estimate.
@@ -110,7 +111,7 @@ class CloreProvider(ProviderKey):
         hours = self.min_rental.total_seconds() / HOUR
         lines.append(
             f"Clore's shortest rental is {hours:g} h (provider.min_rental): "
-            "policy.max_commitment must be at least that, and policy.min_listed should be"
+            "policy.max_commitment and policy.min_listed must be at least that"
         )
         return lines
 
@@ -200,9 +201,8 @@ class CloreMarket(Provider):
         self._clock = clock
         self._context = context
         self._min_hours = math.ceil(config.min_rental.total_seconds() / HOUR)
-        commitment = context.max_commitment
-        self.listable = commitment is None or config.min_rental <= commitment
-        self.note = "" if self.listable else self._refusal(commitment)
+        self.note = self._refusal(context)
+        self.listable = not self.note
         from broker.providers.http import provider_api
 
         self._api: JsonApi = provider_api(
@@ -219,14 +219,31 @@ class CloreMarket(Provider):
         self._mrl_high: int | None = None
         self._balances: list[Balance] = []
 
-    def _refusal(self, commitment: timedelta | None) -> str:
-        hours = self.config.min_rental.total_seconds() / HOUR
-        told = f"{commitment.total_seconds() / HOUR:g} h" if commitment else "unset"
+    def _refusal(self, context: ProviderContext) -> str:
+        """Why the policy's promise cannot be kept on Clore ("" when it can): an order
+        may run `min_rental`, so neither the commitment nor the shortest offer the
+        scheduler puts up may be shorter."""
+        shortest = self.config.min_rental
+
+        def hours(value: timedelta) -> str:
+            return f"{value.total_seconds() / HOUR:g} h"
+
+        short = [
+            f"policy.{key} ({hours(value)})"
+            for key, value in (
+                ("max_commitment", context.max_commitment),
+                ("min_listed", context.min_listed),
+            )
+            if value is not None and value < shortest
+        ]
+        if not short:
+            return ""
         return (
-            f"policy.max_commitment ({told}) is shorter than Clore's shortest rental "
-            f"({hours:g} h, provider.min_rental): an order could hold the GPUs longer than "
-            "promised, so gpu-broker will not list on Clore.ai and only watches the server; "
-            f"set policy.max_commitment to at least {hours:g}h"
+            f"{' and '.join(short)} {'is' if len(short) == 1 else 'are'} shorter than "
+            f"Clore's shortest rental ({hours(shortest)}, provider.min_rental): an order "
+            "could hold the GPUs longer than promised, or Clore would refuse the listing, so "
+            "gpu-broker will not list on Clore.ai and only watches the server; set them to "
+            f"at least {shortest.total_seconds() / HOUR:g}h"
         )
 
     @property

@@ -33,6 +33,8 @@ class ProviderContext:
     # policy.max_commitment: a marketplace whose shortest rental is longer cannot keep the
     # promise and does not list (Clore.ai); None = not known (nothing is refused for it).
     max_commitment: timedelta | None = None
+    # policy.min_listed: the shortest offer the scheduler will put up; None = not known.
+    min_listed: timedelta | None = None
 
 
 class PolledProvider(StrictModel, abc.ABC):
