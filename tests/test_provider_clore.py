@@ -105,6 +105,19 @@ async def test_an_offer_shorter_than_the_shortest_rental_is_not_sent(
     assert fake.requests == []
 
 
+async def test_a_renewal_too_short_for_clore_hides_the_server(
+    clock: FakeClock, fake: FakeClore, clore: CloreMarket
+) -> None:
+    # Listed with mrl 8 h; near the window's end a renewal could only offer 5 h. Leaving
+    # the 8 h listing up would let an order run 3 h past the window: hide it instead.
+    await drive(clock, clore.list(offer(clock, 8 * H)))
+    await clock.advance(3 * H)
+    with pytest.raises(ProviderRejected, match="hidden instead"):
+        await drive(clock, clore.list(offer(clock, 5 * H)))
+    assert fake.server().visibility == "hidden"
+    assert (await drive(clock, clore.status())).listed is False
+
+
 async def test_code_5_is_retried_with_backoff_and_never_taken_as_done(
     clock: FakeClock, fake: FakeClore, clore: CloreMarket
 ) -> None:

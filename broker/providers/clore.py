@@ -314,10 +314,16 @@ class CloreMarket(Provider):
             raise ProviderRejected(self.note)
         mrl = self.mrl_for(offer.end_date)
         if mrl < self._min_hours:
-            raise ProviderRejected(
+            why = (
                 f"Clore.ai: {mrl} h until the offer's end is under Clore's shortest rental "
-                f"({self._min_hours} h, provider.min_rental): not listed"
+                f"({self._min_hours} h, provider.min_rental)"
             )
+            if self.listed_until is None:
+                raise ProviderRejected(f"{why}: not listed")
+            # A renewal near the window's end: the listing up now lets an order start
+            # with the old, longer mrl and run past the end. Hidden, it cannot.
+            await self.unlist()
+            raise ProviderRejected(f"{why}: hidden instead")
         await self._call(
             "POST", "set_server_settings", self.settings_body(availability=True, mrl=mrl)
         )
