@@ -11,7 +11,8 @@ checks instead:
   the same calls, and the two recordings must be equal.
 What "equal" means: method, path, the `auth` header, Content-Type, and the JSON body with its
 keys in the same order. Body bytes are not compared: httpx writes JSON without spaces and
-aiohttp's `json.dumps` with them, which no JSON reader tells apart.
+our client's `json.dumps` with them, which no JSON reader tells apart; nor are User-Agent
+and Accept, each client's own.
 """
 
 from __future__ import annotations
