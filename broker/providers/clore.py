@@ -24,6 +24,7 @@ from __future__ import annotations
 import builtins
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -161,7 +162,7 @@ class Balance:
     amount: float
 
 
-def check_answer(platform: str, key_source: str) -> Any:
+def check_answer(platform: str, key_source: str) -> Callable[[Any, str], None]:
     """The `code` of every Clore answer, read inside the retry loop."""
 
     def check(answer: Any, what: str) -> None:
@@ -369,7 +370,11 @@ class CloreMarket(Provider):
         return self.status_from(server)
 
     async def _confirm(
-        self, differences: Any, what: str, *, urgent: bool = False
+        self,
+        differences: Callable[[CloreServerConfig], builtins.list[str]],
+        what: str,
+        *,
+        urgent: bool = False,
     ) -> CloreServerConfig:
         """Read the server back (twice at most: Clore may lag a moment): a write answered
         code 0 is no proof it took."""
