@@ -26,6 +26,7 @@ from broker.config import Config
 from broker.errors import BrokerError
 from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
+from broker.gpu.fake import FakeBackend
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
 from broker.instance_lock import InstanceLock
@@ -33,6 +34,7 @@ from broker.ledger import Ledger, open_ledger
 from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
 from broker.providers import Provider, create_provider
+from broker.providers.paper import PaperMarket
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
 from broker.services import Gate, ServiceAdapter, build_adapter
@@ -133,6 +135,9 @@ class Daemon:
         for gate in self.gates:
             gate.control.demand = demand.buffer
         self.provider = provider = create_provider(config, clock, gpu_count=len(devices) or 1)
+        if isinstance(provider, PaperMarket) and isinstance(backend, FakeBackend):
+            # the demo tells the truth: the paper market's renters load the fake GPUs
+            provider.on_renter_load = backend.renter_load
         await provider.start()
         self._scheduler = scheduler = Scheduler(
             config,
