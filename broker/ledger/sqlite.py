@@ -761,19 +761,24 @@ class SqliteLedger:
         if service is not None:
             sql += " AND service = ?"
             params.append(service)
-        rows = await self._call(self._read, sql + " ORDER BY arrival_ts, id", params)
+        return await self._call(self._demand, sql + " ORDER BY arrival_ts, id", params)
+
+    def _demand(self, sql: str, params: Sequence[Any]) -> list[DemandRecord]:
+        # Built in the ledger's thread from plain tuples: a month of a large team is some
+        # 100 000 rows, which a replay reads whole.
+        try:
+            rows = self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as err:
+            raise LedgerError(f"ledger read failed: {err}") from err
+        utc = UTC
+        stamp = datetime.fromtimestamp
         return [
             DemandRecord(
-                service=r["service"],
-                arrival=_dt_required(r["arrival_ts"]),
-                duration_s=r["duration_s"],
-                outcome=cast(DemandOutcome, r["outcome"]),
-                held_s=r["held_s"],
-                count=r["count"],
-                host=r["host"],
+                service, stamp(arrival, utc), duration, cast(DemandOutcome, outcome), held,
+                count, host,
             )
-            for r in rows
-        ]
+            for service, arrival, duration, outcome, held, count, host in rows
+        ]  # fmt: skip
 
     # -- earnings -------------------------------------------------------------------------
 
