@@ -26,6 +26,7 @@ from broker.config import Config
 from broker.errors import BrokerError
 from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
+from broker.gpu.fake import FakeBackend
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
 from broker.instance_lock import InstanceLock
@@ -33,9 +34,11 @@ from broker.ledger import Ledger, open_ledger
 from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
 from broker.providers import Provider, create_provider
+from broker.providers.paper import PaperMarket
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
 from broker.services import Gate, ServiceAdapter, build_adapter
+from broker.services.demand import DemandBuffer, DemandWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.metrics: BrokerMetrics | None = None
         self._scheduler: Scheduler | None = None
+        self.demand: DemandWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: InstanceLock | None = None
         self._reserved: Reservation | None = None
@@ -126,7 +130,14 @@ class Daemon:
             for s in config.services
             if s.gate_listen is not None
         ]
+        # every inference request at a gate, written to the ledger in batches
+        self.demand = demand = DemandWriter(DemandBuffer(), ledger, clock)
+        for gate in self.gates:
+            gate.control.demand = demand.buffer
         self.provider = provider = create_provider(config, clock, gpu_count=len(devices) or 1)
+        if isinstance(provider, PaperMarket) and isinstance(backend, FakeBackend):
+            # the demo tells the truth: the paper market's renters load the fake GPUs
+            provider.on_renter_load = backend.renter_load
         await provider.start()
         self._scheduler = scheduler = Scheduler(
             config,
@@ -161,6 +172,7 @@ class Daemon:
         self._tasks = [
             asyncio.create_task(sampler.run(), name="gpu-sampler"),
             asyncio.create_task(scheduler.run(), name="scheduler"),
+            asyncio.create_task(demand.run(), name="demand-writer"),
         ]
         log.info(
             "gpu-broker %s running: pool %s, %s provider, API on %s",
@@ -198,6 +210,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.demand is not None and self.ledger is not None:
+            await self.demand.aclose()  # the gates are closed: what they saw, written
+            self.demand = None
         if self._scheduler is not None:
             try:
                 await self._scheduler.shutdown()

@@ -235,6 +235,10 @@ DOM_COUNTS = """JSON.stringify({
     (r) => r.dataset.source),
   costBars: [...document.querySelectorAll('#chart rect.bar-cost')].map(
     (r) => Number(r.getAttribute('height')) > 0),
+  netOverExtraNet: [...document.querySelectorAll('#chart g.day')].map(
+    (g) => Number(g.querySelector('line.net').getAttribute('y1'))
+      - Number(g.querySelector('line.extra-net').getAttribute('y1'))),
+  totalsText: document.getElementById('totals').textContent,
   tableRows: document.querySelectorAll('#gpus tbody tr').length,
   poolState: document.getElementById('pool-state').textContent,
   errorShown: !document.getElementById('error').hidden,
@@ -298,6 +302,12 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
                 assert drawn["sources"] == [row["earnings_source"] for row in report["rows"]]
                 assert "provider" in drawn["sources"] and "estimate" in drawn["sources"]
                 assert drawn["costBars"] == [row["energy_cost"] > 0 for row in report["rows"]]
+                # the extra-net line sits above net (a smaller y) by what idle draw cost
+                assert [d > 0 for d in drawn["netOverExtraNet"]] == [
+                    row["extra_net"] > row["net"] for row in report["rows"]
+                ]
+                assert any(d > 0 for d in drawn["netOverExtraNet"])
+                assert "extra energy only: cost" in drawn["totalsText"]
                 assert drawn["tableRows"] == 2
                 assert drawn["errorShown"] is False
                 assert dev.errors() == []

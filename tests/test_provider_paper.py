@@ -124,3 +124,53 @@ async def test_the_factory_sizes_the_paper_market_from_the_fake_gpus(clock: Fake
         status = await provider.status()
         assert len(status.gpu_occupancy) == 2
         assert (await provider.probe())[0].startswith("paper market with 2 GPUs")
+
+
+async def test_a_renter_takes_the_whole_machine_unless_min_chunk_allows_less(
+    clock: FakeClock,
+) -> None:
+    whole = paper(clock, arrivals_per_hour=20.0, interruptible_share=0.0, mean_rental="20m")
+    assert whole.make_offer(clock.now() + 4 * H).min_chunk == 4
+    await run_day(clock, whole, timedelta(minutes=15))
+    assert len(whole.book.contracts) > 5
+    assert {c.gpus for c in whole.book.contracts} == {4}
+
+    other = FakeClock()
+    chunks = paper(other, arrivals_per_hour=20.0, interruptible_share=0.0, mean_rental="20m",
+                   min_chunk=2)  # fmt: skip
+    assert chunks.make_offer(other.now() + 4 * H).min_chunk == 2
+    await run_day(other, chunks, timedelta(minutes=15))
+    assert {c.gpus for c in chunks.book.contracts} == {2, 3, 4}
+    # more than the machine has is the whole machine
+    assert paper(clock, gpus=2, min_chunk=8).make_offer(None).min_chunk == 2
+
+
+async def test_renter_load_is_told_at_the_moment_of_each_change(clock: FakeClock) -> None:
+    market = paper(clock, arrivals_per_hour=6.0, interruptible_share=0.5, mean_rental="1h",
+                   min_chunk=1)  # fmt: skip
+    told: list[tuple[Any, frozenset[int]]] = []
+    market.on_renter_load = lambda at, gpus: told.append((at, gpus))
+    await run_day(clock, market, timedelta(hours=2))  # polled rarely: told all the same
+    assert len(told) > 4
+    assert [at for at, _ in told] == sorted(at for at, _ in told)
+
+    def held_at(t: Any) -> frozenset[int]:
+        """GPUs on-demand renters held just after `t`, from the contracts."""
+        return frozenset(
+            i for c in market.book.contracts
+            if c.start <= t < (c.ended_at or c.stops_at)
+            for i in c.gpu_indices
+        )  # fmt: skip
+
+    moments = {c.start for c in market.book.contracts} | {
+        c.ended_at for c in market.book.contracts if c.ended_at is not None
+    }
+    for at, _ in told:
+        assert at in moments  # a renter's arrival or departure, not a poll
+    on_demand_only = [
+        (at, gpus) for at, gpus in told
+        if all(c.kind.value == "on-demand" for c in market.book.contracts
+               if c.start <= at < (c.ended_at or c.stops_at))
+    ]  # fmt: skip
+    for at, gpus in on_demand_only:
+        assert gpus == held_at(at)

@@ -246,6 +246,11 @@ def two_nights(tmp_path: Path) -> Path:
 #     Berlin's 11-24 holds 21:00Z-23:00Z of GPU-a (2 h) and 22:30Z-23:00Z of GPU-b (0.5 h):
 #     3.60 x 2.5 / 4.5 = 2.00, all provider-reported.
 #   net: 2.00 - 0.248 = 1.752
+#   extra energy: the idle baseline is the GPUs' own draw while LISTED (no IDLE time here),
+#     2 x 20 W = 40 W (overhead left out); only GPU draw above it while rented counts:
+#     22-23 day: (300 + 20 - 40) W x 1 h = 0.28 kWh x 0.30 = 0.084
+#     23-24 night: (300 + 0.5 x 20 + 0.5 x 300 - 40) Wh = 0.42 kWh x 0.20 = 0.084 -> 0.168
+#   extra net: 2.00 - 0.168 = 1.832
 #   requests: held 21:30 (ollama) and 23:45 (comfy) = 2; rejected 22:30 = 1
 DAY_24 = {
     "period": "2026-11-24",
@@ -257,6 +262,8 @@ DAY_24 = {
     "energy_kwh": {"local": 2.1, "idle": 0.0, "listed": 0.1, "rented": 0.9},
     "energy_cost": 0.248,
     "net": 1.752,
+    "extra_energy_cost": 0.168,
+    "extra_net": 1.832,
     "co2_kg": 0.348,
     "held_requests": 2,
     "rejected_requests": 1,
@@ -273,6 +280,8 @@ DAY_24 = {
 #     3.60 x 2 / 4.5 = 1.60; 22-23 CET is in UTC day 11-25, which has no figure: estimated
 #     1 GPU-hour x 0.50 USD / 1.25 = 0.40 -> 2.00, "estimate" (part of it is)
 #   net: 2.00 - 0.276 = 1.724
+#   extra: 00-01 night (600 - 40) Wh x 0.20 = 0.112; 22-23 day (320 - 40) Wh x 0.30 = 0.084
+#     -> 0.196; extra net 2.00 - 0.196 = 1.804
 DAY_25 = {
     "period": "2026-11-25",
     "gpu": "all",
@@ -283,6 +292,8 @@ DAY_25 = {
     "energy_kwh": {"local": 2.1, "idle": 0.0, "listed": 0.1, "rented": 1.04},
     "energy_cost": 0.276,
     "net": 1.724,
+    "extra_energy_cost": 0.196,
+    "extra_net": 1.804,
     "co2_kg": 0.39,
     "held_requests": 0,
     "rejected_requests": 0,
@@ -299,6 +310,8 @@ DAY_26 = {
     "energy_kwh": {"local": 0.45, "idle": 0.0, "listed": 0.0, "rented": 0.0},
     "energy_cost": 0.0,
     "net": 0.0,
+    "extra_energy_cost": 0.0,
+    "extra_net": 0.0,
     "co2_kg": 0.0,
     "held_requests": 0,
     "rejected_requests": 0,
@@ -314,6 +327,8 @@ TOTALS = {
     "energy_kwh": {"local": 4.65, "idle": 0.0, "listed": 0.2, "rented": 1.94},
     "energy_cost": 0.524,
     "net": 3.476,
+    "extra_energy_cost": 0.364,
+    "extra_net": 3.636,
     "co2_kg": 0.738,
     "held_requests": 2,
     "rejected_requests": 1,
@@ -348,6 +363,9 @@ def test_json_by_day_across_the_tariff_change_with_provider_and_estimated_days(
 #   earnings: 1 of the 4.5 GPU-hours of UTC 11-24: 0.80; it was not rented in UTC 11-25, so
 #   nothing is estimated: "provider"
 # 11-26: local 00-03, then LOST (no bucket): 3 h; kWh 3 x 50 W = 0.15
+# extra: its baseline is 20 W (its draw while the pool was LISTED); while the pool is rented
+#   11-24 22-23 it draws 20 W: 0; 23-24 (0.5 x 20 + 0.5 x 300 - 20) Wh = 0.14 kWh x 0.20
+#   = 0.028; 11-25 00-01 (300 - 20) Wh x 0.20 = 0.056, 22-23 20 W: 0
 def test_one_gpu_that_was_lost_mid_day(two_nights: Path) -> None:
     report = report_json(
         two_nights, NOW, "--since", "2026-11-24", "--until", "2026-11-26", "--gpu", "1"
@@ -360,6 +378,7 @@ def test_one_gpu_that_was_lost_mid_day(two_nights: Path) -> None:
             "rented_gpu_hours": 0.5, "earnings": 0.4, "earnings_source": "provider",
             "energy_kwh": {"local": 1.05, "idle": 0.0, "listed": 0.05, "rented": 0.24},
             "energy_cost": 0.068, "net": 0.332, "co2_kg": 0.097,
+            "extra_energy_cost": 0.028, "extra_net": 0.372,
             "held_requests": 1, "rejected_requests": 0,
         }),
         approx({
@@ -368,6 +387,7 @@ def test_one_gpu_that_was_lost_mid_day(two_nights: Path) -> None:
             "rented_gpu_hours": 1.0, "earnings": 0.8, "earnings_source": "provider",
             "energy_kwh": {"local": 1.05, "idle": 0.0, "listed": 0.05, "rented": 0.38},
             "energy_cost": 0.096, "net": 0.704, "co2_kg": 0.139,
+            "extra_energy_cost": 0.056, "extra_net": 0.744,
             "held_requests": 0, "rejected_requests": 0,
         }),
         approx({
@@ -376,6 +396,7 @@ def test_one_gpu_that_was_lost_mid_day(two_nights: Path) -> None:
             "rented_gpu_hours": 0.0, "earnings": 0.0, "earnings_source": "estimate",
             "energy_kwh": {**zero, "local": 0.15},
             "energy_cost": 0.0, "net": 0.0, "co2_kg": 0.0,
+            "extra_energy_cost": 0.0, "extra_net": 0.0,
             "held_requests": 0, "rejected_requests": 0,
         }),
     ]  # fmt: skip
@@ -388,7 +409,7 @@ def test_one_gpu_that_was_lost_mid_day(two_nights: Path) -> None:
 def test_gpu_rows_add_up_to_the_machine(two_nights: Path) -> None:
     machine = report_json(two_nights, NOW, "--since", "2026-11-24")
     gpus = [report_json(two_nights, NOW, "--since", "2026-11-24", "--gpu", g) for g in "01"]
-    for key in ("rented_gpu_hours", "earnings", "energy_cost", "co2_kg"):
+    for key in ("rented_gpu_hours", "earnings", "energy_cost", "extra_energy_cost", "co2_kg"):
         assert machine["totals"][key] == pytest.approx(sum(g["totals"][key] for g in gpus))
     for bucket in ("local", "listed", "rented"):
         assert machine["totals"]["energy_kwh"][bucket] == pytest.approx(
@@ -411,6 +432,8 @@ def test_csv_has_one_header_row_then_the_periods_and_the_totals(
     assert float(rows[1]["energy_kwh_rented"]) == pytest.approx(1.04)
     assert rows[1]["earnings_source"] == "estimate"
     assert float(rows[3]["net"]) == pytest.approx(3.476)
+    assert float(rows[0]["extra_energy_cost"]) == pytest.approx(0.168)
+    assert float(rows[3]["extra_net"]) == pytest.approx(3.636)
     assert int(rows[3]["held_requests"]) == 2
 
 
@@ -426,19 +449,21 @@ def test_table_shows_the_same_with_a_totals_line(
     lines = [line.split() for line in out.splitlines()]
     [day24] = [cells for cells in lines if cells[:1] == ["2026-11-24"]]
     # hours local 21, idle 0, listed 1, rented 2; 2.5 GPU-h; kWh 2.1 / 0 / 0.1 / 0.9;
-    # cost 0.248, earned 2.00, net 1.752, CO2 0.348 kg; 2 held, 1 rejected (2 decimals shown)
+    # cost 0.248, earned 2.00, net 1.752, extra cost 0.168, extra net 1.832, CO2 0.348 kg;
+    # 2 held, 1 rejected (2 decimals shown)
     assert day24 == [
         "2026-11-24", "21.00", "0.00", "1.00", "2.00", "2.50",
-        "2.10", "0.00", "0.10", "0.90", "0.25", "2.00", "1.75", "0.35", "2", "1",
+        "2.10", "0.00", "0.10", "0.90", "0.25", "2.00", "1.75", "0.17", "1.83", "0.35", "2", "1",
     ]  # fmt: skip
     [day25] = [cells for cells in lines if cells[:1] == ["2026-11-25"]]
     assert "~2.00" in day25  # partly estimated
     [total] = [cells for cells in lines if cells[:1] == ["total"]]
     # 11-24 + 11-25: local 42, listed 2, rented 4 h; 5.5 GPU-h; kWh 4.2 / 0 / 0.2 / 1.94;
-    # cost 0.248 + 0.276 = 0.524; 4.00 earned (partly estimated); net 3.476; CO2 0.738
+    # cost 0.248 + 0.276 = 0.524; 4.00 earned (partly estimated); net 3.476; extra cost
+    # 0.168 + 0.196 = 0.364, extra net 3.636; CO2 0.738
     assert total == [
         "total", "42.00", "0.00", "2.00", "4.00", "5.50",
-        "4.20", "0.00", "0.20", "1.94", "0.52", "~4.00", "3.48", "0.74", "2", "1",
+        "4.20", "0.00", "0.20", "1.94", "0.52", "~4.00", "3.48", "0.36", "3.64", "0.74", "2", "1",
     ]  # fmt: skip
 
 
@@ -488,6 +513,8 @@ def test_the_day_the_clocks_go_back_has_25_hours(tmp_path: Path) -> None:
         "rented_gpu_hours": 0.0, "earnings": 0.0, "earnings_source": "estimate",
         "energy_kwh": {"local": 0.68, "idle": 0.0, "listed": 0.8, "rented": 0.0},
         "energy_cost": 0.17, "net": -0.17, "co2_kg": 0.25,
+        # listed without a renter: the server drew nothing it would not have drawn idle
+        "extra_energy_cost": 0.0, "extra_net": 0.0,
         "held_requests": 0, "rejected_requests": 0,
     })  # fmt: skip
 
@@ -649,8 +676,69 @@ def test_a_narrow_terminal_gets_two_tables_with_the_same_figures(two_nights: Pat
     assert all(len(line) <= 80 for line in text.splitlines())
     lines = [line.split() for line in text.splitlines()]
     totals = [cells for cells in lines if cells[:1] == ["total"]]
-    # hours, GPU-hours, held, rejected; then kWh, cost, earned, net, CO2
+    # hours, GPU-hours, held, rejected; then kWh, cost, earned, net, extra cost and net, CO2
     assert totals == [
         ["total", "42.00", "0.00", "2.00", "4.00", "5.50", "2", "1"],
-        ["total", "4.20", "0.00", "0.20", "1.94", "0.52", "~4.00", "3.48", "0.74"],
+        ["total", "4.20", "0.00", "0.20", "1.94", "0.52", "~4.00", "3.48", "0.36", "3.64", "0.74"],
     ]
+
+
+# -- extra energy: only what renting drew above the idle server ------------------------------
+
+
+async def _idle_then_rented(config_path: Path) -> None:
+    """One GPU on 11-10 (day rate 0.30): IDLE 10-12 and LISTED 12-13 at 20 W, RENTED 13-16
+    at 300 W, each with 30 W of host overhead, then LOCAL at 50 W."""
+    config = load_config(config_path)
+    ledger = await open_ledger(config.broker)
+    try:
+        for at, state in [(local(11, 10, 10), "IDLE"), (local(11, 10, 12), "LISTED"),
+                          (local(11, 10, 13), "RENTED"), (local(11, 10, 16), "LOCAL")]:  # fmt: skip
+            await ledger.record_state("pool", "machine", state, at)
+            await ledger.record_state("gpu", "GPU-a", state, at)
+        await write_energy(
+            ledger,
+            [
+                Draw("GPU-a", 0, "idle", local(11, 10, 10), local(11, 10, 12), 20, 30),
+                Draw("GPU-a", 0, "listed", local(11, 10, 12), local(11, 10, 13), 20, 30),
+                Draw("GPU-a", 0, "rented", local(11, 10, 13), local(11, 10, 16), 300, 30),
+                Draw("GPU-a", 0, "local", local(11, 10, 16), local(11, 10, 18), 50),
+            ],
+        )
+    finally:
+        await ledger.close()
+
+
+async def _report(config_path: Path, since: datetime, until: datetime) -> Any:
+    config = load_config(config_path)
+    ledger = await open_ledger(config.broker)
+    try:
+        return await build_report(
+            ledger, config, since=since, until=until, now=local(11, 10, 18)
+        )
+    finally:
+        await ledger.close()
+
+
+def test_extra_energy_counts_only_the_gpu_draw_above_idle_while_rented(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    asyncio.run(_idle_then_rented(config))
+    # Baseline: the GPU's own draw while IDLE or LISTED, 3 h x 20 W / 3 h = 20 W (the 30 W
+    # of overhead is the server's anyway). Rented 3 h at 300 W: only 280 W is extra,
+    #   3 h x 280 W = 0.84 kWh x 0.30 = 0.252.
+    # energy_cost (listed and rented, overhead included): (1 h x 50 W + 3 h x 330 W)
+    #   = 1.04 kWh x 0.30 = 0.312.
+    # Earnings, estimated: 3 GPU-hours x 0.40 = 1.20; net 0.888, extra net 0.948.
+    report = asyncio.run(_report(config, local(11, 10), local(11, 11)))
+    row = report.totals.to_json()
+    assert (row["energy_cost"], row["extra_energy_cost"]) == (
+        pytest.approx(0.312), pytest.approx(0.252)
+    )
+    assert (row["earnings"], row["net"], row["extra_net"]) == (
+        pytest.approx(1.2), pytest.approx(0.888), pytest.approx(0.948)
+    )
+    # A report of the rented hours alone still measures the baseline over the 30 days
+    # before its end: the same 0.252.
+    rented_only = asyncio.run(_report(config, local(11, 10, 13), local(11, 10, 16)))
+    assert rented_only.totals.extra_energy_cost == pytest.approx(0.252)
+    assert rented_only.totals.energy_cost == pytest.approx(0.297)  # 3 h x 330 W x 0.30

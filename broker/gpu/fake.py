@@ -7,6 +7,10 @@ hours sees the step at "2h".
 
 Power is piecewise constant, so the energy a GPU drew is known exactly: `true_energy_j()` is
 the ground truth the energy accounting is checked against.
+
+Renters put load on top of the script: `renter_load(at, gpus)` (the daemon connects the
+paper market's renters to it) makes each GPU in `gpus` draw its `load_watts` at full
+utilisation from `at` on, and the others go back to their script. The energy stays exact.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from broker.clock import Clock
 from broker.config import FakeGpu
@@ -80,20 +85,52 @@ class _Script:
             self.cumulative.append(self.cumulative[-1] + prev.power_w * (nxt.start - prev.start))
         self.lost_at = spec.lost_at.total_seconds() if spec.lost_at is not None else math.inf
         self.resets = sorted(r.total_seconds() for r in spec.energy_resets_at)
+        # Spans [start, end) a renter loaded this GPU (end inf while it still does).
+        self.rented: list[list[float]] = []
+        self.rented_segment = _Segment(
+            0.0, 100.0, 0.8 * spec.memory_mb, spec.load_watts, None, ()
+        )
 
     def _watts(self, util: float) -> float:
         spec = self.spec
         return spec.idle_watts + (spec.load_watts - spec.idle_watts) * util / 100.0
 
     def segment(self, t: float) -> _Segment:
+        for start, end in reversed(self.rented):
+            if start <= t < end:
+                return self.rented_segment
+            if end <= t:
+                break
         return self.segments[max(0, bisect.bisect_right(self.starts, t) - 1)]
 
-    def energy_j(self, t: float) -> float:
-        """Joules drawn from the start to `t` (not counting time after the GPU was lost)."""
+    def scripted_energy_j(self, t: float) -> float:
+        """Joules the script alone draws from the start to `t` (until the GPU is lost)."""
         t = max(0.0, min(t, self.lost_at))
         i = max(0, bisect.bisect_right(self.starts, t) - 1)
         seg = self.segments[i]
         return self.cumulative[i] + seg.power_w * (t - seg.start)
+
+    def energy_j(self, t: float) -> float:
+        """Joules drawn from the start to `t`: the script's, with renters' spans drawing
+        `load_watts` instead."""
+        total = self.scripted_energy_j(t)
+        t = max(0.0, min(t, self.lost_at))
+        for start, end in self.rented:
+            if start >= t:
+                break
+            stop = min(end, t)
+            total += self.spec.load_watts * (stop - start) - (
+                self.scripted_energy_j(stop) - self.scripted_energy_j(start)
+            )
+        return total
+
+    def load(self, t: float, on: bool) -> None:
+        """A renter starts (`on`) or stops loading this GPU at `t`."""
+        loaded = bool(self.rented) and self.rented[-1][1] == math.inf
+        if on and not loaded:
+            self.rented.append([max(t, self.rented[-1][1]) if self.rented else t, math.inf])
+        elif not on and loaded:
+            self.rented[-1][1] = max(t, self.rented[-1][0])
 
     def counter_mj(self, t: float) -> int:
         i = bisect.bisect_right(self.resets, t)
@@ -109,6 +146,7 @@ class FakeBackend:
     def __init__(self, specs: Sequence[FakeGpu], clock: Clock) -> None:
         self._clock = clock
         self._t0 = clock.monotonic()
+        self._sampled_to = 0.0  # the latest time a sample showed (renter load starts after)
         self._scripts = [_Script(spec) for spec in specs]
         self._devices = [
             GpuDevice(
@@ -141,8 +179,26 @@ class FakeBackend:
     async def devices(self) -> list[GpuDevice]:
         return list(self._devices)
 
-    async def sample(self) -> list[GpuSample]:
+    def renter_load(self, at: datetime, gpus: frozenset[int]) -> None:
+        """From wall time `at`, renters load exactly the GPUs `gpus` (indices). A change
+        learnt late starts at the latest sample already taken, so what a sample showed and
+        the energy counter it read never change after the fact."""
+        t = self.elapsed() - (self._clock.now() - at).total_seconds()
+        t = min(self.elapsed(), max(t, self._sampled_to))
+        for index, script in enumerate(self._scripts):
+            script.load(t, index in gpus)
+
+    def renter_loaded(self) -> frozenset[int]:
+        """The GPUs renters load now."""
         t = self.elapsed()
+        return frozenset(
+            i
+            for i, script in enumerate(self._scripts)
+            if script.segment(t) is script.rented_segment
+        )
+
+    async def sample(self) -> list[GpuSample]:
+        t = self._sampled_to = self.elapsed()
         return [
             self._sample(dev, script, t)
             for dev, script in zip(self._devices, self._scripts, strict=True)

@@ -6,6 +6,10 @@ driven by the injected clock and a seeded `random.Random`: nothing runs in the b
 each call first plays the market forward to `clock.now()`. Arrivals are drawn in "demand
 time" (the integral of the rate), so how often the broker polls does not change what
 happens: the same seed and the same offers give the same renters.
+
+A renter takes the whole machine unless `min_chunk` allows fewer GPUs. Whoever wants to
+know which GPUs renters hold, and from when (the daemon, to load the fake GPUs), sets
+`on_renter_load`: it is called with the exact market time of every change, in order.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import builtins
 import math
 import random
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from typing import ClassVar, Literal
 
@@ -57,6 +62,9 @@ class PaperProvider(PolledProvider):
         description="offers shorter than this draw proportionally fewer renters",
     )
     interruptible_share: float = Field(default=0.3, ge=0, le=1)
+    min_chunk: int | None = Field(
+        default=None, ge=1, description="fewest GPUs a renter may take; unset: the whole machine"
+    )
     mean_rental: PositiveDuration = timedelta(hours=3)
     # The paper market prices in USD like Vast: USD for one unit of energy.currency.
     usd_per_currency: float = Field(default=1.0, gt=0)
@@ -89,6 +97,9 @@ class PaperMarket(Provider):
         self._rate = 0.0  # arrivals per hour under the current offer
         self._demand_due = self._rng.expovariate(1.0)  # demand time of the next arrival
         self._displacement: Contract | None = None
+        # Told (market time, GPU indices renters hold) at each change; see the docstring.
+        self.on_renter_load: Callable[[datetime, frozenset[int]], None] | None = None
+        self._loaded: frozenset[int] = frozenset()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -114,9 +125,37 @@ class PaperMarket(Provider):
             duration_factor = min(1.0, max(0.0, offered / config.full_demand_after.total_seconds()))
         return config.arrivals_per_hour * price_factor * duration_factor
 
+    def _advance(self, to: datetime) -> None:
+        """`book.advance(to)`, a contract's end at a time, so each change of the GPUs
+        renters hold is told at its own moment."""
+        book = self.book
+        while True:
+            ends = [c.stops_at for c in book.active() if c.stops_at <= to]
+            if not ends:
+                break
+            moment = min(ends)
+            book.advance(moment)
+            self._tell_load(moment)
+        book.advance(to)
+        self._tell_load(to)
+
+    def renter_gpus(self) -> frozenset[int]:
+        """GPUs that running renters hold (the host's own displacement rental is no load)."""
+        return frozenset(
+            i for c in self.book.running() if not c.self_rental for i in c.gpu_indices
+        )
+
+    def _tell_load(self, at: datetime) -> None:
+        loaded = self.renter_gpus()
+        if loaded == self._loaded:
+            return
+        self._loaded = loaded
+        if self.on_renter_load is not None:
+            self.on_renter_load(at, loaded)
+
     def _play_until(self, now: datetime) -> None:
         while True:
-            self.book.advance(self._sim_time)
+            self._advance(self._sim_time)
             if not self.book.offer.listed:
                 self._rate = 0.0
             step_end = now
@@ -128,14 +167,15 @@ class PaperMarket(Provider):
                 arrival = self._sim_time + timedelta(hours=self._demand_due / self._rate)
                 self._sim_time = max(arrival, self._sim_time)
                 self._demand_due = self._rng.expovariate(1.0)
-                self.book.advance(self._sim_time)
+                self._advance(self._sim_time)
                 self._arrive(self._sim_time)
+                self._tell_load(self._sim_time)
                 continue
             self._demand_due -= self._rate * hours
             self._sim_time = step_end
             if step_end >= now:
                 break
-        self.book.advance(now)
+        self._advance(now)
 
     def _arrive(self, at: datetime) -> None:
         """One renter: interruptible with a bid under the market, or on-demand at our ask,
@@ -167,8 +207,12 @@ class PaperMarket(Provider):
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
     ) -> Offer:
+        whole = self.book.num_gpus
         return Offer(
-            price_gpu=self.config.price_gpu, end_date=end_date, min_bid=self.config.min_bid
+            price_gpu=self.config.price_gpu,
+            end_date=end_date,
+            min_bid=self.config.min_bid,
+            min_chunk=min(self.config.min_chunk or whole, whole),
         )
 
     async def list(self, offer: Offer) -> ListResult:
@@ -230,12 +274,14 @@ class PaperMarket(Provider):
         self._displacement = self.book.rent(
             now, RentalKind.ON_DEMAND, self.book.num_gpus, self_rental=True
         )
+        self._tell_load(now)
 
     async def end_displacement(self) -> None:
         now = self._sync()
         if self._displacement is not None:
             self.book.end(now, self._displacement.id)
             self._displacement = None
+            self._tell_load(now)
 
     async def probe(self) -> builtins.list[str]:
         return [

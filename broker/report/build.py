@@ -19,6 +19,18 @@ How each figure is made (the README's "Report" section says the same for users):
 - **Energy cost and CO2** count the energy drawn while listed or rented (what renting
   costs and emits), each kWh at the tariff in force when it was drawn; a record that spans
   a tariff change is shared by time.
+- **Extra energy** (`extra_energy_cost`, `extra_net`): what renting drew above what the
+  idle server draws anyway. The idle baseline is the GPUs' own draw (NVML, without the host
+  overhead) averaged over the time the pool spent IDLE or LISTED in the 30 days before the
+  report's end (and over the whole report, if longer): their joules drawn under those pool
+  states divided by the pool's seconds in them, so it is this machine's measured idle draw,
+  not a figure from a data sheet. A `--gpu N` row uses that GPU's joules over the same
+  seconds. Extra energy is then, per slice (period, tariff, UTC day), the GPUs' joules drawn
+  while RENTED or RECLAIMING minus baseline x the pool's seconds in those states, never below
+  zero; the host overhead and energy drawn while listed are never extra (the server draws
+  them whether or not it is offered). With no idle or listed time in the window the baseline
+  is 0 (all GPU draw while rented counts as extra, overhead still does not). Costed at the
+  tariff in force, as `energy_cost` is.
 - **Earnings**: the provider reports per UTC day. A day's amount is spread over the local
   periods in proportion to the rented GPU-hours of that UTC day that fall in each (and over
   GPUs the same way); a day with earnings but no rented hours recorded goes to the period
@@ -65,6 +77,9 @@ BUCKET_OF_STATE: Mapping[str, Bucket] = {
 
 HELD, REJECTED = "request_held", "request_rejected"
 JOULES_PER_KWH = 3_600_000.0
+# Pool states whose GPU draw is the idle baseline, and how far back it is measured.
+BASELINE_STATES = frozenset({"IDLE", "LISTED"})
+BASELINE_WINDOW = timedelta(days=30)
 
 
 class ReportError(BrokerError):
@@ -98,10 +113,15 @@ class ReportRow:
     co2_kg: float
     held_requests: int
     rejected_requests: int
+    extra_energy_cost: float = 0.0  # only what renting drew above the idle server's draw
 
     @property
     def net(self) -> float:
         return self.earnings - self.energy_cost
+
+    @property
+    def extra_net(self) -> float:
+        return self.earnings - self.extra_energy_cost
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +134,8 @@ class ReportRow:
             "energy_kwh": {b: _num(self.energy_kwh[b]) for b in BUCKETS},
             "energy_cost": _num(self.energy_cost),
             "net": _num(self.net),
+            "extra_energy_cost": _num(self.extra_energy_cost),
+            "extra_net": _num(self.extra_net),
             "co2_kg": _num(self.co2_kg),
             "held_requests": self.held_requests,
             "rejected_requests": self.rejected_requests,
@@ -158,6 +180,7 @@ class _Acc:
     provider_figure: bool = False
     estimated: bool = False
     cost: float = 0.0
+    extra_cost: float = 0.0
     co2: float = 0.0
     held: int = 0
     rejected: int = 0
@@ -171,6 +194,7 @@ class _Acc:
         self.provider_figure |= other.provider_figure
         self.estimated |= other.estimated
         self.cost += other.cost
+        self.extra_cost += other.extra_cost
         self.co2 += other.co2
         self.held += other.held
         self.rejected += other.rejected
@@ -189,6 +213,7 @@ class _Acc:
             ),
             energy_kwh=dict(self.energy),
             energy_cost=self.cost,
+            extra_energy_cost=self.extra_cost,
             co2_kg=self.co2,
             held_requests=self.held,
             rejected_requests=self.rejected,
@@ -261,6 +286,28 @@ def _clip(interval: StateInterval, start: datetime, end: datetime, now: datetime
     return (a, b) if b > a else None
 
 
+async def idle_baseline_watts(
+    ledger: Ledger, start: datetime, end: datetime, now: datetime, gpu: int | None = None
+) -> float:
+    """The GPUs' (or GPU `gpu`'s) mean draw in watts while the pool was IDLE or LISTED in
+    [start, end): their joules under those pool states over the pool's seconds in them
+    (host overhead left out). 0 when the pool spent no time there."""
+    seconds = 0.0
+    for interval in await ledger.state_intervals(start, end, scope="pool"):
+        if interval.state.upper() in BASELINE_STATES:
+            span = _clip(interval, start, end, now)
+            if span is not None:
+                seconds += (span[1] - span[0]).total_seconds()
+    if seconds <= 0:
+        return 0.0
+    joules = sum(
+        part.joules
+        for part in await ledger.energy_totals([start, end], gpu_index=gpu)
+        if part.pool_state.upper() in BASELINE_STATES
+    )
+    return joules / seconds
+
+
 async def build_report(
     ledger: Ledger,
     config: Config,
@@ -286,6 +333,7 @@ async def build_report(
     # -- energy, its cost and carbon: summed by the store per slice and pool state (and
     # UUID, for one GPU: its intervals are found by the UUIDs its index had).
     uuids: set[str] = set()
+    rented_joules: dict[int, float] = defaultdict(float)  # GPU draw while rented, by slice
     for part in await ledger.energy_totals(slices.cuts, gpu_index=gpu):
         if part.gpu_uuid is not None:
             uuids.add(part.gpu_uuid)
@@ -293,6 +341,8 @@ async def build_report(
         drawn_in = bucket_of(part.pool_state) or "local"
         kwh = (part.joules + part.overhead_joules) / JOULES_PER_KWH
         acc.energy[drawn_in] += kwh
+        if drawn_in == "rented":
+            rented_joules[part.span] += part.joules
         if drawn_in in COSTED:
             rate = slices.rate[part.span]
             acc.cost += kwh * rate.price_per_kwh
@@ -322,6 +372,23 @@ async def build_report(
         if span is not None:
             for i, seconds in slices.pieces(*span):
                 accs[slices.period[i]].hours[bucket] += seconds
+
+    # -- extra energy: the GPUs' draw while rented above their idle baseline
+    pool_intervals = own if gpu is None else await ledger.state_intervals(
+        day0, day_end, scope="pool"
+    )
+    baseline_w = await idle_baseline_watts(ledger, min(since, end - BASELINE_WINDOW), end,
+                                           now, gpu)  # fmt: skip
+    rented_s: dict[int, float] = defaultdict(float)  # the pool's seconds rented, by slice
+    for interval in pool_intervals:
+        if bucket_of(interval.state) == "rented" and (
+            span := _clip(interval, since, end, now)
+        ) is not None:
+            for i, seconds in slices.pieces(*span):
+                rented_s[i] += seconds
+    for i in set(rented_joules) | set(rented_s):
+        extra_kwh = max(0.0, rented_joules[i] - baseline_w * rented_s[i]) / JOULES_PER_KWH
+        accs[slices.period[i]].extra_cost += extra_kwh * slices.rate[i].price_per_kwh
 
     # -- rented GPU-hours, per slice and GPU, and per whole UTC day for sharing earnings.
     all_gpus = {i.subject for i in gpu_intervals}

@@ -23,6 +23,8 @@ CSV_HEADER = [
     *(f"energy_kwh_{b}" for b in BUCKETS),
     "energy_cost",
     "net",
+    "extra_energy_cost",
+    "extra_net",
     "co2_kg",
     "held_requests",
     "rejected_requests",
@@ -58,6 +60,8 @@ def to_csv_text(report: Report) -> str:
                 *(data["energy_kwh"][b] for b in BUCKETS),
                 data["energy_cost"],
                 data["net"],
+                data["extra_energy_cost"],
+                data["extra_net"],
                 data["co2_kg"],
                 data["held_requests"],
                 data["rejected_requests"],
@@ -92,6 +96,8 @@ def _columns(report: Report) -> tuple[list[Column], list[Column]]:
         ("cost", cur, lambda r: f"{r.energy_cost:.2f}"),
         ("earned", cur, _earned),
         ("net", cur, lambda r: f"{round(r.net, 2) + 0.0:.2f}"),  # + 0.0: never "-0.00"
+        ("extra", "cost", lambda r: f"{r.extra_energy_cost:.2f}"),
+        ("extra", "net", lambda r: f"{round(r.extra_net, 2) + 0.0:.2f}"),
         ("CO2", "kg", lambda r: f"{r.co2_kg:.2f}"),
     ]
     return [*hours, *requests], [*energy, *money]
@@ -139,7 +145,8 @@ def to_text(report: Report, width: int = 160) -> Text:
         text.append(lines[-1] + "\n", style="bold")
     text.append(
         "\nh: hours in each state; kWh: energy drawn in each state; cost and CO2: of the "
-        "energy drawn while listed or rented; ~: estimated earnings",
+        "energy drawn while listed or rented; extra: only what renting drew above the "
+        "idle server's own draw; ~: estimated earnings",
         style="dim",
     )
     return text
