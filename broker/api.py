@@ -49,6 +49,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # arms the same timer when a connection opens): a slow or silent client is closed by then.
 KEEPALIVE_TIMEOUT_S = 15.0
 MAX_CONNECTIONS = 256
+# Why a 401: the client tells "the service has no token" from "another token" by these,
+# without the answer saying anything about the token itself.
+NO_TOKEN, WRONG_TOKEN, MISSING_TOKEN = "no_token", "wrong_token", "missing_token"
 
 
 class ApiServer:
@@ -111,13 +114,14 @@ class ApiServer:
         """401 unless the request carries the configured token."""
         expected = self._token
         if expected is None:
-            return _unauthorized(self._token_problem)
+            return _unauthorized(self._token_problem, NO_TOKEN)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given or not hmac.compare_digest(
             given.encode(), expected.encode()
         ):
-            return _unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+            why = WRONG_TOKEN if given else MISSING_TOKEN
+            return _unauthorized("a valid 'Authorization: Bearer <token>' header is required", why)
         return None
 
     @property
@@ -328,9 +332,9 @@ def dashboard_page() -> tuple[str, str]:
     return page, csp
 
 
-def _unauthorized(message: str) -> web.Response:
+def _unauthorized(message: str, reason: str) -> web.Response:
     return web.json_response(
-        {"error": message},
+        {"error": message, "reason": reason},
         status=401,
         headers={"WWW-Authenticate": 'Bearer realm="gpu-broker"'},
     )

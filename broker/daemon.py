@@ -32,6 +32,7 @@ from broker.instance_lock import InstanceLock
 from broker.ledger import Ledger, open_ledger
 from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
+from broker.preflight import GATE_HINT, gpu_index_problems, listen_addresses
 from broker.providers import Provider, create_provider
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
@@ -39,10 +40,6 @@ from broker.services import Gate, ServiceAdapter, build_adapter
 
 log = logging.getLogger(__name__)
 
-_GATE_HINT = (
-    " (if the service itself still listens there, move it, e.g. "
-    "OLLAMA_HOST=127.0.0.1:11435, and point upstream at it)"
-)
 
 
 def iso(t: datetime | None) -> str | None:
@@ -89,16 +86,7 @@ class Daemon:
     async def _start(self) -> None:
         config, clock = self.config, self._clock
         self._lock = InstanceLock.acquire(config.broker.state_dir)
-        self._reserved = reserve(
-            [
-                *(
-                    (f"services[{i}].gate_listen", s.gate_listen, _GATE_HINT)
-                    for i, s in enumerate(config.services)
-                    if s.gate_listen is not None
-                ),
-                ("broker.api_listen", config.broker.api_listen, ""),
-            ]
-        )
+        self._reserved = reserve(listen_addresses(config))
         self.ledger = ledger = await open_ledger(config.broker, self._host)
         backend = await create_backend(config.gpus, clock)
         idle = IdleDetector.from_config(config.gpus)
@@ -110,6 +98,9 @@ class Daemon:
             idle=idle,
         )
         devices = await sampler.start()
+        missing = gpu_index_problems(config, (d.index for d in devices))
+        if missing:  # `check` says the same; a gate would wait for GPUs that never free
+            raise BrokerError("; ".join(missing))
         energy = EnergyAccountant(
             devices, clock, ledger=ledger, overhead_watts=config.energy.overhead_watts
         )
@@ -152,7 +143,7 @@ class Daemon:
                 why = "the address is in use" if err.errno == errno.EADDRINUSE else err.strerror
                 raise BrokerError(
                     f"{key}: cannot listen on {config.services[index].gate_listen}: {why}"
-                    + _GATE_HINT
+                    + GATE_HINT
                 ) from None
             self._reserved.release(key)
         self.api = ApiServer(self, config.broker)

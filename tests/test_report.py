@@ -538,19 +538,36 @@ def test_weeks_start_on_monday_and_months_are_calendar_months(tmp_path: Path) ->
     assert months["totals"]["energy_kwh"]["local"] == pytest.approx(5.4)  # 108 h x 50 W
 
 
-def test_default_ranges_count_the_current_period(tmp_path: Path) -> None:
+def test_default_ranges_start_at_the_ledgers_first_record(tmp_path: Path) -> None:
+    # The ledger begins on 11-28: the default 7 days, 8 weeks or 12 months are not padded
+    # with empty periods from before it existed.
     config = write_config(tmp_path)
     asyncio.run(_late_november(config))
     now = local(12, 2, 12)
     days = report_json(config, now)
     assert [r["period"] for r in days["rows"]] == [
-        f"2026-{d}" for d in ("11-26", "11-27", "11-28", "11-29", "11-30", "12-01", "12-02")
+        f"2026-{d}" for d in ("11-28", "11-29", "11-30", "12-01", "12-02")
     ]
+    assert days["from"] == "2026-11-28T00:00:00+01:00"
     weeks = report_json(config, now, "--by", "week")
-    assert [r["period"] for r in weeks["rows"]] == [f"2026-W{w}" for w in range(42, 50)]
-    assert weeks["from"] == "2026-10-12T00:00:00+02:00"  # Monday of week 42, summer time
+    assert [r["period"] for r in weeks["rows"]] == ["2026-W48", "2026-W49"]
     months = report_json(config, now, "--by", "month")
-    assert [r["period"] for r in months["rows"]] == [f"2026-{m:02d}" for m in range(1, 13)]
+    assert [r["period"] for r in months["rows"]] == ["2026-11", "2026-12"]
+    # An explicit --since still reaches back as far as asked.
+    asked = report_json(config, now, "--since", "2026-11-26")
+    assert asked["rows"][0]["period"] == "2026-11-26"
+
+
+def test_report_for_a_gpu_never_seen_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    asyncio.run(_late_november(config))
+    code = main(["report", "-c", str(config), "--gpu", "7"], clock=FakeClock(local(12, 2, 12)))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "never seen GPU 7" in err and "GPUs recorded: 0" in err
+    assert main(["report", "-c", str(config), "--gpu", "0"], clock=FakeClock(local(12, 2, 12))) == 0
 
 
 # -- the library, as the dashboard calls it ---------------------------------------------------
