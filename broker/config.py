@@ -388,9 +388,9 @@ class ServiceSection(_Model):
     @field_validator("drain")
     @classmethod
     def _drain_kind(cls, value: str) -> str:
-        if value in ("api", "command") or _SYSTEMD_UNIT.fullmatch(value):
+        if value in ("api", "command", "none") or _SYSTEMD_UNIT.fullmatch(value):
             return value
-        raise ValueError(f'expected "api", "systemd:UNIT" or "command", got "{value}"')
+        raise ValueError(f'expected "api", "systemd:UNIT", "command" or "none", got "{value}"')
 
     @model_validator(mode="after")
     def _commands_for_command_drain(self) -> ServiceSection:
