@@ -671,3 +671,53 @@ def test_a_narrow_terminal_gets_two_tables_with_the_same_figures(two_nights: Pat
         ["total", "42.00", "0.00", "2.00", "4.00", "5.50", "2", "1"],
         ["total", "4.20", "0.00", "0.20", "1.94", "0.52", "~4.00", "3.48", "0.74"],
     ]
+
+
+# -- a short run reads in units that show it -----------------------------------------------
+
+
+async def _short_run(config_path: Path) -> None:
+    # A quick-demo afternoon: 3 min local, 5 min listed, 12 min rented, 2 GPUs at 22 W
+    # each plus 60 W of host overhead while listed or rented.
+    config = load_config(config_path)
+    ledger = await open_ledger(config.broker)
+    t0 = local(12, 2, 14)
+    states = [("LOCAL", 0), ("LISTED", 3), ("RENTED", 8)]
+    try:
+        for state, minute in states:
+            at = t0 + timedelta(minutes=minute)
+            await ledger.record_state("pool", "machine", state, at)
+            for uuid in ("GPU-a", "GPU-b"):
+                await ledger.record_state("gpu", uuid, state, at)
+        draws = [
+            Draw(uuid, i, state, t0 + timedelta(minutes=a), t0 + timedelta(minutes=b), 22,
+                 0 if state == "LOCAL" else 30)
+            for uuid, i in (("GPU-a", 0), ("GPU-b", 1))
+            for state, a, b in (("LOCAL", 0, 3), ("LISTED", 3, 8), ("RENTED", 8, 20))
+        ]  # fmt: skip
+        await write_energy(ledger, draws)
+    finally:
+        await ledger.close()
+
+
+def test_a_short_run_is_shown_in_minutes_and_wh_not_rounded_to_zeros(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    asyncio.run(_short_run(config))
+    now = local(12, 2, 14, 20)
+    assert main(["report", "-c", str(config)], FakeClock(now)) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    [day] = [cells for cells in lines if cells[:1] == ["2026-12-02"]]
+    # One row only: the ledger began today, so no empty days before it.
+    assert not [cells for cells in lines if cells[:1] and cells[0].startswith("2026-11")]
+    header = next(cells for cells in lines if "GPU-min" in cells)
+    assert header.count("min") == 4 and header.count("Wh") == 4, header
+    # minutes local 3, idle 0, listed 5, rented 12; rented GPU-min 24
+    assert day[1:6] == ["3.0", "0.0", "5.0", "12.0", "24.0"], day
+    # Wh: local 2 x 22 W x 3 min = 2.2; listed (44 + 60) W x 5 min = 8.7; rented 20.8
+    assert day[6:10] == ["2.2", "0.0", "8.7", "20.8"], day
+    # cost (8.667 + 20.8) Wh x 0.30 EUR = 0.00884: shown, not "0.01" or "0.00"
+    assert day[10] == "0.0088", day
+    assert "min: time in each state; Wh: energy drawn" in out
