@@ -202,6 +202,9 @@ class ApiServer:
         # Asked a moment past now: a state entered this very instant is the current one.
         until = now + timedelta(seconds=1)
         pool = await ledger.state_intervals(start, until, scope="pool", subject=POOL)
+        if pool and pool[0].start > start:
+            # The range follows the data: no blank bar for the hours before the ledger began.
+            start = pool[0].start
         per_gpu = await ledger.state_intervals(start, until, scope="gpu")
         devices = self._daemon.scheduler.sampler.devices
         by_uuid: dict[str, list[dict[str, Any]]] = {d.uuid: [] for d in devices}
@@ -242,6 +245,9 @@ class ApiServer:
         now = self._daemon.clock.now()
         first = now.astimezone(config.broker.tz).date() - timedelta(days=days - 1)
         since = datetime.combine(first, time(0), tzinfo=config.broker.tz)
+        began = await ledger.state_intervals(since, now, scope="pool", subject=POOL)
+        if began and began[0].start > since:
+            since = began[0].start  # no empty days from before the ledger began
         try:
             report = await build_report(ledger, config, since=since, until=now, now=now)
         except ReportError as err:
