@@ -361,6 +361,10 @@ class ServiceSection(_Model):
     # the timeouts: a request head must arrive within head_timeout (else 408), a kept-alive
     # connection may stay idle idle_timeout, a request body may stall body_timeout (408).
     allowed_hosts: list[str] = Field(default_factory=list)
+    # A refused chat request (Ollama /api/chat, /api/generate, OpenAI /v1/chat/completions)
+    # answered 200 with an assistant message saying why, for chat front ends that show a
+    # 503 as a bare error; other routes and clients keep the 503.
+    refuse_as_message: bool = False
     max_connections: int = Field(default=1024, ge=1)
     head_timeout: PositiveDuration = timedelta(seconds=10)
     idle_timeout: PositiveDuration = timedelta(seconds=75)
