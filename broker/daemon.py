@@ -32,8 +32,10 @@ from broker.instance_lock import InstanceLock
 from broker.ledger import Ledger, open_ledger
 from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
+from broker.notify import Notifier
 from broker.preflight import GATE_HINT, gpu_index_problems, listen_addresses
 from broker.providers import Provider, create_provider
+from broker.report import Report, build_report
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
 from broker.services import Gate, ServiceAdapter, build_adapter
@@ -58,6 +60,7 @@ class Daemon:
         self.gates: list[Gate] = []
         self.api: ApiServer | None = None
         self.metrics: BrokerMetrics | None = None
+        self.notifier: Notifier | None = None
         self._scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: InstanceLock | None = None
@@ -132,6 +135,15 @@ class Daemon:
         )
         self.metrics = BrokerMetrics(self, clock)
         scheduler.hooks.append(self.metrics)  # before the first step: count from the start
+        if config.notify:
+
+            async def day_report(start: datetime, end: datetime) -> Report:
+                return await build_report(ledger, self.config, since=start, until=end,
+                                          now=clock.now())  # fmt: skip
+
+            self.notifier = Notifier(config, clock, report=day_report)
+            scheduler.hooks.append(self.notifier)
+            self.notifier.start()
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:
@@ -196,6 +208,9 @@ class Daemon:
                 log.error("clean shutdown incomplete: %s", err)
                 self.stop_problems.append(f"clean shutdown incomplete: {err}")
             self._scheduler = None
+        if self.notifier is not None:
+            await self.notifier.aclose()
+            self.notifier = None
         for adapter in self.adapters:
             await adapter.aclose()
         if self.provider is not None:
