@@ -74,13 +74,13 @@ async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> N
     async with aiohttp.ClientSession() as session:
         for _ in range(240):  # a process starting up: poll, bounded at 120 s
             if proc.poll() is not None:
-                raise AssertionError("Open WebUI exited:\n" + log.read_text()[-3000:])
+                raise AssertionError("Open WebUI exited:\n" + _tail(log))
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(url + "/health") as r:
                     if r.status == 200:
                         return
             await asyncio.sleep(0.5)
-    raise AssertionError("Open WebUI did not start:\n" + log.read_text()[-3000:])
+    raise AssertionError("Open WebUI did not start:\n" + _tail(log))
 
 
 @pytest.fixture
@@ -104,12 +104,7 @@ async def _start(tmp_path: Path, gate_url: str) -> tuple[subprocess.Popen[bytes]
         "RAG_EMBEDDING_MODEL_AUTO_UPDATE": "False",
         "ENABLE_VERSION_UPDATE_CHECK": "False",
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [BIN, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = _spawn([BIN, "serve", "--host", "127.0.0.1", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_healthy(url, proc, log)
@@ -117,6 +112,16 @@ async def _start(tmp_path: Path, gate_url: str) -> tuple[subprocess.Popen[bytes]
         _stop(proc)
         raise
     return proc, url, log
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=log.parent, start_new_session=True)  # fmt: skip
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
