@@ -330,7 +330,9 @@ def cmd_check(
         calendar = Calendar.from_config(config.windows, tz)
         now = clock.now()
         current = calendar.current(now)
-        if current:
+        if current and current.open_ended:
+            out.print("ok   windows: open now, and always open")
+        elif current:
             out.print(f"ok   windows: open now, until {local_time(current.end, tz)}")
         else:
             upcoming = calendar.openings(now, 1)
@@ -442,8 +444,12 @@ async def _check_gpus_and_services(
                       markup=False)  # fmt: skip
         else:
             # Not fatal: a stopped service holds no GPU, and the broker waits for it.
+            # aiohttp's "Cannot connect to host ... ssl:default [Connect call failed ...]"
+            # means one thing to a user: nothing answers there.
+            detail = ("nothing listens there" if "Cannot connect to host" in probe.detail
+                      else probe.detail)  # fmt: skip
             warnings.append(f"services[{index}].upstream: {section.name} is not reachable at "
-                            f"{section.upstream} ({probe.detail})")  # fmt: skip
+                            f"{section.upstream} ({detail})")  # fmt: skip
     return problems, warnings
 
 

@@ -243,3 +243,16 @@ def test_check_says_a_service_already_runs_on_the_state_dir(
     assert main(["check", "-c", str(config)], clock=FakeClock(T0)) == 0
     again = capsys.readouterr().out
     assert "already runs" not in again and "ok   listening addresses free" in again
+
+
+def test_check_of_an_always_open_window_and_a_stopped_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _service_config(tmp_path, free_port(), free_port())
+    with config.open("a") as f:
+        f.write('[[windows]]\ncron = "0 0 * * *"\nduration = "24h"\n')
+    assert main(["check", "-c", str(config)], clock=FakeClock(T0)) == 0
+    out = capsys.readouterr().out
+    assert "ok   windows: open now, and always open" in out
+    assert "is not reachable at http://127.0.0.1:" in out and "(nothing listens there)" in out
+    assert "ssl:default" not in out
