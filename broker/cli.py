@@ -446,8 +446,9 @@ async def _check_gpus_and_services(
             # Not fatal: a stopped service holds no GPU, and the broker waits for it.
             # aiohttp's "Cannot connect to host ... ssl:default [Connect call failed ...]"
             # means one thing to a user: nothing answers there.
-            detail = ("nothing listens there" if "Cannot connect to host" in probe.detail
-                      else probe.detail)  # fmt: skip
+            detail = probe.detail or "no answer"
+            if "Cannot connect to host" in detail:
+                detail = "nothing listens there"
             warnings.append(f"services[{index}].upstream: {section.name} is not reachable at "
                             f"{section.upstream} ({detail})")  # fmt: skip
     return problems, warnings
