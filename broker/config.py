@@ -333,6 +333,9 @@ class GpusSection(_Model):
         default_factory=lambda: [FakeGpu(), FakeGpu()],
         description="GPUs simulated when backend is fake (or auto without a driver)",
     )
+    # Simulated GPUs a renter holds (per the marketplace) show this utilisation, so a demo's
+    # dashboard shows a rented GPU at work; 0 leaves them as their timeline says.
+    fake_renter_load_pct: float = Field(default=0, ge=0, le=100)
 
 
 _SYSTEMD_UNIT = re.compile(r"systemd:[A-Za-z0-9:_.@\\-]+")

@@ -26,6 +26,7 @@ from broker.config import Config
 from broker.errors import BrokerError
 from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
+from broker.gpu.fake import FakeBackend
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
 from broker.instance_lock import InstanceLock
@@ -165,10 +166,29 @@ class Daemon:
             asyncio.create_task(sampler.run(), name="gpu-sampler"),
             asyncio.create_task(scheduler.run(), name="scheduler"),
         ]
+        if isinstance(backend, FakeBackend) and config.gpus.fake_renter_load_pct > 0:
+            renters = self._simulate_renter_load(backend, scheduler)
+            self._tasks.append(asyncio.create_task(renters, name="fake-renter-load"))
         log.info(
             "gpu-broker %s running: pool %s, %s provider, API on %s",
             __version__, scheduler.state.value, provider.kind, self.api.url,
         )  # fmt: skip
+
+    async def _simulate_renter_load(self, backend: FakeBackend, scheduler: Scheduler) -> None:
+        """Simulated GPUs the marketplace shows a renter on work at `fake_renter_load_pct`,
+        so a demo's status and dashboard show a rented GPU at work, not idle at 22 W. Only
+        GPUs the marketplace itself shows occupied: attribution then counts the load as the
+        renter's, never as local demand."""
+        interval = self.config.broker.sample_interval.total_seconds()
+        while True:
+            status = scheduler.market.status
+            occupancy = status.gpu_occupancy if status is not None else ()
+            load = self.config.gpus.fake_renter_load_pct
+            for device in await backend.devices():
+                i = device.index
+                held = i < len(occupancy) and occupancy[i] not in ("free", "unknown")
+                backend.set_renter_load(i, load if held else None)
+            await self._clock.sleep(interval)
 
     def _service_index(self, name: str) -> int:
         return next(i for i, s in enumerate(self.config.services) if s.name == name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker.clock import Clock
 from broker.config import FakeGpu
@@ -80,6 +80,26 @@ class _Script:
             self.cumulative.append(self.cumulative[-1] + prev.power_w * (nxt.start - prev.start))
         self.lost_at = spec.lost_at.total_seconds() if spec.lost_at is not None else math.inf
         self.resets = sorted(r.total_seconds() for r in spec.energy_resets_at)
+        self.base = self.segments[-1]  # what the GPU shows once its timeline has run out
+        self.load: float | None = None
+
+    def set_load(self, t: float, util: float | None) -> bool:
+        """From `t` on, show `util` % (a renter's work), or the timeline's last values again
+        (None). Only past the scripted timeline, so energy stays exact; False if refused."""
+        if t < self.segments[-1].start or util == self.load:
+            return False
+        base = self.base
+        if util is None:
+            seg = replace(base, start=t)
+        else:
+            memory = max(base.memory_used_mb, self.spec.memory_mb * min(0.9, util / 100.0))
+            seg = _Segment(t, util, memory, self._watts(util), None, ())
+        last = self.segments[-1]
+        self.cumulative.append(self.cumulative[-1] + last.power_w * (t - last.start))
+        self.segments.append(seg)
+        self.starts.append(t)
+        self.load = util
+        return True
 
     def _watts(self, util: float) -> float:
         spec = self.spec
@@ -129,6 +149,10 @@ class FakeBackend:
     def elapsed(self) -> float:
         """Seconds since the backend was built: the time the timelines are written in."""
         return self._clock.monotonic() - self._t0
+
+    def set_renter_load(self, index: int, util: float | None) -> bool:
+        """GPU `index` shows a renter's `util` % from now (None: back to idle)."""
+        return self._scripts[index].set_load(self.elapsed(), util)
 
     def true_energy_j(self, index: int, start: float = 0.0, end: float | None = None) -> float:
         """Exact joules GPU `index` drew between two `elapsed()` times (default: until now)."""
