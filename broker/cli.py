@@ -371,6 +371,7 @@ def cmd_check(
     problems.extend(gpu_problems)
     warnings.extend(service_warnings)
     problems.extend(_check_instance_and_ports(config, out))
+    problems.extend(_check_notify(config, out))
 
     for warning in warnings:
         out.print(f"warn {warning}", markup=False)
@@ -470,6 +471,29 @@ def _check_instance_and_ports(config: Config, out: Console) -> list[str]:
     if not problems:
         shown = ", ".join(listen for _, listen, _ in addresses)
         out.print(f"ok   listening addresses free: {shown}", markup=False)
+    return problems
+
+
+def _check_notify(config: Config, out: Console) -> list[str]:
+    """Each [[notify]] URL can be read and is one apprise knows (nothing is sent)."""
+    if not config.notify:
+        return []
+    from broker.notify import url_problem
+
+    problems: list[str] = []
+    for index, section in enumerate(config.notify):
+        try:
+            url = section.resolved_url()
+        except ConfigError as error:
+            problems.extend(p.replace("notify.url", f"notify[{index}].url") for p in error.problems)
+            continue
+        problem = url_problem(url)
+        if problem:
+            problems.append(f"notify[{index}].url: {problem}")
+        else:
+            scheme = url.split("://", 1)[0]
+            out.print(f"ok   notify[{index}]: {scheme}:// channel, events "
+                      f"{', '.join(section.events)}", markup=False)  # fmt: skip
     return problems
 
 

@@ -56,6 +56,17 @@ async def apprise_send(url: str, title: str, body: str) -> bool:
     return await asyncio.to_thread(send)
 
 
+def url_problem(url: str) -> str | None:
+    """Why apprise cannot use `url` (None: it can). Sends nothing; the URL is not shown,
+    as it may hold a token."""
+    import apprise
+
+    if apprise.Apprise().add(url):
+        return None
+    scheme = url.split("://", 1)[0]
+    return f"apprise does not understand this {scheme}:// URL (see its wiki for the form)"
+
+
 def _event_of(state: PoolState, before: PoolState) -> NotifyEvent | None:
     if state is PoolState.LISTED and before is not PoolState.RENTED:
         return "listed"

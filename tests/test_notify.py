@@ -276,3 +276,23 @@ def test_notify_config_errors_name_their_keys(tmp_path: Path) -> None:
     assert "notify[1].min_intervl: unknown key (did you mean 'min_interval'?)" in text
 
 
+
+
+def test_check_reads_every_notify_url_and_asks_apprise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.cli import main
+
+    monkeypatch.delenv("NOTIFY_UNSET_T", raising=False)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[[notify]]\nurl = "json://127.0.0.1:9/hook"\nevents = ["rented"]\n'
+        '[[notify]]\nurl_env = "NOTIFY_UNSET_T"\n'
+        '[[notify]]\nurl = "nosuchservice://x"\n'
+    )
+    assert main(["check", "-c", str(path)], clock=FakeClock()) == 2
+    out = capsys.readouterr().out
+    assert "ok   notify[0]: json:// channel, events rented" in out
+    assert "FAIL notify[1].url_env: environment variable NOTIFY_UNSET_T is not set" in out
+    assert "FAIL notify[2].url: apprise does not understand this nosuchservice:// URL" in out
