@@ -44,7 +44,7 @@ from broker.report.extent import read_extent
 from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
-from broker.units import describe_duration, format_duration
+from broker.units import describe_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -226,7 +226,7 @@ def cmd_windows(
             table.add_row(
                 local_time(interval.start, tz),
                 closes,
-                ("> " if interval.open_ended else "") + format_duration(interval.duration),
+                ("> " if interval.open_ended else "") + describe_duration(interval.duration),
                 "open now" if is_now else "",
             )
         out.print(table)
