@@ -49,6 +49,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # arms the same timer when a connection opens): a slow or silent client is closed by then.
 KEEPALIVE_TIMEOUT_S = 15.0
 MAX_CONNECTIONS = 256
+# Why a 401: the client tells "the service has no token" from "another token" by these,
+# without the answer saying anything about the token itself.
+NO_TOKEN, WRONG_TOKEN, MISSING_TOKEN = "no_token", "wrong_token", "missing_token"
 
 
 class ApiServer:
@@ -111,13 +114,14 @@ class ApiServer:
         """401 unless the request carries the configured token."""
         expected = self._token
         if expected is None:
-            return _unauthorized(self._token_problem)
+            return _unauthorized(self._token_problem, NO_TOKEN)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given or not hmac.compare_digest(
             given.encode(), expected.encode()
         ):
-            return _unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+            why = WRONG_TOKEN if given else MISSING_TOKEN
+            return _unauthorized("a valid 'Authorization: Bearer <token>' header is required", why)
         return None
 
     @property
@@ -198,6 +202,9 @@ class ApiServer:
         # Asked a moment past now: a state entered this very instant is the current one.
         until = now + timedelta(seconds=1)
         pool = await ledger.state_intervals(start, until, scope="pool", subject=POOL)
+        if pool and pool[0].start > start:
+            # The range follows the data: no blank bar for the hours before the ledger began.
+            start = pool[0].start
         per_gpu = await ledger.state_intervals(start, until, scope="gpu")
         devices = self._daemon.scheduler.sampler.devices
         by_uuid: dict[str, list[dict[str, Any]]] = {d.uuid: [] for d in devices}
@@ -238,6 +245,9 @@ class ApiServer:
         now = self._daemon.clock.now()
         first = now.astimezone(config.broker.tz).date() - timedelta(days=days - 1)
         since = datetime.combine(first, time(0), tzinfo=config.broker.tz)
+        began = await ledger.state_intervals(since, now, scope="pool", subject=POOL)
+        if began and began[0].start > since:
+            since = began[0].start  # no empty days from before the ledger began
         try:
             report = await build_report(ledger, config, since=since, until=now, now=now)
         except ReportError as err:
@@ -328,9 +338,9 @@ def dashboard_page() -> tuple[str, str]:
     return page, csp
 
 
-def _unauthorized(message: str) -> web.Response:
+def _unauthorized(message: str, reason: str) -> web.Response:
     return web.json_response(
-        {"error": message},
+        {"error": message, "reason": reason},
         status=401,
         headers={"WWW-Authenticate": 'Bearer realm="gpu-broker"'},
     )

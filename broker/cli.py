@@ -9,9 +9,10 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from rich.console import Console
@@ -24,6 +25,12 @@ from broker.config import Config, find_config, load_config
 from broker.errors import BrokerError, ConfigError, ProviderError
 from broker.ledger import ledger_path, open_ledger
 from broker.ledger.sqlite import SCHEMA_VERSION
+from broker.preflight import (
+    gpu_index_problems,
+    listen_addresses,
+    listen_problems,
+    running_instance,
+)
 from broker.providers import create_provider
 from broker.report import (
     BY_CHOICES,
@@ -33,10 +40,11 @@ from broker.report import (
     parse_when,
     resolve_when,
 )
+from broker.report.extent import read_extent
 from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
-from broker.units import format_duration
+from broker.units import describe_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -45,7 +53,8 @@ def main(argv: Sequence[str] | None = None, clock: Clock | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        format=log_format(sys.stderr, os.environ),
+        datefmt="%Y-%m-%d %H:%M:%S",
     )
     # Piped output gets a wide console so a table row stays one line for grep and scripts.
     out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -66,6 +75,16 @@ def main(argv: Sequence[str] | None = None, clock: Clock | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+
+
+def log_format(stream: TextIO, environ: Mapping[str, str]) -> str:
+    """Timestamps for a person at a terminal; none under journald (JOURNAL_STREAM set),
+    which stamps every line itself, or into a pipe whose reader does."""
+    plain = "%(levelname)s %(name)s: %(message)s"
+    if environ.get("JOURNAL_STREAM"):
+        return plain
+    isatty = getattr(stream, "isatty", None)
+    return "%(asctime)s " + plain if isatty is not None and isatty() else plain
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,7 +226,7 @@ def cmd_windows(
             table.add_row(
                 local_time(interval.start, tz),
                 closes,
-                ("> " if interval.open_ended else "") + format_duration(interval.duration),
+                ("> " if interval.open_ended else "") + describe_duration(interval.duration),
                 "open now" if is_now else "",
             )
         out.print(table)
@@ -243,15 +262,6 @@ def cmd_report(
     tz = config.broker.tz
     now = clock.now()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    since = resolve_when(args.since, tz) if args.since else default_since(now, args.by, tz)
-    until = resolve_when(args.until, tz, end=True) if args.until else now
-    if since >= min(until, now):
-        limit = f"--until ({local_time(until, tz)})" if until < now else "now"
-        err.print(
-            f"gpu-broker report: --since ({local_time(since, tz)}) must be before {limit}",
-            markup=False,
-        )
-        return EXIT_USAGE
     ledger_file = ledger_path(config.broker)
     if not ledger_file.exists():
         err.print(
@@ -260,6 +270,30 @@ def cmd_report(
             markup=False,
         )
         return EXIT_FAILURE
+    try:
+        extent = read_extent(ledger_file)
+    except sqlite3.Error as error:
+        err.print(f"gpu-broker report: cannot read the ledger {ledger_file}: {error}")
+        return EXIT_FAILURE
+    if args.gpu is not None and args.gpu not in extent.gpu_indices:
+        seen = ", ".join(str(i) for i in sorted(extent.gpu_indices)) or "none yet"
+        err.print(
+            f"gpu-broker report: --gpu {args.gpu}: the ledger has never seen GPU {args.gpu} "
+            f"(GPUs recorded: {seen})",
+            markup=False,
+        )
+        return EXIT_USAGE
+    since = resolve_when(args.since, tz) if args.since else default_since(now, args.by, tz)
+    if not args.since and extent.first is not None:
+        since = max(since, extent.first)  # no empty periods from before the ledger existed
+    until = resolve_when(args.until, tz, end=True) if args.until else now
+    if since >= min(until, now):
+        limit = f"--until ({local_time(until, tz)})" if until < now else "now"
+        err.print(
+            f"gpu-broker report: --since ({local_time(since, tz)}) must be before {limit}",
+            markup=False,
+        )
+        return EXIT_USAGE
 
     async def build() -> Report:
         # Read-only in effect: WAL lets this read while the service writes.
@@ -296,7 +330,9 @@ def cmd_check(
         calendar = Calendar.from_config(config.windows, tz)
         now = clock.now()
         current = calendar.current(now)
-        if current:
+        if current and current.open_ended:
+            out.print("ok   windows: open now, and always open")
+        elif current:
             out.print(f"ok   windows: open now, until {local_time(current.end, tz)}")
         else:
             upcoming = calendar.openings(now, 1)
@@ -334,6 +370,8 @@ def cmd_check(
     gpu_problems, service_warnings = asyncio.run(_check_gpus_and_services(config, clock, out))
     problems.extend(gpu_problems)
     warnings.extend(service_warnings)
+    problems.extend(_check_instance_and_ports(config, out))
+    problems.extend(_check_notify(config, out))
 
     for warning in warnings:
         out.print(f"warn {warning}", markup=False)
@@ -390,6 +428,7 @@ async def _check_gpus_and_services(
             devices = await backend.devices()
             names = ", ".join(f"{d.index}: {d.name}" for d in devices) or "none"
             out.print(f"ok   gpus ({backend.kind}): {names}", markup=False)
+            problems.extend(gpu_index_problems(config, (d.index for d in devices)))
             if backend.kind == "fake" and config.gpus.backend != "fake":
                 warnings.append("gpus: no NVIDIA driver answered; the service would run on "
                                 "simulated GPUs")  # fmt: skip
@@ -406,9 +445,56 @@ async def _check_gpus_and_services(
                       markup=False)  # fmt: skip
         else:
             # Not fatal: a stopped service holds no GPU, and the broker waits for it.
+            # aiohttp's "Cannot connect to host ... ssl:default [Connect call failed ...]"
+            # means one thing to a user: nothing answers there.
+            detail = probe.detail or "no answer"
+            if "Cannot connect to host" in detail:
+                detail = "nothing listens there"
             warnings.append(f"services[{index}].upstream: {section.name} is not reachable at "
-                            f"{section.upstream} ({probe.detail})")  # fmt: skip
+                            f"{section.upstream} ({detail})")  # fmt: skip
     return problems, warnings
+
+
+def _check_instance_and_ports(config: Config, out: Console) -> list[str]:
+    """A running broker owns its ports, so they are probed only when none runs."""
+    who = running_instance(config.broker.state_dir)
+    if who is not None:
+        out.print(
+            f"note a gpu-broker ({who}) already runs on {config.broker.state_dir}: "
+            "`gpu-broker status` asks it; a second `run` on this state_dir would refuse "
+            "to start, so its listening addresses were not probed",
+            markup=False,
+        )
+        return []
+    addresses = listen_addresses(config)
+    problems = listen_problems(addresses)
+    if not problems:
+        shown = ", ".join(listen for _, listen, _ in addresses)
+        out.print(f"ok   listening addresses free: {shown}", markup=False)
+    return problems
+
+
+def _check_notify(config: Config, out: Console) -> list[str]:
+    """Each [[notify]] URL can be read and is one apprise knows (nothing is sent)."""
+    if not config.notify:
+        return []
+    from broker.notify import url_problem
+
+    problems: list[str] = []
+    for index, section in enumerate(config.notify):
+        try:
+            url = section.resolved_url()
+        except ConfigError as error:
+            problems.extend(p.replace("notify.url", f"notify[{index}].url") for p in error.problems)
+            continue
+        problem = url_problem(url)
+        if problem:
+            problems.append(f"notify[{index}].url: {problem}")
+        else:
+            scheme = url.split("://", 1)[0]
+            out.print(f"ok   notify[{index}]: {scheme}:// channel, events "
+                      f"{', '.join(section.events)}", markup=False)  # fmt: skip
+    return problems
 
 
 def _check_ledger(config: Config, out: Console) -> list[str]:
@@ -496,18 +582,39 @@ def cmd_run(
 def cmd_status(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
-    status = asyncio.run(ServiceClient(config.broker).status())
+    status = asyncio.run(ServiceClient(config.broker, path).status())
     if args.json:
         out.print_json(data=status)
     else:
-        show_status(status, config.broker.tz, out)
+        show_status(status, config.broker.tz, out, window=window_line(config, clock.now()))
     return EXIT_OK
+
+
+def window_line(config: Config, now: datetime) -> str:
+    """When renting is allowed, from the config's calendar: open until when, or when the
+    next window opens (what a user at a LOCAL pool wants to know)."""
+    if not config.windows:
+        return "no [[windows]] configured: this machine is never listed"
+    tz = config.broker.tz
+    calendar = Calendar.from_config(config.windows, tz)
+    current = calendar.current(now)
+    if current is not None:
+        if current.open_ended:
+            return "window: always open"
+        left = describe_duration(current.end - now)
+        return f"window: open until {local_time(current.end, tz)} ({left} left)"
+    upcoming = calendar.openings(now, 1)
+    if not upcoming:
+        return "window: closed, none opens within a month"
+    start = upcoming[0].start
+    when = f"{local_time(start, tz)} (in {describe_duration(start - now)})"
+    return f"window: closed, next opens {when}"
 
 
 def cmd_control(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
-    answer = asyncio.run(ServiceClient(config.broker).post(args.route))
+    answer = asyncio.run(ServiceClient(config.broker, path).post(args.route))
     out.print(str(answer.get("message", "done")), markup=False)
     state = answer.get("state")
     if state:

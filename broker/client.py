@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -10,6 +11,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from broker.api import NO_TOKEN, WRONG_TOKEN
 from broker.config import BrokerSection
 from broker.errors import BrokerError
 from broker.units import parse_hostport
@@ -18,8 +20,9 @@ _TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 class ServiceClient:
-    def __init__(self, broker: BrokerSection) -> None:
+    def __init__(self, broker: BrokerSection, config_path: Path | None = None) -> None:
         self._broker = broker
+        self._config_path = config_path
         host, port = parse_hostport(broker.api_listen)
         # A service listening on every address is reached on loopback.
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -57,15 +60,44 @@ class ServiceClient:
                     body = None
                 if not isinstance(body, dict):
                     raise BrokerError(f"{url}: HTTP {response.status}, not a gpu-broker answer")
+                if response.status == 401:
+                    raise BrokerError(self._unauthorized(body))
                 if response.status >= 400:
                     raise BrokerError(f"{url}: {body.get('error', f'HTTP {response.status}')}")
                 return body
-        except aiohttp.ClientConnectionError as err:
+        except aiohttp.ClientConnectionError:
+            # aiohttp's own text ("Cannot connect to host ... ssl:default [Connect call
+            # failed ...]") says nothing a user can act on: say how to start it instead.
+            config = f" -c {self._config_path}" if self._config_path else ""
             raise BrokerError(
-                f"gpu-broker is not running at {self.base} (broker.api_listen): {err}"
+                f"gpu-broker is not running at {self.base} (broker.api_listen). Start it with "
+                f"`gpu-broker run{config}`, or `sudo systemctl start gpu-broker` where it is "
+                "installed as a service"
             ) from None
         except TimeoutError:
             raise BrokerError(f"gpu-broker at {self.base} did not answer in time") from None
+
+
+    def _unauthorized(self, body: dict[str, Any]) -> str:
+        """What is wrong with the token, from the 401's `reason` (never the token itself)."""
+        source = (
+            f"the file {self._broker.api_token_file}"
+            if self._broker.api_token_file is not None
+            else f"the environment variable {self._broker.api_token_env}"
+        )
+        reason = body.get("reason")
+        if reason == NO_TOKEN:
+            return (
+                f"the running gpu-broker at {self.base} has no API token, so it refuses every "
+                f"control request ({body.get('error')}). Set {source} for the service too "
+                "and restart it (or send it SIGHUP after setting a token file)"
+            )
+        if reason == WRONG_TOKEN:
+            return (
+                f"the running gpu-broker at {self.base} has another API token than the one "
+                f"in {source}: give this command the same token the service was started with"
+            )
+        return f"{self.base}: {body.get('error', 'HTTP 401')}"
 
 
 def _when(value: object, tz: ZoneInfo) -> str:
@@ -84,12 +116,16 @@ def _num(value: object, unit: str = "", digits: int = 0) -> str:
     return str(value)
 
 
-def show_status(status: dict[str, Any], tz: ZoneInfo, out: Console) -> None:
+def show_status(
+    status: dict[str, Any], tz: ZoneInfo, out: Console, window: str | None = None
+) -> None:
     for pool in status.get("pools", []):
         out.print(
             f"Pool {pool['name']}: [bold]{pool['state']}[/bold] since {_when(pool['since'], tz)}"
         )
         out.print(f"  {pool.get('reason', '')}", markup=False)
+        if window:
+            out.print(f"  {window}", markup=False)
         if pool.get("listed_until"):
             out.print(f"  offer ends {_when(pool['listed_until'], tz)}")
         if pool.get("locked_until"):

@@ -361,6 +361,10 @@ class ServiceSection(_Model):
     # the timeouts: a request head must arrive within head_timeout (else 408), a kept-alive
     # connection may stay idle idle_timeout, a request body may stall body_timeout (408).
     allowed_hosts: list[str] = Field(default_factory=list)
+    # A refused chat request (Ollama /api/chat, /api/generate, OpenAI /v1/chat/completions)
+    # answered 200 with an assistant message saying why, for chat front ends that show a
+    # 503 as a bare error; other routes and clients keep the 503.
+    refuse_as_message: bool = False
     max_connections: int = Field(default=1024, ge=1)
     head_timeout: PositiveDuration = timedelta(seconds=10)
     idle_timeout: PositiveDuration = timedelta(seconds=75)
@@ -388,9 +392,9 @@ class ServiceSection(_Model):
     @field_validator("drain")
     @classmethod
     def _drain_kind(cls, value: str) -> str:
-        if value in ("api", "command") or _SYSTEMD_UNIT.fullmatch(value):
+        if value in ("api", "command", "none") or _SYSTEMD_UNIT.fullmatch(value):
             return value
-        raise ValueError(f'expected "api", "systemd:UNIT" or "command", got "{value}"')
+        raise ValueError(f'expected "api", "systemd:UNIT", "command" or "none", got "{value}"')
 
     @model_validator(mode="after")
     def _commands_for_command_drain(self) -> ServiceSection:
@@ -443,6 +447,56 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
+NotifyEvent = Literal["listed", "rented", "reclaim", "back", "refused", "degraded", "earnings"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = (
+    "listed", "rented", "reclaim", "back", "refused", "degraded", "earnings",
+)  # fmt: skip
+
+
+class NotifySection(SecretRef):
+    """One `[[notify]]` channel: an apprise URL (ntfy://, tgram://, discord://, mailto://,
+    json://, ...), given as is (`url`) or, when it holds a token, from the environment
+    (`url_env`) or a file (`url_file`)."""
+
+    url: str | None = None
+    url_env: str | None = None
+    url_file: Path | None = None
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(NOTIFY_EVENTS))
+    # At most one message per this; what happens meanwhile is sent together after it.
+    min_interval: Duration = timedelta(minutes=1)
+    daily_at: str = "09:00"  # local time of the daily earnings line (event "earnings")
+
+    @field_validator("url")
+    @classmethod
+    def _apprise_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+", value):
+            raise ValueError(f'expected an apprise URL like "ntfy://topic", got "{value}"')
+        return value
+
+    @field_validator("daily_at")
+    @classmethod
+    def _clock_time(cls, value: str) -> str:
+        match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value)
+        if not match:
+            raise ValueError(f'expected a time of day like "09:00", got "{value}"')
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NotifySection:
+        given = [k for k in ("url", "url_env", "url_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of url, url_env and url_file")
+        return self
+
+    def resolved_url(self) -> str:
+        """The URL; `SecretError` naming the key when its variable or file is missing."""
+        if self.url is not None:
+            return self.url
+        value = self._read_secret("notify.url", self.url_env, self.url_file)
+        assert value is not None  # _one_source: one of them is set
+        return value
+
+
 # One of the registered marketplaces' sections, chosen by `kind` (statically: their base).
 if TYPE_CHECKING:
     ProviderSection = PolledProvider
@@ -458,6 +512,7 @@ class Config(_Model):
     windows: list[WindowSection] = Field(default_factory=list)
     energy: EnergySection = Field(default_factory=EnergySection)
     provider: ProviderSection = Field(default_factory=lambda: PaperProvider(kind="paper"))
+    notify: list[NotifySection] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -33,8 +33,11 @@ from broker.instance_lock import InstanceLock
 from broker.ledger import Ledger, open_ledger
 from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
+from broker.notify import Notifier
+from broker.preflight import GATE_HINT, gpu_index_problems, listen_addresses
 from broker.providers import Provider, create_provider
 from broker.providers.paper import PaperMarket
+from broker.report import Report, build_report
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
 from broker.services import Gate, ServiceAdapter, build_adapter
@@ -42,10 +45,6 @@ from broker.services.demand import DemandBuffer, DemandWriter
 
 log = logging.getLogger(__name__)
 
-_GATE_HINT = (
-    " (if the service itself still listens there, move it, e.g. "
-    "OLLAMA_HOST=127.0.0.1:11435, and point upstream at it)"
-)
 
 
 def iso(t: datetime | None) -> str | None:
@@ -64,6 +63,7 @@ class Daemon:
         self.gates: list[Gate] = []
         self.api: ApiServer | None = None
         self.metrics: BrokerMetrics | None = None
+        self.notifier: Notifier | None = None
         self._scheduler: Scheduler | None = None
         self.demand: DemandWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,16 +93,7 @@ class Daemon:
     async def _start(self) -> None:
         config, clock = self.config, self._clock
         self._lock = InstanceLock.acquire(config.broker.state_dir)
-        self._reserved = reserve(
-            [
-                *(
-                    (f"services[{i}].gate_listen", s.gate_listen, _GATE_HINT)
-                    for i, s in enumerate(config.services)
-                    if s.gate_listen is not None
-                ),
-                ("broker.api_listen", config.broker.api_listen, ""),
-            ]
-        )
+        self._reserved = reserve(listen_addresses(config))
         self.ledger = ledger = await open_ledger(config.broker, self._host)
         backend = await create_backend(config.gpus, clock)
         idle = IdleDetector.from_config(config.gpus)
@@ -114,6 +105,9 @@ class Daemon:
             idle=idle,
         )
         devices = await sampler.start()
+        missing = gpu_index_problems(config, (d.index for d in devices))
+        if missing:  # `check` says the same; a gate would wait for GPUs that never free
+            raise BrokerError("; ".join(missing))
         energy = EnergyAccountant(
             devices, clock, ledger=ledger, overhead_watts=config.energy.overhead_watts
         )
@@ -152,6 +146,15 @@ class Daemon:
         )
         self.metrics = BrokerMetrics(self, clock)
         scheduler.hooks.append(self.metrics)  # before the first step: count from the start
+        if config.notify:
+
+            async def day_report(start: datetime, end: datetime) -> Report:
+                return await build_report(ledger, self.config, since=start, until=end,
+                                          now=clock.now())  # fmt: skip
+
+            self.notifier = Notifier(config, clock, report=day_report)
+            scheduler.hooks.append(self.notifier)
+            self.notifier.start()
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:
@@ -163,7 +166,7 @@ class Daemon:
                 why = "the address is in use" if err.errno == errno.EADDRINUSE else err.strerror
                 raise BrokerError(
                     f"{key}: cannot listen on {config.services[index].gate_listen}: {why}"
-                    + _GATE_HINT
+                    + GATE_HINT
                 ) from None
             self._reserved.release(key)
         self.api = ApiServer(self, config.broker)
@@ -220,6 +223,9 @@ class Daemon:
                 log.error("clean shutdown incomplete: %s", err)
                 self.stop_problems.append(f"clean shutdown incomplete: {err}")
             self._scheduler = None
+        if self.notifier is not None:
+            await self.notifier.aclose()
+            self.notifier = None
         for adapter in self.adapters:
             await adapter.aclose()
         if self.provider is not None:

@@ -61,3 +61,18 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"expected a port between 1 and 65535, got {port_text!r}")
     return host, int(port_text)
+
+
+def describe_duration(value: timedelta) -> str:
+    """A duration as a person writes it, to the two largest units: "51s", "4m 10s",
+    "1h 20m", "2d 3h". For messages; `format_duration` is the config's exact form."""
+    total = round(value.total_seconds())
+    if total <= 0:
+        return "0s" if total == 0 else "-" + describe_duration(-value)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")]
+    while parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{n}{unit}" for n, unit in parts[:2] if n)

@@ -101,7 +101,7 @@ def test_three_mistakes_are_reported_together_with_key_paths() -> None:
         ('[[services]]\nname = "o"\nkind = "ollama"\nupstream = "127.0.0.1:11435"',
          "services[0].upstream: expected an http(s) URL"),
         ('[[services]]\nname = "o"\nkind = "ollama"\nupstream = "http://h:1"\ndrain = "kill"',
-         'services[0].drain: expected "api", "systemd:UNIT" or "command"'),
+         'services[0].drain: expected "api", "systemd:UNIT", "command" or "none"'),
         ('[[services]]\nname = "o"\nkind = "ollama"\nupstream = "http://h:1"\n'
          'drain = "command"', 'services[0]: drain = "command" needs drain_command'),
     ],

@@ -321,3 +321,51 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
                     await dev.aclose()
     finally:
         await rig.aclose()
+
+
+AXIS = """JSON.stringify({
+  money: [...document.querySelectorAll('#chart svg > text')].map((t) => t.textContent),
+  days: [...document.querySelectorAll('#chart g.day')].map((g) => g.dataset.period),
+  ticks: [...document.querySelectorAll('#timeline svg > text')].map((t) => t.textContent),
+})"""
+
+
+async def test_a_first_days_dashboard_follows_its_data(
+    browser: tuple[aiohttp.ClientSession, str],
+    clock: FakeClock,
+    tmp_path: Path,
+    fake_ollama: FakeOllama,
+    fake_vast: FakeVast,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A broker started today, rented for ten minutes: cents, not euros, and minutes, not days.
+    monkeypatch.setenv("RIG_VAST_KEY", VAST_KEY)
+    monkeypatch.setenv("RIG_API_TOKEN", TOKEN)
+    config = rig_config(tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url)
+    rig = Rig(clock, config, fake_ollama, fake_vast)
+    await rig.start()
+    session, page_ws = browser
+    try:
+        await rig.until_state(PoolState.LISTED, limit=600)
+        fake_vast.add_rental(RentalKind.ON_DEMAND, gpus=2)
+        await rig.until_state(PoolState.RENTED, limit=60)
+        await rig.run_for(600, step=30)
+        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
+            dev = DevTools(ws)
+            try:
+                await dev.call("Page.enable")
+                await dev.call("Runtime.enable")
+                await dev.call("Page.navigate", url=rig.api_url + "/")
+                await wait_for(dev, READY)
+                drawn = json.loads(await dev.evaluate(AXIS))
+            finally:
+                with contextlib.suppress(Exception):
+                    await dev.aclose()
+    finally:
+        await rig.aclose()
+    # One day drawn, not thirteen empty ones before it.
+    assert drawn["days"] == [clock.now().date().isoformat()]
+    # Five distinct money ticks (the old axis read "0.01, 0.01, 0.01, 0.00, 0.00").
+    assert len(drawn["money"]) == 5 and len(set(drawn["money"])) == 5, drawn["money"]
+    # The timeline spans the broker's 15 minutes with minute ticks, not a blank 24 h bar.
+    assert len(drawn["ticks"]) >= 3, drawn["ticks"]

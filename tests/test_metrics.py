@@ -161,11 +161,13 @@ async def test_timeline_and_report_routes(make_rig: RigFactory) -> None:
     assert timeline["pool"]["intervals"][-1]["open"] is True
     assert [g["index"] for g in timeline["gpus"]] == [0, 1]
     assert timeline["gpus"][0]["intervals"][-1]["state"] == "LISTED"
-    assert timeline["from"] < timeline["pool"]["intervals"][0]["start"] <= timeline["to"]
+    # The ranges follow the data: they begin where the ledger does, not 6 h or 3 days back.
+    assert timeline["from"] == timeline["pool"]["intervals"][0]["start"] < timeline["to"]
 
     status, report = await get_json(rig, "/api/report?days=3")
     assert status == 200
-    assert [row["period"] for row in report["rows"]] == ["2026-11-23", "2026-11-24", "2026-11-25"]
+    assert [row["period"] for row in report["rows"]] == ["2026-11-25"]
+    assert report["from"] == timeline["from"]
     assert report["currency"] == "USD"
     assert report["rows"][-1]["hours"]["idle"] > 0  # idle_window (2 min) before listing
 

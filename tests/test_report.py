@@ -565,19 +565,36 @@ def test_weeks_start_on_monday_and_months_are_calendar_months(tmp_path: Path) ->
     assert months["totals"]["energy_kwh"]["local"] == pytest.approx(5.4)  # 108 h x 50 W
 
 
-def test_default_ranges_count_the_current_period(tmp_path: Path) -> None:
+def test_default_ranges_start_at_the_ledgers_first_record(tmp_path: Path) -> None:
+    # The ledger begins on 11-28: the default 7 days, 8 weeks or 12 months are not padded
+    # with empty periods from before it existed.
     config = write_config(tmp_path)
     asyncio.run(_late_november(config))
     now = local(12, 2, 12)
     days = report_json(config, now)
     assert [r["period"] for r in days["rows"]] == [
-        f"2026-{d}" for d in ("11-26", "11-27", "11-28", "11-29", "11-30", "12-01", "12-02")
+        f"2026-{d}" for d in ("11-28", "11-29", "11-30", "12-01", "12-02")
     ]
+    assert days["from"] == "2026-11-28T00:00:00+01:00"
     weeks = report_json(config, now, "--by", "week")
-    assert [r["period"] for r in weeks["rows"]] == [f"2026-W{w}" for w in range(42, 50)]
-    assert weeks["from"] == "2026-10-12T00:00:00+02:00"  # Monday of week 42, summer time
+    assert [r["period"] for r in weeks["rows"]] == ["2026-W48", "2026-W49"]
     months = report_json(config, now, "--by", "month")
-    assert [r["period"] for r in months["rows"]] == [f"2026-{m:02d}" for m in range(1, 13)]
+    assert [r["period"] for r in months["rows"]] == ["2026-11", "2026-12"]
+    # An explicit --since still reaches back as far as asked.
+    asked = report_json(config, now, "--since", "2026-11-26")
+    assert asked["rows"][0]["period"] == "2026-11-26"
+
+
+def test_report_for_a_gpu_never_seen_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    asyncio.run(_late_november(config))
+    code = main(["report", "-c", str(config), "--gpu", "7"], clock=FakeClock(local(12, 2, 12)))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "never seen GPU 7" in err and "GPUs recorded: 0" in err
+    assert main(["report", "-c", str(config), "--gpu", "0"], clock=FakeClock(local(12, 2, 12))) == 0
 
 
 # -- the library, as the dashboard calls it ---------------------------------------------------
@@ -742,3 +759,53 @@ def test_extra_energy_counts_only_the_gpu_draw_above_idle_while_rented(tmp_path:
     rented_only = asyncio.run(_report(config, local(11, 10, 13), local(11, 10, 16)))
     assert rented_only.totals.extra_energy_cost == pytest.approx(0.252)
     assert rented_only.totals.energy_cost == pytest.approx(0.297)  # 3 h x 330 W x 0.30
+
+
+# -- a short run reads in units that show it -----------------------------------------------
+
+
+async def _short_run(config_path: Path) -> None:
+    # A quick-demo afternoon: 3 min local, 5 min listed, 12 min rented, 2 GPUs at 22 W
+    # each plus 60 W of host overhead while listed or rented.
+    config = load_config(config_path)
+    ledger = await open_ledger(config.broker)
+    t0 = local(12, 2, 14)
+    states = [("LOCAL", 0), ("LISTED", 3), ("RENTED", 8)]
+    try:
+        for state, minute in states:
+            at = t0 + timedelta(minutes=minute)
+            await ledger.record_state("pool", "machine", state, at)
+            for uuid in ("GPU-a", "GPU-b"):
+                await ledger.record_state("gpu", uuid, state, at)
+        draws = [
+            Draw(uuid, i, state, t0 + timedelta(minutes=a), t0 + timedelta(minutes=b), 22,
+                 0 if state == "LOCAL" else 30)
+            for uuid, i in (("GPU-a", 0), ("GPU-b", 1))
+            for state, a, b in (("LOCAL", 0, 3), ("LISTED", 3, 8), ("RENTED", 8, 20))
+        ]  # fmt: skip
+        await write_energy(ledger, draws)
+    finally:
+        await ledger.close()
+
+
+def test_a_short_run_is_shown_in_minutes_and_wh_not_rounded_to_zeros(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    asyncio.run(_short_run(config))
+    now = local(12, 2, 14, 20)
+    assert main(["report", "-c", str(config)], FakeClock(now)) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    [day] = [cells for cells in lines if cells[:1] == ["2026-12-02"]]
+    # One row only: the ledger began today, so no empty days before it.
+    assert not [cells for cells in lines if cells[:1] and cells[0].startswith("2026-11")]
+    header = next(cells for cells in lines if "GPU-min" in cells)
+    assert header.count("min") == 4 and header.count("Wh") == 4, header
+    # minutes local 3, idle 0, listed 5, rented 12; rented GPU-min 24
+    assert day[1:6] == ["3.0", "0.0", "5.0", "12.0", "24.0"], day
+    # Wh: local 2 x 22 W x 3 min = 2.2; listed (44 + 60) W x 5 min = 8.7; rented 20.8
+    assert day[6:10] == ["2.2", "0.0", "8.7", "20.8"], day
+    # cost (8.667 + 20.8) Wh x 0.30 EUR = 0.00884: shown, not "0.01" or "0.00"
+    assert day[10] == "0.0088", day
+    assert "min: time in each state; Wh: energy drawn" in out

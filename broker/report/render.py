@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from rich.text import Text
@@ -70,35 +72,81 @@ def to_csv_text(report: Report) -> str:
     return buffer.getvalue()
 
 
-def _earned(row: ReportRow) -> str:
-    mark = "~" if row.earnings_source == "estimate" and row.earnings else ""
-    return f"{mark}{row.earnings:.2f}"
+@dataclass(frozen=True)
+class _Units:
+    """Units and decimals the table picks so that the figures show: a short run's 0.02 h,
+    0.004 kWh and 0.0012 EUR would all print as zeros in hours, kWh and cents."""
+
+    hours: tuple[str, float, int]  # header, factor from hours, decimals
+    energy: tuple[str, float, int]  # from kWh
+    co2: tuple[str, float, int]  # from kg
+    money_decimals: int
+
+    @classmethod
+    def pick(cls, rows: list[ReportRow]) -> _Units:
+        hours = [v for r in rows for v in (*r.hours.values(), r.rented_gpu_hours)]
+        energy = [v for r in rows for v in r.energy_kwh.values()]
+        money = [
+            v
+            for r in rows
+            for v in (r.energy_cost, r.earnings, r.net, r.extra_energy_cost, r.extra_net)
+        ]
+        co2 = [r.co2_kg for r in rows]
+        return cls(
+            hours=("min", 60.0, 1) if _top(hours) < 1 else ("h", 1.0, 2),
+            energy=("Wh", 1000.0, 1) if _top(energy) < 1 else ("kWh", 1.0, 2),
+            co2=("kg", 1.0, _decimals(co2)),
+            money_decimals=_decimals(money),
+        )
+
+
+def _top(values: list[float]) -> float:
+    return max((abs(v) for v in values), default=0.0)
+
+
+def _decimals(values: list[float]) -> int:
+    """Two decimals, or up to five so the smallest amount shows two significant digits."""
+    small = min((abs(v) for v in values if abs(v) >= 1e-9), default=1.0)
+    return max(2, min(5, 1 - math.floor(math.log10(small))))
+
+
+def _fixed(value: float, decimals: int) -> str:
+    return f"{round(value, decimals) + 0.0:.{decimals}f}"  # + 0.0: never "-0.00"
 
 
 Column = tuple[str, str, Callable[[ReportRow], str]]  # two header lines, the cell
 
 
-def _columns(report: Report) -> tuple[list[Column], list[Column]]:
+def _columns(report: Report, units: _Units) -> tuple[list[Column], list[Column]]:
     """The hours-and-requests columns and the energy-and-money columns."""
     cur = report.currency
+    h_unit, h_factor, h_dec = units.hours
+    e_unit, e_factor, e_dec = units.energy
+    c_unit, c_factor, c_dec = units.co2
+    m_dec = units.money_decimals
+
+    def earned(row: ReportRow) -> str:
+        mark = "~" if row.earnings_source == "estimate" and row.earnings else ""
+        return f"{mark}{_fixed(row.earnings, m_dec)}"
+
     hours: list[Column] = [
-        *((b, "h", lambda r, b=b: f"{r.hours[b]:.2f}") for b in BUCKETS),
-        ("rented", "GPU-h", lambda r: f"{r.rented_gpu_hours:.2f}"),
+        *((b, h_unit, lambda r, b=b: _fixed(r.hours[b] * h_factor, h_dec)) for b in BUCKETS),
+        ("rented", f"GPU-{h_unit}", lambda r: _fixed(r.rented_gpu_hours * h_factor, h_dec)),
     ]
     requests: list[Column] = [
         ("", "held", lambda r: str(r.held_requests)),
         ("", "rejected", lambda r: str(r.rejected_requests)),
     ]
     energy: list[Column] = [
-        *((b, "kWh", lambda r, b=b: f"{r.energy_kwh[b]:.2f}") for b in BUCKETS),
+        *((b, e_unit, lambda r, b=b: _fixed(r.energy_kwh[b] * e_factor, e_dec)) for b in BUCKETS),
     ]
     money: list[Column] = [
-        ("cost", cur, lambda r: f"{r.energy_cost:.2f}"),
-        ("earned", cur, _earned),
-        ("net", cur, lambda r: f"{round(r.net, 2) + 0.0:.2f}"),  # + 0.0: never "-0.00"
-        ("extra", "cost", lambda r: f"{r.extra_energy_cost:.2f}"),
-        ("extra", "net", lambda r: f"{round(r.extra_net, 2) + 0.0:.2f}"),
-        ("CO2", "kg", lambda r: f"{r.co2_kg:.2f}"),
+        ("cost", cur, lambda r: _fixed(r.energy_cost, m_dec)),
+        ("earned", cur, earned),
+        ("net", cur, lambda r: _fixed(r.net, m_dec)),
+        ("extra", "cost", lambda r: _fixed(r.extra_energy_cost, m_dec)),
+        ("extra", "net", lambda r: _fixed(r.extra_net, m_dec)),
+        ("CO2", c_unit, lambda r: _fixed(r.co2_kg * c_factor, c_dec)),
     ]
     return [*hours, *requests], [*energy, *money]
 
@@ -133,7 +181,8 @@ def to_text(report: Report, width: int = 160) -> Text:
     )
     who = "all GPUs" if report.gpu is None else f"GPU {report.gpu}"
     rows = [*report.rows, report.totals]
-    first, second = _columns(report)
+    units = _Units.pick(rows)
+    first, second = _columns(report, units)
     hours, requests = first[:-2], first[-2:]
     tables = [_lay_out(report.by, [*hours, *second, *requests], rows)]
     if len(tables[0][0]) > width:
@@ -144,9 +193,9 @@ def to_text(report: Report, width: int = 160) -> Text:
         text.append("\n".join(lines[:-1]) + "\n")
         text.append(lines[-1] + "\n", style="bold")
     text.append(
-        "\nh: hours in each state; kWh: energy drawn in each state; cost and CO2: of the "
-        "energy drawn while listed or rented; extra: only what renting drew above the "
-        "idle server's own draw; ~: estimated earnings",
+        f"\n{units.hours[0]}: time in each state; {units.energy[0]}: energy drawn in each "
+        "state; cost and CO2: of the energy drawn while listed or rented; extra: only what "
+        "renting drew above the idle server's own draw; ~: estimated earnings",
         style="dim",
     )
     return text

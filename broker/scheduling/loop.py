@@ -297,6 +297,7 @@ class DecisionLoop:
                 self.since_wall = self._clock.now()
                 log.info("%s", decision.reason)
                 await self.record_state(decision.state, decision.reason)
+                self.actions.tell("state_changed", decision.state, before, decision.reason)
             elif self.last_reason == "starting":
                 log.info("%s", decision.reason)
             else:
@@ -469,6 +470,7 @@ class DecisionLoop:
     # ---- the ledger ---------------------------------------------------------------------
 
     def gate_event(self, event: str, service: str, at: datetime) -> None:
+        self.actions.tell("request_event", event, service)
         self.actions.journal.later(
             JournalEntry(at=at, kind=f"request_{event}", status="note", subject=service)
         )

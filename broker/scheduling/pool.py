@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import ClassVar
 
 from broker.config import PolicySection
-from broker.units import format_duration
+from broker.units import describe_duration, format_duration
 
 
 class PoolState(StrEnum):
@@ -236,6 +236,13 @@ class PoolMachine:
             return local.strftime("%H:%M")
         return local.strftime("%a %d %b %H:%M")
 
+    def _window_words(self, end: datetime, now: datetime) -> str:
+        # A window merged past the calendar's 31-day horizon is one that never closes:
+        # its computed end is only where the look-ahead stopped.
+        if end - now > timedelta(days=30):
+            return "window always open"
+        return f"window open until {self._clock_time(end, now)}"
+
     def _cycles_today(self, now: float) -> int:
         while self.listings and now - self.listings[0] >= 86400:
             self.listings.popleft()
@@ -258,7 +265,7 @@ class PoolMachine:
             return "GPUs busy"
         if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
             left = timedelta(seconds=self.local_hold_until - obs.monotonic)
-            return f"local hold after a reclaim ({format_duration(left)} left)"
+            return f"local hold after a reclaim ({describe_duration(left)} left)"
         if obs.refused_until is not None and obs.now < obs.refused_until:
             until = self._clock_time(obs.refused_until, obs.now)
             return f"a refused request was promised the GPUs by {until}"
@@ -507,8 +514,8 @@ class PoolMachine:
         self.listings.append(obs.monotonic)
         assert obs.window_end is not None  # the blocker checked it
         reason = (
-            f"listed: idle {format_duration(self.policy.idle_window)}, window open until "
-            f"{self._clock_time(obs.window_end, obs.now)}, offer ends "
+            f"listed: idle {format_duration(self.policy.idle_window)}, "
+            f"{self._window_words(obs.window_end, obs.now)}, offer ends "
             f"{self._clock_time(end, obs.now)}"
         )
         return [List(end)], reason

@@ -62,6 +62,12 @@ class SchedulerHooks:
     def provider_read(self, view: ProviderView | None) -> None:
         """The marketplace was read (None: it could not tell or could not be reached)."""
 
+    def state_changed(self, state: PoolState, before: PoolState, reason: str) -> None:
+        """The pool moved from `before` to `state` (already journaled), for `reason`."""
+
+    def request_event(self, event: str, service: str) -> None:
+        """A gate held ("held") or refused ("rejected") a local request of `service`."""
+
 
 class PoolStatus(Protocol):
     """The scheduler's read side."""

@@ -14,7 +14,7 @@ from broker.clock import Clock
 from broker.services.base import Drainer, ServiceAdapter, ServiceProbe
 from broker.services.comfyui import ComfyUIAdapter
 from broker.services.control import GateControl, GateMode, GateStats, Refusal
-from broker.services.drain import CommandDrain, SystemdDrain
+from broker.services.drain import CommandDrain, NoDrain, SystemdDrain
 from broker.services.gate import Gate
 from broker.services.ollama import OllamaAdapter
 from broker.services.openai import OpenAIAdapter
@@ -54,6 +54,8 @@ def build_adapter(
     drainer: Drainer | None = None
     if section.drain.startswith("systemd:"):
         drainer = SystemdDrain(section.drain.removeprefix("systemd:"), clock)
+    elif section.drain == "none":
+        drainer = NoDrain(section.name)
     elif section.drain == "command":
         assert section.drain_command and section.resume_command  # the config checks this
         drainer = CommandDrain(section.drain_command, section.resume_command, clock)

@@ -90,6 +90,15 @@ class GateControl:
         self.last_request_monotonic: float | None = None
         self.refused_until: datetime | None = None
 
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def display_tz(self) -> tzinfo | None:
+        """The zone times shown to a refused user are given in (the broker's)."""
+        return self._display_tz
+
     # ---- driven by the scheduler
     @property
     def mode(self) -> GateMode:

@@ -91,3 +91,18 @@ class CommandDrain:
                               what="resume_command")  # fmt: skip
         except DrainError as err:
             raise ServiceError(str(err)) from err
+
+
+class NoDrain:
+    """`drain = "none"`: the broker gates and watches the service but never touches it.
+    The quick demo uses it, so a demo on simulated GPUs cannot unload a real Ollama that
+    happens to answer on its upstream port; NVML still decides whether the GPUs are free."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def drain(self, limit_s: float) -> None:
+        log.info("service %s: drain = \"none\": left as it is", self.name)
+
+    async def resume(self) -> None:
+        return None

@@ -39,6 +39,7 @@ from broker.services.httpwire import (
     parse_request_head,
     parse_response_head,
 )
+from broker.services.refusal import chat_refusal, sentence
 from broker.services.replies import error_response
 from broker.services.upstream import HIGH_WATER, UpstreamAddress, UpstreamConnection, UpstreamPool
 from broker.units import parse_hostport
@@ -357,8 +358,19 @@ class _Client(asyncio.Protocol):
     def _admitted(self, head: RequestHead, refusal: Refusal | None) -> None:
         if refusal is not None:
             keep_alive = head.keep_alive and self.body is not None
-            self._reply(head.path, 503, refusal.message, keep_alive=keep_alive,
-                        retry_after_s=refusal.retry_after_s)  # fmt: skip
+            gate = self.gate
+            answer = None
+            if gate.refuse_as_message:
+                now = gate.control.clock.now()
+                text = sentence(refusal, now, gate.control.display_tz)
+                answer = chat_refusal(gate.kind, head.path, self.body, text,
+                                      keep_alive=keep_alive,
+                                      retry_after_s=refusal.retry_after_s, now=now)  # fmt: skip
+            if answer is not None:
+                self.transport.write(answer)
+            else:
+                self._reply(head.path, 503, refusal.message, keep_alive=keep_alive,
+                            retry_after_s=refusal.retry_after_s)  # fmt: skip
             self._done(keep_alive)
             return
         self.gate.control.request_started()
@@ -767,8 +779,10 @@ class Gate:
         head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        refuse_as_message: bool = False,
     ) -> None:
         self.name = name
+        self.refuse_as_message = refuse_as_message  # refused chats answered in-band
         self.kind: ServiceKind = kind
         self.control = control
         self.max_header_bytes = max_header_bytes
@@ -837,6 +851,7 @@ class Gate:
             head_timeout_s=section.head_timeout.total_seconds(),
             idle_timeout_s=section.idle_timeout.total_seconds(),
             body_timeout_s=section.body_timeout.total_seconds(),
+            refuse_as_message=section.refuse_as_message,
         )
 
     # ---- lifecycle
