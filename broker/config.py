@@ -411,6 +411,13 @@ class PolicySection(_Model):
     local_hold: Duration = timedelta(minutes=10)
     max_commitment: PositiveDuration = timedelta(hours=2)
     reclaim: Literal["graceful", "displace-interruptible"] = "graceful"
+    # Renew the live offer once its end is this much nearer than max_commitment, so
+    # arriving renters see close to max_commitment left (most want hours, not minutes).
+    # Unset: renew at half of max_commitment (the old sawtooth).
+    renew_every: PositiveDuration | None = None
+    # End offers where a local request becomes more likely than this, by the team's weekly
+    # rhythm learned from the demand record (after a week of it); unset: windows only.
+    demand_risk: float | None = Field(default=None, gt=0, lt=1)
 
 
 # Longer windows would make "is it open?" depend on occurrences far in the past; a week
@@ -550,6 +557,11 @@ def parse_config(data: Mapping[str, Any], source: str | None = None) -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err.errors(), data), source=source) from None
+
+
+def describe_problems(errors: Iterable[ErrorDetails], data: Mapping[str, Any]) -> list[str]:
+    """Pydantic errors as "key.path: expected ..." lines (also for `simulate --policy`)."""
+    return _describe(errors, data)
 
 
 def _describe(errors: Iterable[ErrorDetails], data: Mapping[str, Any]) -> list[str]:
