@@ -36,6 +36,7 @@ from broker.providers import Provider, create_provider
 from broker.scheduling.pool import PoolState
 from broker.scheduling.scheduler import POOL, Scheduler
 from broker.services import Gate, ServiceAdapter, build_adapter
+from broker.services.demand import DemandBuffer, DemandWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.metrics: BrokerMetrics | None = None
         self._scheduler: Scheduler | None = None
+        self.demand: DemandWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: InstanceLock | None = None
         self._reserved: Reservation | None = None
@@ -126,6 +128,10 @@ class Daemon:
             for s in config.services
             if s.gate_listen is not None
         ]
+        # every inference request at a gate, written to the ledger in batches
+        self.demand = demand = DemandWriter(DemandBuffer(), ledger, clock)
+        for gate in self.gates:
+            gate.control.demand = demand.buffer
         self.provider = provider = create_provider(config, clock, gpu_count=len(devices) or 1)
         await provider.start()
         self._scheduler = scheduler = Scheduler(
@@ -161,6 +167,7 @@ class Daemon:
         self._tasks = [
             asyncio.create_task(sampler.run(), name="gpu-sampler"),
             asyncio.create_task(scheduler.run(), name="scheduler"),
+            asyncio.create_task(demand.run(), name="demand-writer"),
         ]
         log.info(
             "gpu-broker %s running: pool %s, %s provider, API on %s",
@@ -198,6 +205,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.demand is not None and self.ledger is not None:
+            await self.demand.aclose()  # the gates are closed: what they saw, written
+            self.demand = None
         if self._scheduler is not None:
             try:
                 await self._scheduler.shutdown()

@@ -12,6 +12,7 @@ import pytest
 from broker.config import BrokerSection
 from broker.errors import LedgerError, LedgerVersionError
 from broker.ledger import (
+    DemandRecord,
     EarningsRecord,
     EnergyRecord,
     EnergyTotal,
@@ -21,7 +22,7 @@ from broker.ledger import (
     ledger_path,
     open_ledger,
 )
-from broker.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
+from broker.ledger.sqlite import DEMAND_RAW_RETENTION, MIGRATIONS, SCHEMA_VERSION
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
 
@@ -420,7 +421,7 @@ async def test_migrates_a_version_2_ledger_and_folds_its_energy_as_it_goes(
     _v2_database(path, old)
     ledger = await SqliteLedger.open(path, host="box")
     try:
-        assert (ledger.migrated_from, ledger.schema_version) == (2, SCHEMA_VERSION) == (2, 3)
+        assert (ledger.migrated_from, ledger.schema_version) == (2, SCHEMA_VERSION) == (2, 4)
         cuts = _days(2)
         before = await ledger.energy_totals(cuts)
         assert sum(t.joules for t in before) == pytest.approx(sum(r.joules for r in old))
@@ -438,3 +439,95 @@ async def test_migrates_a_version_2_ledger_and_folds_its_energy_as_it_goes(
         )
     finally:
         await ledger.close()
+
+
+# -- demand -------------------------------------------------------------------------------
+
+
+async def test_demand_round_trip_by_range_and_service(ledger: SqliteLedger) -> None:
+    records = [
+        DemandRecord("ollama", minutes(5), 12.5, "passed"),
+        DemandRecord("comfyui", minutes(1), 40.0, "held", held_s=30.0),
+        DemandRecord("ollama", minutes(3), 0.01, "refused", held_s=0.0),
+        DemandRecord("ollama", minutes(60), 1.0, "passed"),  # outside [0, 60)
+    ]
+    await ledger.add_demand(records)
+    got = await ledger.demand(minutes(0), minutes(60))
+    assert [(r.service, r.arrival, r.duration_s, r.outcome, r.held_s, r.count, r.host)
+            for r in got] == [
+        ("comfyui", minutes(1), 40.0, "held", 30.0, 1, "box"),
+        ("ollama", minutes(3), 0.01, "refused", 0.0, 1, "box"),
+        ("ollama", minutes(5), 12.5, "passed", 0.0, 1, "box"),
+    ]  # fmt: skip
+    only = await ledger.demand(minutes(0), minutes(61), service="ollama")
+    assert [r.arrival for r in only] == [minutes(3), minutes(5), minutes(60)]
+
+
+def _demand_rows(path: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(path)
+    raw = conn.execute("SELECT COUNT(*) FROM demand WHERE bucket IS NULL").fetchone()[0]
+    folded = conn.execute("SELECT COUNT(*) FROM demand WHERE bucket IS NOT NULL").fetchone()[0]
+    conn.close()
+    return raw, folded
+
+
+async def test_old_demand_is_folded_by_service_outcome_and_bucket(
+    ledger: SqliteLedger,
+) -> None:
+    rng = random.Random(13)
+    old: list[DemandRecord] = []
+    for i in range(600):  # ten hours of requests, one a minute, two services
+        outcome = rng.choice(["passed", "passed", "held", "refused"])
+        old.append(
+            DemandRecord(
+                rng.choice(["ollama", "comfyui"]),
+                minutes(i + rng.random() * 0.9),
+                rng.uniform(0.5, 90.0),
+                outcome,  # type: ignore[arg-type]
+                held_s=rng.uniform(1.0, 60.0) if outcome != "passed" else 0.0,
+            )
+        )
+    await ledger.add_demand(old)
+    assert _demand_rows(ledger.path) == (600, 0)  # fresh: nothing folded yet
+    # A request written after the retention has passed folds everything older.
+    fresh_at = minutes(600) + timedelta(seconds=DEMAND_RAW_RETENTION)
+    fresh = DemandRecord("ollama", fresh_at, 3.0, "passed")
+    await ledger.add_demand([fresh])
+    raw, folded = _demand_rows(ledger.path)
+    assert raw == 1  # the fresh request, untouched
+    # 40 quarter hours, at most 2 services x 3 outcomes each
+    assert 40 < folded <= 40 * 6
+    got = await ledger.demand(minutes(0), fresh_at + timedelta(seconds=1))
+    assert got[-1] == DemandRecord("ollama", fresh_at, 3.0, "passed", host="box")
+    rows = got[:-1]
+    assert all(r.arrival < minutes(600) for r in rows)
+
+    def sums(rs: list[DemandRecord]) -> dict[tuple[str, str, int], tuple[int, float, float]]:
+        acc: dict[tuple[str, str, int], list[float]] = {}
+        for r in rs:
+            key = (r.service, r.outcome, int(r.arrival.timestamp() // 900))
+            a = acc.setdefault(key, [0, 0.0, 0.0])
+            a[0] += r.count
+            a[1] += r.duration_s
+            a[2] += r.held_s
+        return {k: (int(v[0]), round(v[1], 6), round(v[2], 6)) for k, v in acc.items()}
+
+    # counts, durations and held time survive per service, outcome and quarter hour
+    assert sums(rows) == sums(old)
+    assert sum(r.count for r in rows) == 600
+    # a folded row starts at its bucket's first arrival
+    firsts: dict[tuple[str, str, int], datetime] = {}
+    for r in old:
+        key = (r.service, r.outcome, int(r.arrival.timestamp() // 900))
+        firsts[key] = min(firsts.get(key, r.arrival), r.arrival)
+    assert sorted(r.arrival for r in rows) == sorted(firsts.values())
+
+
+async def test_a_late_request_joins_its_folded_bucket(ledger: SqliteLedger) -> None:
+    await ledger.add_demand([DemandRecord("ollama", minutes(2), 10.0, "passed")])
+    await ledger.compact_demand(minutes(60))
+    await ledger.add_demand([DemandRecord("ollama", minutes(1), 5.0, "passed")])
+    await ledger.compact_demand(minutes(60))
+    assert _demand_rows(ledger.path) == (0, 1)
+    [row] = await ledger.demand(minutes(0), minutes(60))
+    assert (row.arrival, row.count, row.duration_s) == (minutes(1), 2, 15.0)

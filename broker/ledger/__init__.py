@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.ledger.base import (
+    DemandRecord,
     EarningsRecord,
     EnergyRecord,
     EnergyTotal,
@@ -25,6 +26,7 @@ LEDGER_FILE = "ledger.sqlite3"
 
 __all__ = [
     "LEDGER_FILE",
+    "DemandRecord",
     "EarningsRecord",
     "EnergyRecord",
     "EnergyTotal",

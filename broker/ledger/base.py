@@ -194,6 +194,19 @@ class Ledger(Protocol):
         This is what reports read: the store sums, so a year stays fast."""
         ...
 
+    async def add_demand(self, records: Sequence[DemandRecord]) -> None:
+        """Append local requests (as the gates buffer them, a batch at a time). Records
+        older than the store's raw retention are folded by service, outcome and bucket."""
+        ...
+
+    async def demand(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[DemandRecord]:
+        """Records of this host whose `arrival` is in [start, end), ordered by arrival;
+        only `service`'s when given. Folded records come back as they are kept (`count`
+        requests, summed durations), never expanded."""
+        ...
+
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:
         """Insert or replace by (provider, machine_id, day); returns rows that changed.
 

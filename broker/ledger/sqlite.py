@@ -36,6 +36,8 @@ from typing import Any, TypeVar, cast
 
 from broker.errors import LedgerError, LedgerVersionError
 from broker.ledger.base import (
+    DemandOutcome,
+    DemandRecord,
     EarningsRecord,
     EarningsSource,
     EnergyRecord,
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 ROLLUP_SECONDS = 900
 # ... once they are this old (measured from the newest record written).
 RAW_RETENTION = 86_400.0
+# Local requests are kept one row each for this long (measured from the newest arrival
+# written), so a replay of the last month sees every request as it came ...
+DEMAND_RAW_RETENTION = 35 * 86_400.0
+# ... and are then folded into one row per service, outcome and bucket of this many seconds.
+DEMAND_BUCKET_SECONDS = 900
 # At most this many records are folded per write, so a large backlog (a ledger migrated from
 # version 2) is worked off a little at a time instead of stalling the daemon's writes.
 COMPACT_BATCH = 20_000
@@ -141,6 +148,25 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (host, slot, pool_state)
         ) WITHOUT ROWID""",
     ),
+    # v4: local demand, one row per inference request seen at a gate (`bucket` NULL) until it
+    # is older than DEMAND_RAW_RETENTION, then folded into one row per service, outcome and
+    # 15-minute bucket (`bucket` = arrival_ts // 900; `count` requests, durations summed).
+    (
+        """CREATE TABLE demand (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            service TEXT NOT NULL,
+            arrival_ts REAL NOT NULL,
+            duration_s REAL NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('passed', 'held', 'refused')),
+            held_s REAL NOT NULL DEFAULT 0,
+            count INTEGER NOT NULL DEFAULT 1,
+            bucket INTEGER
+        )""",
+        "CREATE INDEX demand_by_time ON demand (host, arrival_ts)",
+        """CREATE UNIQUE INDEX demand_rollup
+            ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -206,6 +232,7 @@ class SqliteLedger:
         self._conn: sqlite3.Connection | None = None
         self._version = 0
         self._compacted_to: float | None = None
+        self._demand_compacted_to: float | None = None
         self.migrated_from: int | None = None
 
     @classmethod
@@ -628,6 +655,125 @@ class SqliteLedger:
             (cuts, self._host, raw_reach, self._host),
         )
         return [EnergyTotal(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # -- demand ---------------------------------------------------------------------------
+
+    async def add_demand(self, records: Sequence[DemandRecord]) -> None:
+        if not records:
+            return
+        await self._call(
+            self._write_many,
+            "INSERT INTO demand (host, service, arrival_ts, duration_s, outcome, held_s, count) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    self._host,
+                    r.service,
+                    _ts(r.arrival),
+                    r.duration_s,
+                    r.outcome,
+                    r.held_s,
+                    r.count,
+                )
+                for r in records
+            ],
+        )
+        newest = max(_ts(r.arrival) for r in records)
+        cutoff = (
+            math.floor((newest - DEMAND_RAW_RETENTION) / DEMAND_BUCKET_SECONDS)
+            * DEMAND_BUCKET_SECONDS
+        )
+        if self._demand_compacted_to is not None and cutoff <= self._demand_compacted_to:
+            return
+        try:
+            folded = await self._call(self._compact_demand, cutoff, COMPACT_BATCH)
+        except LedgerError as err:
+            # As for energy: the records are in; folding is housekeeping for a later write.
+            log.warning("could not fold old demand records into 15-minute sums: %s", err)
+            return
+        if folded < COMPACT_BATCH:
+            self._demand_compacted_to = cutoff
+
+    async def compact_demand(self, before: datetime) -> int:
+        """Fold every request as written that arrived before `before` (rounded down to a
+        bucket) now, instead of as later writes come. Returns how many rows were folded."""
+        cutoff = math.floor(_ts(before) / DEMAND_BUCKET_SECONDS) * DEMAND_BUCKET_SECONDS
+        total = 0
+        while True:
+            folded = await self._call(self._compact_demand, cutoff, COMPACT_BATCH)
+            total += folded
+            if folded < COMPACT_BATCH:
+                return total
+
+    def _compact_demand(self, cutoff: float, limit: int) -> int:
+        """Fold up to `limit` requests as written that arrived before `cutoff` into their
+        bucket's row (first arrival, summed count, durations and held time) and delete them,
+        in one transaction, so every request is in exactly one row."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT id, service, outcome, arrival_ts, duration_s, held_s, count FROM demand "
+                "WHERE host = ? AND bucket IS NULL AND arrival_ts < ? ORDER BY arrival_ts LIMIT ?",
+                (self._host, cutoff, limit),
+            ).fetchall()
+            sums: dict[tuple[str, str, int], list[Any]] = {}
+            for _, service, outcome, arrival, duration, held, count in rows:
+                key = (service, outcome, math.floor(arrival / DEMAND_BUCKET_SECONDS))
+                acc = sums.get(key)
+                if acc is None:
+                    sums[key] = [arrival, duration, held, count]
+                else:
+                    acc[0] = min(acc[0], arrival)
+                    acc[1] += duration
+                    acc[2] += held
+                    acc[3] += count
+            db.executemany(
+                "INSERT INTO demand (host, service, outcome, bucket, arrival_ts, duration_s, "
+                "held_s, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host, service, outcome, bucket) WHERE bucket IS NOT NULL "
+                "DO UPDATE SET arrival_ts = MIN(arrival_ts, excluded.arrival_ts), "
+                "duration_s = duration_s + excluded.duration_s, "
+                "held_s = held_s + excluded.held_s, count = count + excluded.count",
+                [
+                    (self._host, service, outcome, bucket, arrival, duration, held, count)
+                    for (service, outcome, bucket), (arrival, duration, held, count) in (
+                        sums.items()
+                    )
+                ],
+            )
+            db.executemany("DELETE FROM demand WHERE id = ?", [(row[0],) for row in rows])
+            db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise LedgerError(f"ledger write failed: {err}") from err
+        return len(rows)
+
+    async def demand(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[DemandRecord]:
+        sql = (
+            "SELECT service, arrival_ts, duration_s, outcome, held_s, count, host FROM demand "
+            "WHERE host = ? AND arrival_ts >= ? AND arrival_ts < ?"
+        )
+        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        if service is not None:
+            sql += " AND service = ?"
+            params.append(service)
+        rows = await self._call(self._read, sql + " ORDER BY arrival_ts, id", params)
+        return [
+            DemandRecord(
+                service=r["service"],
+                arrival=_dt_required(r["arrival_ts"]),
+                duration_s=r["duration_s"],
+                outcome=cast(DemandOutcome, r["outcome"]),
+                held_s=r["held_s"],
+                count=r["count"],
+                host=r["host"],
+            )
+            for r in rows
+        ]
 
     # -- earnings -------------------------------------------------------------------------
 

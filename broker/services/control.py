@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 
 from broker.clock import Clock
+from broker.ledger.base import DemandOutcome
 from broker.scheduling.pool import OPEN, GateMode
+from broker.services.demand import DemandBuffer
 
 __all__ = ["GateControl", "GateMode", "GateStats", "Refusal"]
 
@@ -72,6 +74,9 @@ class GateControl:
         self.max_hold = max_hold
         self.on_reclaim = on_reclaim
         self.on_event: EventListener | None = None
+        # Where each inference request's record goes (the daemon's, written to the ledger
+        # in batches); None: not recorded.
+        self.demand: DemandBuffer | None = None
         self._display_tz = display_tz
         self._mode = OPEN
         self._wake: asyncio.Future[None] | None = None  # resolved on any change of state
@@ -151,30 +156,70 @@ class GateControl:
 
     # ---- used by the gate for every inference request
     async def admit(self) -> Refusal | None:
-        """None when the request may go upstream now; a Refusal to answer 503."""
-        self.last_request_at = self._clock.now()
-        self.last_request_monotonic = self._clock.monotonic()
+        """None when the request may go upstream now; a Refusal to answer 503.
+
+        Its arrival is `last_request_at` / `last_request_monotonic` as this returns or first
+        waits; a refusal, or a client that leaves while held, is recorded here (demand); a
+        request let through is recorded by `request_finished`."""
+        arrival = self.last_request_at = self._clock.now()
+        arrived = self.last_request_monotonic = self._clock.monotonic()
         if not self._mode.guarded:
             return None
         self._ask_reclaim()
         if self._outlasts_hold():
+            self._record(arrival, arrived, "refused", 0.0)
             return self._reject()
         self.held += 1
         self.held_total += 1
         self._tell("held")
         try:
             released = await self._wait_for_release()
+        except asyncio.CancelledError:
+            # the client went away while held
+            waited = self._clock.monotonic() - arrived
+            self._record(arrival, arrived, "held", waited)
+            raise
         finally:
             self.held -= 1
         if released:
             return None
+        self._record(arrival, arrived, "refused", self._clock.monotonic() - arrived)
         return self._reject()
+
+    def held_since(self, arrived: float) -> float:
+        """Seconds a request that arrived at monotonic `arrived` has waited: its time held,
+        asked by the gate as admit() lets it through after a hold."""
+        return self._clock.monotonic() - arrived
 
     def request_started(self) -> None:
         self.in_flight += 1
 
-    def request_finished(self) -> None:
+    def request_finished(
+        self,
+        arrival: datetime | None = None,
+        arrived: float | None = None,
+        held_s: float = -1.0,
+    ) -> None:
+        """An admitted request's answer ended (or broke, or its client left). `arrival` and
+        `arrived` are admit()'s (None: not recorded); `held_s` how long it was held, < 0
+        when it passed at once."""
         self.in_flight -= 1
+        demand = self.demand
+        if demand is not None and arrival is not None and arrived is not None:
+            demand.add(
+                self.name,
+                arrival,
+                self._clock.monotonic() - arrived,
+                "passed" if held_s < 0 else "held",
+                held_s if held_s > 0 else 0.0,
+            )
+
+    def _record(
+        self, arrival: datetime, arrived: float, outcome: DemandOutcome, held_s: float
+    ) -> None:
+        demand = self.demand
+        if demand is not None:
+            demand.add(self.name, arrival, self._clock.monotonic() - arrived, outcome, held_s)
 
     # ---- internals
     def _reject(self) -> Refusal:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Generator, Iterable
-from datetime import tzinfo
+from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from broker.clock import Clock
@@ -138,6 +138,11 @@ class _Client(asyncio.Protocol):
         self.pieces: list[bytes] = []  # a body arriving in several reads
         self.have = 0
         self.counted = False  # request_started() was called
+        # an inference request's arrival (the control's clock) and time held (< 0: none),
+        # for its demand record when it ends
+        self.arrival: datetime | None = None
+        self.arrived: float | None = None
+        self.held_s = -1.0
         self.up: UpstreamConnection | None = None
         self.up_head = b""
         self.retried = False
@@ -324,12 +329,18 @@ class _Client(asyncio.Protocol):
         # admit() of an open gate returns without waiting, and that is nearly every request:
         # run its first step here rather than in a task of its own (a task per request is a
         # quarter of the gate's CPU). When it does wait (a hold), a task takes over.
-        admission = gate.control.admit()
+        control = gate.control
+        admission = control.admit()
         try:
             waiting_on = admission.send(None)
         except StopIteration as done:
+            self.arrival = control.last_request_at
+            self.arrived = control.last_request_monotonic
+            self.held_s = -1.0
             self._admitted(head, done.value)
             return
+        self.arrival = control.last_request_at
+        self.arrived = control.last_request_monotonic
         self.state = _ADMIT
         self.task = asyncio.get_running_loop().create_task(
             self._held(head, _Resumed(admission, waiting_on))
@@ -338,6 +349,8 @@ class _Client(asyncio.Protocol):
     async def _held(self, head: RequestHead, admission: _Resumed[Refusal | None]) -> None:
         refusal = await admission
         self.task = None
+        if refusal is None and self.arrived is not None:
+            self.held_s = self.gate.control.held_since(self.arrived)
         self._admitted(head, refusal)
         self._pump()
 
@@ -693,7 +706,7 @@ class _Client(asyncio.Protocol):
     def _end_request(self) -> None:
         if self.counted:
             self.counted = False
-            self.gate.control.request_finished()
+            self.gate.control.request_finished(self.arrival, self.arrived, self.held_s)
         self.sink = None
         self.head = None
         self.body = None
