@@ -124,14 +124,24 @@ def read_market(path: Path) -> list[Renter]:
 
 
 def demand_from_records(records: Iterable[DemandRecord]) -> list[Request]:
-    """The ledger's demand record as requests. A compacted record (`count` > 1) keeps only
-    its first arrival and summed durations: its requests are spread evenly from there,
-    one mean duration apart, which keeps the busy time it stood for."""
+    """The ledger's demand record as requests to replay.
+
+    A request ran for its duration less the time it was held. A refused one never ran: it
+    is given the mean run time of those that did. A compacted record (`count` > 1) keeps
+    only its first arrival and summed durations: its requests are spread from there one
+    mean duration apart, which keeps the busy time it stood for."""
+    kept = list(records)
+    ran = [(r.duration_s - r.held_s, r.count) for r in kept if r.outcome != "refused"]
+    runs = sum(c for _, c in ran)
+    typical = sum(d for d, _ in ran) / runs if runs else 5.0
     out: list[Request] = []
-    for record in records:
+    for record in kept:
         start = record.arrival.timestamp()
         count = max(1, record.count)
-        mean = record.duration_s / count
+        if record.outcome == "refused":
+            mean = typical
+        else:
+            mean = max(0.0, record.duration_s - record.held_s) / count
         for k in range(count):
             out.append(Request(start + k * mean, mean, record.service))
     out.sort(key=lambda r: r.at)

@@ -6,6 +6,7 @@ import tomllib
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from broker.config import PolicySection, describe_problems
 from broker.errors import ConfigError
@@ -37,7 +38,10 @@ def variant(base: PolicySection, assignments: list[str]) -> PolicySection:
         return PolicySection.model_validate(data)
     except ValidationError as err:
         shown = {"policy": data}
-        errors = [dict(e, loc=("policy", *e["loc"])) for e in err.errors()]
+        errors: list[ErrorDetails] = []
+        for e in err.errors():
+            e["loc"] = ("policy", *e["loc"])
+            errors.append(e)
         raise ConfigError(describe_problems(errors, shown), source="--policy") from None
 
 
