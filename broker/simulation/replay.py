@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +59,11 @@ class Timings:
     drain_s: float = 5.0  # unload the models and verify the GPUs free
     poll_s: float = 10.0  # provider.poll_interval
     max_hold_s: float = 30.0  # the services' max_hold
+    # The loop's tick: a request shorter than that is still seen at the next step.
+    sample_s: float = 1.0
+    # A renter's container loads the GPUs at once, and load nobody explains is checked
+    # against the marketplace at once; False: a new rental is seen at the next poll.
+    renter_load: bool = True
 
     @classmethod
     def from_config(cls, config: Config, keep_alive_s: float = 300.0) -> Timings:
@@ -67,6 +73,7 @@ class Timings:
             debounce_s=config.gpus.idle_debounce.total_seconds(),
             poll_s=config.provider.poll_interval.total_seconds(),
             max_hold_s=min(holds) if holds else 30.0,
+            sample_s=config.broker.sample_interval.total_seconds(),
         )
 
 
@@ -146,6 +153,7 @@ class Replay:
         self.record = record
         self.progress = progress
         self.transitions: list[Transition] = []
+        self.actions: list[tuple[datetime, List]] = []  # offers put up or renewed (record)
         self.totals = Totals()
         calendar = Calendar.from_config(config.windows, config.broker.tz)
         spans = calendar.intervals(_dt(start), _dt(end + 8 * 86400))
@@ -314,6 +322,7 @@ class Replay:
                 continue
             end = self.offer_end if self.offer_end is not None else float("inf")
             self.rental = _Rental(renter.at, end, renter.at + renter.hours * 3600, pays)
+            self._changed(renter.at)
             self.totals.rentals += 1
 
     def _at(self, t: float) -> None:
@@ -325,9 +334,6 @@ class Replay:
             ended = heapq.heappop(running)
             if not running:
                 self._idle_at = ended + self.timings.keep_alive_s + self.timings.debounce_s
-        while self._retries and self._retries[0][0] <= t:
-            _, rid = heapq.heappop(self._retries)
-            self._arrive(t, rid)
         demand = self.demand
         while self._di < len(demand) and demand[self._di].at <= t:
             rid = len(self._first_arrival)
@@ -344,6 +350,13 @@ class Replay:
             self._drain_done = None
             self._drain_ready = True
         self._step(t)
+        if self._retries and self._retries[0][0] <= t:
+            # A refused user comes back at the time the 503 named, just after the
+            # service's own step at that instant (which may find the GPUs free first).
+            while self._retries and self._retries[0][0] <= t:
+                _, rid = heapq.heappop(self._retries)
+                self._arrive(t, rid)
+            self._step(t)
 
     def _arrive(self, t: float, rid: int) -> None:
         gates = self.pm.gates
@@ -363,7 +376,7 @@ class Replay:
         first = self._first_arrival[rid]
         if t > first:
             self.totals.waits.append(t - first)
-        heapq.heappush(self._running, t + self._durations[rid])
+        heapq.heappush(self._running, t + max(self._durations[rid], self.timings.sample_s))
 
     def _refuse(self, t: float, rid: int) -> None:
         if rid not in self._was_refused:
@@ -371,7 +384,8 @@ class Replay:
             self.totals.refused += 1
         until = self.pm.gates.rented_until
         retry = until.timestamp() if until is not None and until.timestamp() > t else None
-        retry_by = float(int(retry if retry is not None else t + self.timings.max_hold_s) + 1)
+        wait = retry - t if retry is not None else self.timings.max_hold_s
+        retry_by = t + max(1.0, math.ceil(wait))  # the gate's Retry-After, whole seconds
         if self.refused_until is None or retry_by > self.refused_until:
             self.refused_until = retry_by
         heapq.heappush(self._retries, (retry_by, rid))
@@ -380,7 +394,7 @@ class Replay:
 
     def _observe(self, t: float) -> Observation:
         local_busy = bool(self._running) or t < self._idle_at
-        renter_load = self.rental is not None and self.rental.start <= t
+        renter_load = self.timings.renter_load and self.rental is not None
         if local_busy:
             gpus_idle, renters_busy, after = False, False, True
         elif renter_load:
@@ -444,6 +458,8 @@ class Replay:
                 self.listed, self.offer_end = True, end
                 if self.rental is not None and end > self.rental.end:
                     self.rental.end = end  # a later end date extends running contracts
+                if self.record:
+                    self.actions.append((_dt(t), action))
                 if action.renewal:
                     self.totals.renewals += 1
                 else:
