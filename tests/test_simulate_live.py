@@ -12,7 +12,6 @@ into the next timer), never more; the sequence must be identical.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import datetime, timedelta
 from typing import Any
 
