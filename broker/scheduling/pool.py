@@ -417,6 +417,10 @@ class PoolMachine:
             return []
         if obs.now < self.renewal_due(current) or end <= current:
             return []
+        if obs.quiet_until is not None and end == obs.quiet_until and (
+            end - obs.now < self.policy.min_listed
+        ):
+            return []  # local use is likely soon (weekly rhythm): let the offer run out
         self.offer_end = end
         return [List(end, renewal=True)]
 

@@ -4,8 +4,9 @@ Learned from the requests the gates saw (the ledger's demand record, then live):
 is a request that comes more than `VISIT_GAP` after the one before it (a person opening a
 chat; the requests that follow belong to it). For each of the 168 hours of the week, the
 rate is the visits seen in that hour over the number of times that hour has gone by since
-learning began, with one imagined quiet week as a prior so a single visit does not close
-an hour for good.
+learning began, with one imagined quiet pass as a prior so a single visit does not close
+an hour for good; the same hour of other days of the same kind (weekdays, weekends) is
+pooled too, and the higher of the two rates is taken (the team's comfort comes first).
 
 `quiet_until(now, risk)` is how far ahead the chance of at least one visit stays under
 `risk` (visits as a Poisson process at the learned rates): an offer that ends there is
@@ -59,8 +60,16 @@ class WeeklyRhythm:
         return (now - first_pass) // WEEK + 1
 
     def rate(self, hour: int, now: float) -> float:
-        """Visits per hour expected at hour-of-week `hour`."""
-        return self.visits[hour] / (self._passes(hour, now) + PRIOR_WEEKS)
+        """Visits per hour expected at hour-of-week `hour`: the higher of that hour's own
+        rate and the rate at that hour of the day over the same kind of day (weekday or
+        weekend), which learns a daily habit five times faster."""
+        own = self.visits[hour] / (self._passes(hour, now) + PRIOR_WEEKS)
+        weekend = hour >= 5 * 24
+        days = range(5, 7) if weekend else range(5)
+        alike = [d * 24 + hour % 24 for d in days]
+        passes = sum(self._passes(h, now) for h in alike)
+        daily = sum(self.visits[h] for h in alike) / (passes + PRIOR_WEEKS)
+        return max(own, daily)
 
     def learned(self, now: float) -> bool:
         return self.first is not None and now - self.first >= MIN_WEEKS * WEEK

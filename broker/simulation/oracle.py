@@ -23,8 +23,10 @@ arrivals the set of renters still reachable does not change while the value grow
 (a rented hour earns more than its power costs), so the best e is `hi` or the arrival
 time of a later renter, plus `lo` for a renter whose hours do not pay their energy.
 best[i] = max(best[i+1], max_e value_i(e) + best[first renter arriving at or after e]),
-computed from the last renter back. It is a bound on every policy the replay runs: each
-of their schedules is one of the oracle's choices.
+computed from the last renter back. It bounds every policy that keeps every local
+request from waiting (each such schedule is one of the oracle's choices); a policy that
+makes the team wait (refusals) can earn more than the oracle, at the team's expense, so
+a share of the oracle above 100 % is possible and says exactly that.
 """
 
 from __future__ import annotations

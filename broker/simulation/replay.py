@@ -373,9 +373,8 @@ class Replay:
         self._held.append((t + self.timings.max_hold_s, t, rid))
 
     def _start(self, t: float, rid: int) -> None:
-        first = self._first_arrival[rid]
-        if t > first:
-            self.totals.waits.append(t - first)
+        if rid in self._was_held or rid in self._was_refused:
+            self.totals.waits.append(t - self._first_arrival[rid])
         heapq.heappush(self._running, t + max(self._durations[rid], self.timings.sample_s))
 
     def _refuse(self, t: float, rid: int) -> None:
