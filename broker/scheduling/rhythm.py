@@ -2,16 +2,14 @@
 
 Learned from the requests the gates saw (the ledger's demand record, then live): a *visit*
 is a request that comes more than `VISIT_GAP` after the one before it (a person opening a
-chat; the requests that follow belong to it). For each of the 168 hours of the week, the
-rate is the visits seen in that hour over the number of times that hour has gone by since
-learning began, with one imagined quiet pass as a prior so a single visit does not close
-an hour for good; the same hour of other days of the same kind (weekdays, weekends) is
-pooled too, and the higher of the two rates is taken (the team's comfort comes first).
+chat; the requests that follow belong to it). For each hour of the day, on weekdays and
+at weekends apart, the rate is the visits seen in that hour over the number of times that
+hour has gone by since learning began, with one imagined quiet pass as a prior.
 
-`quiet_until(now, risk)` is how far ahead the chance of at least one visit stays under
-`risk` (visits as a Poisson process at the learned rates): an offer that ends there is
-rented out only when a request is unlikely before it ends, and a renter who wants longer
-goes elsewhere instead of keeping the team waiting.
+`quiet_until(now, risk)` is where the next busy hour begins: an hour in which a visit is
+at least `risk` likely (visits as a Poisson process at the learned rate). Offers end
+there, and the pool is not listed when that leaves less than `min_listed`: a renter is
+not let in just before the team usually comes, while quiet nights stay fully rentable.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from datetime import datetime, timedelta, tzinfo
 
 VISIT_GAP = 600.0  # seconds without a request before the next one counts as a new visit
 WEEK = 7 * 86400
-PRIOR_WEEKS = 1.0  # quiet weeks imagined before the first one seen
+PRIOR_PASSES = 1.0  # quiet passes of an hour imagined before the first one seen
 MIN_WEEKS = 1.0  # learn at least this long before trusting the rhythm
 
 
@@ -60,37 +58,29 @@ class WeeklyRhythm:
         return (now - first_pass) // WEEK + 1
 
     def rate(self, hour: int, now: float) -> float:
-        """Visits per hour expected at hour-of-week `hour`: the higher of that hour's own
-        rate and the rate at that hour of the day over the same kind of day (weekday or
-        weekend), which learns a daily habit five times faster."""
-        own = self.visits[hour] / (self._passes(hour, now) + PRIOR_WEEKS)
-        weekend = hour >= 5 * 24
-        days = range(5, 7) if weekend else range(5)
+        """Visits per hour expected at hour-of-week `hour`: that hour of the day over every
+        day of the same kind (weekdays, weekends), which learns a daily habit five times
+        faster than the hour of the week alone and is not thrown by one odd visit."""
+        days = range(5, 7) if hour >= 5 * 24 else range(5)
         alike = [d * 24 + hour % 24 for d in days]
         passes = sum(self._passes(h, now) for h in alike)
-        daily = sum(self.visits[h] for h in alike) / (passes + PRIOR_WEEKS)
-        return max(own, daily)
+        return sum(self.visits[h] for h in alike) / (passes + PRIOR_PASSES)
 
     def learned(self, now: float) -> bool:
         return self.first is not None and now - self.first >= MIN_WEEKS * WEEK
 
     def quiet_until(self, now: datetime, risk: float, horizon: timedelta) -> datetime | None:
-        """The latest end (at most `now + horizon`) before which a visit stays less likely
-        than `risk`; None while the rhythm is not learned yet (no opinion)."""
+        """Until when (at most `now + horizon`) every hour ahead is quiet: an hour is busy
+        when a visit in it is at least `risk` likely. `now` itself when this hour is busy;
+        None while the rhythm is not learned yet (no opinion)."""
         t0 = now.timestamp()
         if not self.learned(t0):
             return None
-        budget = -math.log(1.0 - min(max(risk, 0.0), 0.999999))
+        busy = -math.log(1.0 - min(max(risk, 1e-6), 0.999999))  # visits per hour
         end = t0 + horizon.total_seconds()
         t = t0
         while t < end:
-            hour_end = (t // 3600 + 1) * 3600
-            step_end = min(hour_end, end)
-            rate = self.rate(self._hour(t), t0) / 3600
-            need = rate * (step_end - t)
-            if need >= budget:
-                t += budget / rate
+            if self.rate(self._hour(t), t0) >= busy:
                 return datetime.fromtimestamp(t, now.tzinfo)
-            budget -= need
-            t = step_end
+            t = (t // 3600 + 1) * 3600
         return datetime.fromtimestamp(end, now.tzinfo)
