@@ -32,7 +32,8 @@ def config(policy: dict[str, Any] | None = None, **extra: Any) -> Config:
         "gpus": {"backend": "fake", "fake": [{"idle_watts": 20, "load_watts": 300}] * 2},
         "windows": [{"cron": "0 0 * * *", "duration": "24h"}],
         "energy": {"price_per_kwh": 0.2, "overhead_watts": 50},
-        "policy": {"idle_window": "15m", "max_commitment": "2h", "local_hold": "10m"}
+        "policy": {"idle_window": "15m", "max_commitment": "2h", "local_hold": "10m",
+                   "renew_every": "1h"}
         | (policy or {}),
         "provider": {"kind": "paper", "price_gpu": 0.5},
     }
@@ -88,7 +89,7 @@ def test_renew_every_keeps_near_max_commitment_on_the_offer() -> None:
     # a renter wants 1.5 h left. Renewed at half (the old way, at 1h15m05s) the offer
     # shows 61 min then: the renter leaves. Renewed every 5 min it shows 1h56m.
     lone = [renter(1 + 14 / 60, 3, 1.5)]
-    sawtooth = run(config(), [], lone, hours=6)
+    sawtooth = run(config({"renew_every": "1h"}), [], lone, hours=6)
     assert (sawtooth.totals.rentals, sawtooth.totals.renters_turned_away) == (0, 1)
     rolling = run(config({"renew_every": "5m"}), [], lone, hours=6)
     assert (rolling.totals.rentals, rolling.totals.renters_turned_away) == (1, 0)
@@ -96,18 +97,22 @@ def test_renew_every_keeps_near_max_commitment_on_the_offer() -> None:
     assert rolling.totals.rented_gpu_hours == pytest.approx(6.0, abs=0.01)
 
 
-def test_the_weekly_rhythm_ends_offers_before_the_likely_next_request() -> None:
+def test_the_weekly_rhythm_ends_offers_where_the_teams_busy_hour_begins() -> None:
     rhythm = WeeklyRhythm(UTC)
     rhythm.start(T0 - 8 * 86400)
-    for day in range(8):  # someone comes at 19:00 every day
-        rhythm.request(T0 - (8 - day) * 86400 + 7 * H)
-    now = START + timedelta(hours=6)  # 18:00
-    until = rhythm.quiet_until(now, 0.3, timedelta(hours=2))
-    assert until is not None
-    assert START + timedelta(hours=7) < until <= START + timedelta(hours=7.5)
-    # quieter hours go on to the horizon
-    late = rhythm.quiet_until(START + timedelta(hours=9), 0.3, timedelta(hours=2))
-    assert late == START + timedelta(hours=11)
+    for day in range(8):  # someone comes at 19:10 every day (Sunday to Sunday)
+        rhythm.request(T0 - (8 - day) * 86400 + 7 * H + 600)
+    # Monday 18:00: five weekday visits at 19h in five weekday passes (and one quiet pass
+    # imagined): 0.83 visits an hour, a busy hour at a risk of 0.3
+    now = START + timedelta(hours=6)
+    assert rhythm.quiet_until(now, 0.3, timedelta(hours=2)) == START + timedelta(hours=7)
+    assert rhythm.quiet_until(now + timedelta(minutes=90), 0.3, timedelta(hours=2)) == (
+        now + timedelta(minutes=90)
+    )  # inside the busy hour: nothing is quiet
+    # a risk above that hour's likelihood, or quiet hours: on to the horizon
+    assert rhythm.quiet_until(now, 0.6, timedelta(hours=2)) == now + timedelta(hours=2)
+    late = START + timedelta(hours=9)
+    assert rhythm.quiet_until(late, 0.3, timedelta(hours=2)) == late + timedelta(hours=2)
     # not learned yet: no opinion
     assert WeeklyRhythm(UTC).quiet_until(now, 0.3, timedelta(hours=2)) is None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import ollama
@@ -20,6 +21,9 @@ from fakes.rig import Rig, RigFactory, chat
 from fakes.vast import FakeVast
 
 from broker.clock import FakeClock
+from broker.config import BrokerSection
+from broker.ledger import open_ledger
+from broker.ledger.base import DemandRecord
 from broker.providers import RentalKind
 from broker.scheduling.pool import PoolState
 from broker.simulation.inputs import Renter, Request
@@ -147,3 +151,32 @@ async def test_a_replayed_day_takes_the_live_services_decisions(
     # the day was eventful: rented, reclaimed for a request, listed several times
     states = {s for _, s in live}
     assert {PoolState.RENTED, PoolState.RECLAIMING, PoolState.LISTED} <= states
+
+
+async def test_the_live_service_learns_the_weekly_rhythm_from_the_ledger(
+    make_rig: RigFactory, clock: FakeClock, tmp_path: Path
+) -> None:
+    # Two weeks of the team coming at 12:20 every day, recorded before this start (12:00).
+    now = clock.now()
+    state = tmp_path / "state"
+    ledger = await open_ledger(BrokerSection(state_dir=state, timezone="UTC"), host="rig")
+    try:
+        await ledger.add_demand(
+            [
+                DemandRecord("ollama", now - timedelta(days=d) + timedelta(minutes=20), 4.0,
+                             "passed")
+                for d in range(1, 15)
+            ]
+        )  # fmt: skip
+    finally:
+        await ledger.close()
+    rig = await make_rig(policy={"demand_risk": 0.3})
+    rhythm = rig.daemon.scheduler.loop.rhythm
+    assert sum(rhythm.visits) == 14
+    await rig.run_for(600, step=5)
+    # the 12:00-13:00 hour is the team's: not listed, and the reason says why
+    assert rig.state is PoolState.LOCAL
+    assert "weekly rhythm" in rig.daemon.scheduler.loop.last_reason
+    # from 13:00 on the hours are quiet again: it lists
+    await rig.until_state(PoolState.LISTED, limit=3600, step=5)
+    assert clock.now() >= now.replace(hour=13)

@@ -464,6 +464,7 @@ class Replay:
                 else:
                     self.totals.listings += 1
                 self._read()
+                acted = True  # the live loop steps again on the listing's read-back
             elif isinstance(action, Unlist):
                 self.listed = False
                 self._read()
