@@ -287,3 +287,24 @@ def test_without_a_ledger_the_command_says_what_to_do(
 ) -> None:
     assert main(["simulate", "-c", str(files["config"])]) == 2
     assert "--demand FILE.csv" in capsys.readouterr().err
+
+
+def test_the_paper_market_model_gives_the_same_renters_to_every_policy(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = files["config"].read_text().replace(
+        "price_gpu = 0.5", "price_gpu = 0.2\narrivals_per_hour = 2.0\nseed = 7"
+    )
+    files["config"].write_text(text)
+    args = [*simulate(files, "--format", "json")[:-4], "--format", "json",
+            "--until", "2026-11-09", "--policy", "renew_every=2h"]  # fmt: skip
+    assert "--market" not in args
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)["rows"]
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)["rows"]
+    assert first == again  # seeded: the same renters each time
+    configured, never_renewed, oracle = first
+    assert configured["rentals"] > 0 and oracle["rentals"] > 0
+    # renewed every 10 min, renters see 2 h left; renewed only at its end they see less
+    assert configured["rented_gpu_hours"] > never_renewed["rented_gpu_hours"]
