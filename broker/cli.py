@@ -44,6 +44,8 @@ from broker.report.extent import read_extent
 from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
+from broker.simulation.command import run_simulate
+from broker.simulation.inputs import InputError
 from broker.units import describe_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -140,6 +142,50 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "csv", "json"), default="table", help="default table"
     )
     report.set_defaults(handler=cmd_report)
+
+    simulate = sub.add_parser(
+        "simulate",
+        parents=[common],
+        help="replay demand and a market through the policy, against an oracle",
+        description="Replay local demand (the ledger's record or a CSV trace) and a market "
+        "(the paper market's model or a CSV of renter arrivals) through the real pool "
+        "machine in virtual time, for the configured policy and each --policy variant, "
+        "next to an oracle that knows the future. See docs/simulate.md.",
+    )
+    simulate.add_argument(
+        "--demand",
+        default="ledger",
+        metavar="ledger|FILE.csv",
+        help="local requests: the ledger's record (default) or a CSV "
+        "timestamp,duration_s[,service]",
+    )
+    simulate.add_argument(
+        "--market",
+        default="paper",
+        metavar="paper|FILE.csv",
+        help="renters: the paper market's model with its [provider] keys (default) or a CSV "
+        "timestamp,gpus,hours,kind,max_price,min_offer_hours",
+    )
+    simulate.add_argument(
+        "--since", type=_when, metavar="D", help="start (default: the trace's first request, "
+        "or 28 days ago for the ledger)",
+    )  # fmt: skip
+    simulate.add_argument(
+        "--until", type=_when, metavar="D", help="last day, included, or moment "
+        "(default: the trace's end, or now)",
+    )  # fmt: skip
+    simulate.add_argument(
+        "--policy",
+        action="append",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="a variant of [policy] replayed beside the configured one (repeat for more; "
+        "several keys: idle_window=5m,local_hold=2m)",
+    )
+    simulate.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="default table"
+    )
+    simulate.set_defaults(handler=cmd_simulate)
 
     check = sub.add_parser(
         "check", parents=[common], help="validate the config and what it points to"
@@ -313,6 +359,20 @@ def cmd_report(
     else:
         out.print(to_text(report, out.width))
     return EXIT_OK
+
+
+# -- simulate -----------------------------------------------------------------------------
+
+
+def cmd_simulate(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    try:
+        return run_simulate(args, config, clock.now(), out)
+    except InputError as error:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"gpu-broker simulate: {error}", markup=False)
+        return EXIT_USAGE
 
 
 # -- check --------------------------------------------------------------------------------

@@ -408,13 +408,22 @@ class ServiceSection(_Model):
 
 
 class PolicySection(_Model):
-    idle_window: PositiveDuration = timedelta(minutes=15)
+    # idle_window and local_hold: 5 minutes each, as `scripts/bench-simulate` favours (the
+    # models stay loaded for Ollama's keep_alive before that anyway; docs/simulate.md).
+    idle_window: PositiveDuration = timedelta(minutes=5)
     drain_timeout: PositiveDuration = timedelta(minutes=2)
     min_listed: Duration = timedelta(minutes=30)
     max_cycles_per_day: int = Field(default=6, ge=1)
-    local_hold: Duration = timedelta(minutes=10)
+    local_hold: Duration = timedelta(minutes=5)
     max_commitment: PositiveDuration = timedelta(hours=2)
     reclaim: Literal["graceful", "displace-interruptible"] = "graceful"
+    # Renew the live offer once its end is this much nearer than max_commitment, so
+    # arriving renters see close to max_commitment left (most want hours, not minutes).
+    # Unset: renew at half of max_commitment (the old sawtooth).
+    renew_every: PositiveDuration | None = timedelta(minutes=10)
+    # End offers where a local request becomes more likely than this, by the team's weekly
+    # rhythm learned from the demand record (after a week of it); unset: windows only.
+    demand_risk: float | None = Field(default=None, gt=0, lt=1)
 
 
 # Longer windows would make "is it open?" depend on occurrences far in the past; a week
@@ -605,6 +614,11 @@ def parse_config(data: Mapping[str, Any], source: str | None = None) -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err.errors(), data), source=source) from None
+
+
+def describe_problems(errors: Iterable[ErrorDetails], data: Mapping[str, Any]) -> list[str]:
+    """Pydantic errors as "key.path: expected ..." lines (also for `simulate --policy`)."""
+    return _describe(errors, data)
 
 
 def _describe(errors: Iterable[ErrorDetails], data: Mapping[str, Any]) -> list[str]:

@@ -30,7 +30,7 @@ def test_example_config_is_valid_and_complete() -> None:
     config = load_config(EXAMPLE)
     assert config.gpus.backend == "auto" and len(config.gpus.fake) == 2
     assert isinstance(config.provider, PaperProvider)
-    assert config.policy.idle_window == timedelta(minutes=15)
+    assert config.policy.idle_window == timedelta(minutes=5)  # issue 13: measured
     assert config.services[0].gate_listen == "127.0.0.1:11434"
     assert [w.cron for w in config.windows] == ["0 22 * * *", "0 9 * * 6,0"]
     assert config.energy.tariff[0].price_per_kwh == 0.18

@@ -29,7 +29,7 @@ from broker.errors import LedgerError
 from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
-from broker.ledger.base import JournalEntry
+from broker.ledger.base import JournalEntry, Ledger
 from broker.providers.base import ProviderStatus
 from broker.scheduling.actions import Actions
 from broker.scheduling.attribution import Activity, Attribution
@@ -48,6 +48,7 @@ from broker.scheduling.pool import (
     ResumeServices,
     Unlist,
 )
+from broker.scheduling.rhythm import WeeklyRhythm
 from broker.scheduling.status import ReclaimLatency
 from broker.scheduling.watchers import MarketWatch, ServiceWatch, renter_held
 from broker.scheduling.windows import Calendar, Interval
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 # After acting on the marketplace the machine is stepped again on the read-back at once,
 # so a reclaim runs through (unlist, GPUs free, release) without waiting for a tick.
 RESTEPS = 4
+RHYTHM_HISTORY = timedelta(weeks=5)  # the demand record read at start for the rhythm
 
 
 class GateHandle(Protocol):
@@ -118,16 +120,35 @@ class DecisionLoop:
         self._released_early: set[str] = set()
         self._checking = False
         self._listing: asyncio.Task[None] | None = None
+        # The team's weekly rhythm (policy.demand_risk): learned from the ledger's demand
+        # record at start (`learn`), then from every request the gates see.
+        self.rhythm = WeeklyRhythm(config.broker.tz)
+        self.rhythm.start(clock.now().timestamp())
+        self._requests_seen: dict[str, float] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         self.config = config
+        self.rhythm.tz = config.broker.tz
         self.machine.policy = config.policy
         self.machine.tz = config.broker.tz
         self.calendar = Calendar.from_config(config.windows, config.broker.tz)
         self._window: Interval | None = None  # the open window last found
         self._closed_until: datetime | None = None  # no window opens before this
         self.pool_gpus = [d.index for d in self.sampler.devices]
+
+    async def learn(self, ledger: Ledger) -> None:
+        """Learn the weekly rhythm from the demand the ledger recorded in the last weeks."""
+        now = self._clock.now()
+        try:
+            records = await ledger.demand(now - RHYTHM_HISTORY, now)
+        except (LedgerError, NotImplementedError) as err:
+            log.warning("the team's weekly rhythm starts empty: %s", err)
+            return
+        if records:
+            self.rhythm.start(records[0].arrival.timestamp())
+        for record in records:
+            self.rhythm.request(record.arrival.timestamp())
 
     # ---- outside requests ---------------------------------------------------------------
 
@@ -215,10 +236,16 @@ class DecisionLoop:
         gpus_idle = self._gpus_idle()
         self.activity = self._attribute(gpus_idle)
         refused = [g.refused_until for g in self.gates if g.refused_until is not None]
+        window_end = self.window_end(now)
+        self._learn_requests(now)
+        quiet = None
+        risk = self.config.policy.demand_risk
+        if risk is not None and window_end is not None:
+            quiet = self.rhythm.quiet_until(now, risk, self.config.policy.max_commitment)
         return Observation(
             now=now,
             monotonic=self._clock.monotonic(),
-            window_end=self.window_end(now),
+            window_end=window_end,
             gpus_idle=gpus_idle,
             local_demand=self._local_demand(),
             provider=view,
@@ -230,7 +257,19 @@ class DecisionLoop:
             refused_until=max(refused) if refused else None,
             can_list=caps.can_list,
             can_displace=caps.can_displace_interruptible,
+            quiet_until=quiet,
         )
+
+    def _learn_requests(self, now: datetime) -> None:
+        """Each gate's latest request, as the rhythm's visits (one per step at most: a
+        visit is a request after ten quiet minutes, so the ones in between do not count)."""
+        mono = self._clock.monotonic()
+        for gate in self.gates:
+            seen = gate.last_request_monotonic
+            if seen is None or self._requests_seen.get(gate.name) == seen:
+                continue
+            self._requests_seen[gate.name] = seen
+            self.rhythm.request(now.timestamp() - max(0.0, mono - seen))
 
     def _attribute(self, gpus_idle: bool | None) -> Activity:
         poller = self.market.poller

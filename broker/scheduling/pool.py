@@ -81,6 +81,9 @@ class Observation:
     # The provider's capabilities: a provider that cannot list is only observed.
     can_list: bool = True
     can_displace: bool = True
+    # With policy.demand_risk: until when a local request stays unlikely by the team's
+    # weekly rhythm (rhythm.py); offers end there. None: no opinion (not learned yet).
+    quiet_until: datetime | None = None
 
 
 # -- actions ------------------------------------------------------------------------------
@@ -251,7 +254,10 @@ class PoolMachine:
     def _offer_end_for(self, obs: Observation) -> datetime | None:
         if obs.window_end is None:
             return None
-        return min(obs.window_end, obs.now + self.policy.max_commitment)
+        end = min(obs.window_end, obs.now + self.policy.max_commitment)
+        if obs.quiet_until is not None and self.policy.demand_risk is not None:
+            end = min(end, obs.quiet_until)
+        return end
 
     def _blocker(self, obs: Observation) -> str | None:
         """Why the pool may not start towards a listing now; None when it may."""
@@ -276,7 +282,12 @@ class PoolMachine:
             return f"{self.policy.max_cycles_per_day} listings in the last 24h"
         end = self._offer_end_for(obs)
         if end is None or end - obs.now < self.policy.min_listed:
-            return f"window closes in under min_listed ({format_duration(self.policy.min_listed)})"
+            shown = format_duration(self.policy.min_listed)
+            if end is not None and obs.window_end is not None and end < obs.window_end and (
+                end < obs.now + self.policy.max_commitment
+            ):
+                return f"local use likely within min_listed ({shown}), by the weekly rhythm"
+            return f"window closes in under min_listed ({shown})"
         return None
 
     def _back_to_local(self, obs: Observation, reclaimed: bool) -> list[Action]:
@@ -411,11 +422,23 @@ class PoolMachine:
         current = view.offer_end or self.offer_end
         if end is None or current is None:
             return []
-        left = current - obs.now
-        if left > self.policy.max_commitment * RENEW_AT_FRACTION or end <= current:
+        if obs.now < self.renewal_due(current) or end <= current:
             return []
+        if obs.quiet_until is not None and end == obs.quiet_until and (
+            end - obs.now < self.policy.min_listed
+        ):
+            return []  # local use is likely soon (weekly rhythm): let the offer run out
         self.offer_end = end
         return [List(end, renewal=True)]
+
+    def renewal_due(self, offer_end: datetime) -> datetime:
+        """When an offer ending at `offer_end` is renewed (while unwanted and inside the
+        window). With `renew_every` the offer shows renters about max_commitment all the
+        time; without it, the end moves once half of max_commitment is left."""
+        step = self.policy.renew_every
+        if step is None:
+            return offer_end - self.policy.max_commitment * RENEW_AT_FRACTION
+        return offer_end - max(self.policy.max_commitment - step, timedelta(0))
 
     def _decide_observed(
         self, obs: Observation, view: ProviderView | None

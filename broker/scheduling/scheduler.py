@@ -219,6 +219,7 @@ class Scheduler:
             self.machine.since = self._clock.monotonic()
             await self.actions.start_drain()
         await self.loop.record_state(self.machine.state, "started")
+        await self.loop.learn(self.ledger)
         return found
 
     async def step(self) -> Any:

@@ -44,6 +44,7 @@ def rig_config(
     services: dict[str, Any] | None = None,
     gpus: dict[str, Any] | None = None,
     provider: dict[str, Any] | None = None,
+    broker: dict[str, Any] | None = None,
 ) -> Config:
     data: dict[str, Any] = {
         "broker": {
@@ -52,7 +53,8 @@ def rig_config(
             "sample_interval": "1s",
             "api_listen": f"127.0.0.1:{free_port()}",
             "api_token_env": "RIG_API_TOKEN",
-        },
+        }
+        | (broker or {}),
         "gpus": {
             "backend": "fake",
             "idle_debounce": "5s",
