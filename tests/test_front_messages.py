@@ -46,7 +46,10 @@ def test_durations_read_as_a_person_writes_them() -> None:
 
 
 def _machine_story(window_end: datetime) -> tuple[PoolMachine, Observation]:
-    machine = PoolMachine(PolicySection())
+    # The timings below were written for a 15 min idle window and a 10 min local hold.
+    machine = PoolMachine(
+        PolicySection(idle_window=timedelta(minutes=15), local_hold=timedelta(minutes=10))
+    )
     obs = Observation(
         now=T0,
         monotonic=0.0,
