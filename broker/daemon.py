@@ -103,7 +103,7 @@ class Daemon:
                 ("broker.api_listen", config.broker.api_listen, ""),
             ]
         )
-        self.ledger = ledger = await open_ledger(config.broker, self._host)
+        self.ledger = ledger = await open_ledger(config.broker, self._host, lock=True)
         backend = await create_backend(config.gpus, clock)
         idle = IdleDetector.from_config(config.gpus)
         self.sampler = sampler = GpuSampler(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +43,20 @@ def ledger_path(broker: BrokerSection) -> Path:
     return broker.state_dir / LEDGER_FILE
 
 
-async def open_ledger(broker: BrokerSection, host: str | None = None) -> Ledger:
-    """Open (creating and migrating as needed) the ledger the config names."""
-    return await SqliteLedger.open(ledger_path(broker), host=host or socket.gethostname())
+async def open_ledger(
+    broker: BrokerSection, host: str | None = None, *, lock: bool = False
+) -> Ledger:
+    """Open (creating and migrating as needed) the ledger the config names: the shared
+    PostgreSQL database when `database_url` is set, else the SQLite file in state_dir.
+
+    `lock` claims `host` in a shared database (the daemon does; a report does not); the
+    SQLite file needs no claim of its own, the state directory's lock covers it."""
+    host = host or broker.host
+    if broker.database_url is not None:
+        # Imported here: psycopg loads libpq, which a SQLite-only broker never needs.
+        from broker.ledger.postgres import PostgresLedger
+
+        return await PostgresLedger.open(
+            broker.database_url, host, password=broker.database_password(), lock=lock
+        )
+    return await SqliteLedger.open(ledger_path(broker), host=host)
