@@ -130,6 +130,30 @@ def is_loopback_host(host: str) -> bool:
         return False  # a name other than localhost may resolve anywhere
 
 
+def check_database_url(value: str) -> str:
+    """A PostgreSQL URL with no password in it (ValueError saying what is wrong otherwise;
+    only the scheme is ever echoed, the rest may hold a secret)."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        scheme = value.split(":", 1)[0] if "://" in value else value[:20]
+        raise ValueError(
+            'expected a PostgreSQL URL like "postgresql://broker@db.lan/fleet", '
+            f'got "{scheme}://..."'
+        )
+    parts = urlsplit(value)
+    try:
+        inline = parts.password is not None
+    except ValueError:
+        inline = False
+    query = {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}
+    if inline or "password" in query:
+        # Config files are read by many and copied around; the secret goes elsewhere.
+        raise ValueError(
+            "expected no password in the URL: use database_password_env, "
+            "database_password_file, or a libpq service / password file"
+        )
+    return value
+
+
 class BrokerSection(SecretRef):
     state_dir: Path = Path("~/.local/share/gpu-broker")
     database_url: str | None = None
@@ -152,28 +176,7 @@ class BrokerSection(SecretRef):
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if not value.startswith(("postgresql://", "postgres://")):
-            scheme = value.split(":", 1)[0] if "://" in value else value[:20]
-            # Only the scheme is echoed: the rest may hold a password.
-            raise ValueError(
-                'expected a PostgreSQL URL like "postgresql://broker@db.lan/fleet", '
-                f'got "{scheme}://..."'
-            )
-        parts = urlsplit(value)
-        try:
-            inline = parts.password is not None
-        except ValueError:
-            inline = False
-        query = {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}
-        if inline or "password" in query:
-            # Config files are read by many and copied around; the secret goes elsewhere.
-            raise ValueError(
-                "expected no password in the URL: use database_password_env, "
-                "database_password_file, or a libpq service / password file"
-            )
-        return value
+        return None if value is None else check_database_url(value)
 
     @field_validator("host_name")
     @classmethod

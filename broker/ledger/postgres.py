@@ -224,14 +224,23 @@ async def migrate(conn: Conn, migrations: Sequence[Migration] = MIGRATIONS) -> i
 
 
 class PostgresLedger:
-    def __init__(self, conn: Conn, conninfo: str, host: str, version: int) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        conninfo: str,
+        host: str,
+        version: int,
+        lock: asyncio.Lock | None = None,
+        owns_conn: bool = True,
+    ) -> None:
         self._conn = conn
+        self._owns_conn = owns_conn
         self._conninfo = conninfo
         self._host = host
         self._version = version
         # One connection, one transaction at a time: psycopg serialises single statements,
         # but a transaction spans several awaits.
-        self._lock = asyncio.Lock()
+        self._lock = lock or asyncio.Lock()
         self._compacted_to: float | None = None
         self._demand_compacted_to: float | None = None
         self._closed = False
@@ -291,7 +300,15 @@ class PostgresLedger:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._conn.close()  # ends the session, and with it the host's lock
+            if self._owns_conn:
+                await self._conn.close()  # ends the session, and with it the host's lock
+
+    async def for_host(self, host: str) -> PostgresLedger:
+        """A view of `host`'s rows on this ledger's connection (no new session, no claim)."""
+        self._check_open()
+        return PostgresLedger(
+            self._conn, self._conninfo, host, self._version, self._lock, owns_conn=False
+        )
 
     async def __aenter__(self) -> PostgresLedger:
         return self
@@ -303,6 +320,7 @@ class PostgresLedger:
         """Every host with rows in the ledger, by name."""
         rows = await self._read(
             "SELECT host FROM state_intervals UNION SELECT host FROM energy_slots "
+            "UNION SELECT DISTINCT host FROM energy WHERE slot IS NULL "
             "UNION SELECT host FROM journal UNION SELECT host FROM earnings ORDER BY 1",
             (),
         )
