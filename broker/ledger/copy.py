@@ -64,7 +64,7 @@ async def copy_ledger(
                 f"once on it (it migrates to {SQLITE_SCHEMA}) before copying"
             )
         result = CopyResult({}, {})
-        pg = target._conn
+        pg = target._s.conn
         await pg.execute(
             b"CREATE TABLE IF NOT EXISTS gpu_broker_copied (host TEXT NOT NULL, "
             b"tbl TEXT NOT NULL, last_id BIGINT NOT NULL, PRIMARY KEY (host, tbl))"

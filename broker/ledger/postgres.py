@@ -23,10 +23,11 @@ second one on one state directory is. The server drops it when the connection en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from itertools import pairwise
 from typing import Any, cast
@@ -223,24 +224,98 @@ async def migrate(conn: Conn, migrations: Sequence[Migration] = MIGRATIONS) -> i
     return found
 
 
-class PostgresLedger:
+# After the database is lost, a call tries to reconnect at most this often; in between calls
+# fail at once, so a broker with the database away is not slowed by connect timeouts.
+RECONNECT_SECONDS = 5.0
+
+
+class _Session:
+    """The one connection a ledger (and its host views) use, reconnected when lost. With
+    `claim` it holds that host's advisory lock, taken again on every new connection."""
+
     def __init__(
         self,
         conn: Conn,
         conninfo: str,
-        host: str,
-        version: int,
-        lock: asyncio.Lock | None = None,
-        owns_conn: bool = True,
+        kwargs: dict[str, Any],
+        claim: str | None,
+        reconnect_seconds: float = RECONNECT_SECONDS,
     ) -> None:
-        self._conn = conn
-        self._owns_conn = owns_conn
-        self._conninfo = conninfo
+        self.conn = conn
+        self.reconnect_seconds = reconnect_seconds
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+        self.claim = claim
+        # One transaction at a time: psycopg serialises single statements, but a
+        # transaction spans several awaits.
+        self.lock = asyncio.Lock()
+        self.retry_at = 0.0
+        self.lost = False
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Conn]:
+        async with self.lock:
+            conn = await self._usable()
+            try:
+                yield conn
+            finally:
+                if (conn.broken or conn.closed) and not self.lost:
+                    self.lost = True
+                    log.warning("lost the ledger database at %s", redact(self.conninfo))
+
+    async def _usable(self) -> Conn:
+        if not (self.conn.closed or self.conn.broken):
+            return self.conn
+        now = asyncio.get_running_loop().time()
+        if now < self.retry_at:
+            raise LedgerError(
+                f"the ledger database at {redact(self.conninfo)} is unreachable "
+                f"(next try in {self.retry_at - now:.0f}s)"
+            )
+        self.retry_at = now + self.reconnect_seconds
+        with contextlib.suppress(psycopg.Error):
+            await self.conn.close()
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, **self.kwargs)
+        except psycopg.Error as err:
+            raise LedgerError(
+                f"the ledger database at {redact(self.conninfo)} is unreachable: {err}"
+            ) from err
+        if self.claim is not None:
+            try:
+                claimed = await _try_claim(conn, self.claim)
+            except psycopg.Error as err:
+                await conn.close()
+                raise LedgerError(f"cannot claim host {self.claim!r} again: {err}") from err
+            if not claimed:
+                await conn.close()
+                raise LedgerError(
+                    f"another gpu-broker claimed host name {self.claim!r} while the ledger "
+                    "database was away; this one writes nothing more"
+                )
+        self.conn = conn
+        self.retry_at = 0.0
+        self.lost = False
+        log.info("the ledger database at %s is back", redact(self.conninfo))
+        return conn
+
+
+async def _try_claim(conn: Conn, host: str) -> bool:
+    cur = await conn.execute(
+        "SELECT pg_try_advisory_lock(%s::int, hashtext(%s))", (LOCK_CLASS, host)
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+class PostgresLedger:
+    def __init__(
+        self, session: _Session, host: str, version: int, owns_session: bool = True
+    ) -> None:
+        self._s = session
+        self._owns_session = owns_session
         self._host = host
         self._version = version
-        # One connection, one transaction at a time: psycopg serialises single statements,
-        # but a transaction spans several awaits.
-        self._lock = lock or asyncio.Lock()
         self._compacted_to: float | None = None
         self._demand_compacted_to: float | None = None
         self._closed = False
@@ -256,6 +331,7 @@ class PostgresLedger:
         lock: bool = False,
         migrations: Sequence[Migration] = MIGRATIONS,
         connect_timeout: float = 10.0,
+        reconnect_seconds: float = RECONNECT_SECONDS,
     ) -> PostgresLedger:
         """Connect, migrate, and with `lock` claim `host` (raises `InstanceLocked` when
         another broker holds it)."""
@@ -267,17 +343,12 @@ class PostgresLedger:
         except psycopg.Error as err:
             raise LedgerError(f"cannot connect to the ledger at {redact(conninfo)}: {err}") from err
         try:
-            if lock:
-                cur = await conn.execute(
-                    "SELECT pg_try_advisory_lock(%s::int, hashtext(%s))", (LOCK_CLASS, host)
+            if lock and not await _try_claim(conn, host):
+                holder = await _lock_holder(conn, host)
+                raise InstanceLocked(
+                    f"another gpu-broker ({holder}) is using host name {host!r} on the "
+                    f"ledger at {redact(conninfo)}; set broker.host_name to tell them apart"
                 )
-                row = await cur.fetchone()
-                if row is None or not row[0]:
-                    holder = await _lock_holder(conn, host)
-                    raise InstanceLocked(
-                        f"another gpu-broker ({holder}) is using host name {host!r} on the "
-                        f"ledger at {redact(conninfo)}; set broker.host_name to tell them apart"
-                    )
             found = await migrate(conn, migrations)
         except psycopg.Error as err:
             await conn.close()
@@ -285,7 +356,8 @@ class PostgresLedger:
         except BaseException:
             await conn.close()
             raise
-        ledger = cls(conn, conninfo, host, len(migrations))
+        session = _Session(conn, conninfo, kwargs, host if lock else None, reconnect_seconds)
+        ledger = cls(session, host, len(migrations))
         ledger.migrated_from = found
         return ledger
 
@@ -300,15 +372,13 @@ class PostgresLedger:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._owns_conn:
-                await self._conn.close()  # ends the session, and with it the host's lock
+            if self._owns_session:
+                await self._s.conn.close()  # ends the session, and with it the host's lock
 
     async def for_host(self, host: str) -> PostgresLedger:
         """A view of `host`'s rows on this ledger's connection (no new session, no claim)."""
         self._check_open()
-        return PostgresLedger(
-            self._conn, self._conninfo, host, self._version, self._lock, owns_conn=False
-        )
+        return PostgresLedger(self._s, host, self._version, owns_session=False)
 
     async def __aenter__(self) -> PostgresLedger:
         return self
@@ -334,9 +404,9 @@ class PostgresLedger:
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         self._check_open()
-        async with self._lock:
+        async with self._s.use() as conn:
             try:
-                cur = await self._conn.execute(sql.encode(), params)
+                cur = await conn.execute(sql.encode(), params)
                 return await cur.fetchall()
             except psycopg.Error as err:
                 raise LedgerError(f"ledger read failed: {err}") from err
@@ -345,11 +415,11 @@ class PostgresLedger:
         """Run the statements in one transaction; returns each one's row count."""
         self._check_open()
         counts: list[int] = []
-        async with self._lock:
+        async with self._s.use() as conn:
             try:
-                async with self._conn.transaction():
+                async with conn.transaction():
                     for sql, params in statements:
-                        cur = await self._conn.execute(sql.encode(), params)
+                        cur = await conn.execute(sql.encode(), params)
                         counts.append(cur.rowcount)
             except psycopg.Error as err:
                 raise LedgerError(f"ledger write failed: {err}") from err
@@ -357,9 +427,9 @@ class PostgresLedger:
 
     async def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._check_open()
-        async with self._lock:
+        async with self._s.use() as conn:
             try:
-                async with self._conn.transaction(), self._conn.cursor() as cur:
+                async with conn.transaction(), conn.cursor() as cur:
                     await cur.executemany(sql.encode(), rows)
             except psycopg.Error as err:
                 raise LedgerError(f"ledger write failed: {err}") from err
@@ -484,9 +554,9 @@ class PostgresLedger:
         """As SqliteLedger._compact: fold up to `limit` records as written that end by
         `cutoff` into slot sums and delete them, in one transaction."""
         self._check_open()
-        async with self._lock:
+        async with self._s.use() as conn:
             try:
-                async with self._conn.transaction(), self._conn.cursor() as cur:
+                async with conn.transaction(), conn.cursor() as cur:
                     await cur.execute(
                         b"SELECT id, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, "
                         b"overhead_joules, method FROM energy "
@@ -681,9 +751,9 @@ class PostgresLedger:
 
     async def _compact_demand(self, cutoff: float, limit: int) -> int:
         self._check_open()
-        async with self._lock:
+        async with self._s.use() as conn:
             try:
-                async with self._conn.transaction(), self._conn.cursor() as cur:
+                async with conn.transaction(), conn.cursor() as cur:
                     await cur.execute(
                         b"SELECT id, service, outcome, arrival_ts, duration_s, held_s, count "
                         b"FROM demand WHERE host = %s AND bucket IS NULL AND arrival_ts < %s "
@@ -808,9 +878,9 @@ class PostgresLedger:
 
     async def journal(self, entry: JournalEntry) -> int:
         self._check_open()
-        async with self._lock:
+        async with self._s.use() as conn:
             try:
-                cur = await self._conn.execute(
+                cur = await conn.execute(
                     b"INSERT INTO journal (host, ts, kind, subject, status, payload) "
                     b"VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                     (
