@@ -239,10 +239,12 @@ class _Session:
         conninfo: str,
         kwargs: dict[str, Any],
         claim: str | None,
-        reconnect_seconds: float = RECONNECT_SECONDS,
+        reconnect_seconds: float | None = None,
     ) -> None:
         self.conn = conn
-        self.reconnect_seconds = reconnect_seconds
+        self.reconnect_seconds = (
+            RECONNECT_SECONDS if reconnect_seconds is None else reconnect_seconds
+        )
         self.conninfo = conninfo
         self.kwargs = kwargs
         self.claim = claim
@@ -331,7 +333,7 @@ class PostgresLedger:
         lock: bool = False,
         migrations: Sequence[Migration] = MIGRATIONS,
         connect_timeout: float = 10.0,
-        reconnect_seconds: float = RECONNECT_SECONDS,
+        reconnect_seconds: float | None = None,
     ) -> PostgresLedger:
         """Connect, migrate, and with `lock` claim `host` (raises `InstanceLocked` when
         another broker holds it)."""

@@ -474,12 +474,7 @@ class DecisionLoop:
         )
 
     async def record_state(self, state: PoolState, reason: str) -> None:
-        try:
-            await self.actions.journal.transition(state, reason)
-        except LedgerError as err:
-            # The step goes on (gates set, an unlist made) with the ledger away: listing
-            # then refuses itself, as its intent cannot be journaled.
-            log.error("cannot record the move to %s: %s", state.value, err)
+        await self.actions.journal.transition(state, reason)
         self.energy.set_pool_state(state.value.lower())
 
     async def _record_gpu_states(self, state: PoolState) -> None:
