@@ -19,7 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import __version__, runtime
-from broker.cli_fleet import cmd_ledger_copy, cmd_status_fleet, report_for_host
+from broker.cli_fleet import (
+    check_shared_ledger,
+    cmd_ledger_copy,
+    cmd_status_fleet,
+    report_for_host,
+)
 from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, find_config, load_config
@@ -438,6 +443,8 @@ async def _check_gpus_and_services(
 
 
 def _check_ledger(config: Config, out: Console) -> list[str]:
+    if config.broker.database_url is not None:
+        return check_shared_ledger(config, out)
     path = ledger_path(config.broker)
     if path.exists():
         try:

@@ -191,3 +191,29 @@ def cmd_ledger_copy(args: argparse.Namespace, config: Config, clock: Clock, out:
     already = sum(s for _, s in summary.values())
     out.print(f"copied {added} rows ({already} were there already) from {source}", markup=False)
     return 0
+
+
+def check_shared_ledger(config: Config, out: Console) -> list[str]:
+    """`gpu-broker check` with database_url: reach the database and read its schema
+    version, changing nothing (a start migrates it), and name this broker's host."""
+    from broker.ledger.postgres import SCHEMA_VERSION, probe, redact
+
+    url = config.broker.database_url
+    assert url is not None
+    try:
+        version, hosts = asyncio.run(probe(url, config.broker.database_password()))
+    except BrokerError as err:
+        return [f"broker.database_url: {err}"]
+    if version > SCHEMA_VERSION:
+        return [
+            f"broker.database_url: the ledger is at schema version {version}, newer than "
+            f"this gpu-broker ({SCHEMA_VERSION})"
+        ]
+    note = "" if version == SCHEMA_VERSION else f", will migrate to {SCHEMA_VERSION}"
+    others = [h for h in hosts if h != config.broker.host]
+    out.print(
+        f"ok   ledger {redact(url)} (schema {version}{note}); this host writes as "
+        f"{config.broker.host!r}; {len(others)} other host(s) in it",
+        markup=False,
+    )
+    return []

@@ -188,3 +188,23 @@ def test_ledger_copy_refuses_a_password_in_the_url(tmp_path: Path) -> None:
     assert code == 1
     assert "--to: expected no password in the URL" in err.getvalue()
     assert "hunter2" not in err.getvalue()
+
+
+def test_check_reads_the_shared_ledger_without_changing_it(
+    two_hosts: tuple[str, Path], pg_server: PgServer, tmp_path: Path
+) -> None:
+    _, config = two_hosts
+    fresh = config_for(tmp_path, pg_server.new_database(), "gpu-new")
+    outputs = []
+    for path in (config, fresh):
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("sys.stdout", out)
+            main(["check", "-c", str(path)], FakeClock(NOW))  # other checks may fail here
+        outputs.append(out.getvalue())
+    assert "ok   ledger postgresql://broker@127.0.0.1" in outputs[0]
+    assert "(schema 1); this host writes as 'gpu-a'; 1 other host(s) in it" in outputs[0]
+    assert "(schema 0, will migrate to 1); this host writes as 'gpu-new'" in outputs[1]
+    fresh_url = fresh.read_text().split('database_url = "')[1].split('"')[0]
+    with psycopg.connect(fresh_url) as conn:
+        assert conn.execute("SELECT to_regclass('gpu_broker_schema')").fetchone() == (None,)

@@ -190,6 +190,31 @@ def _redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
 
 
+async def probe(
+    conninfo: str, password: str | None = None, connect_timeout: float = 10.0
+) -> tuple[int, list[str]]:
+    """(schema version, hosts with rows) of the database, changing nothing: what `gpu-broker
+    check` reports. Version 0 is a database the broker has not used yet."""
+    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": int(connect_timeout)}
+    if password is not None:
+        kwargs["password"] = password
+    try:
+        async with await psycopg.AsyncConnection.connect(conninfo, **kwargs) as conn:
+            cur = await conn.execute("SELECT to_regclass('gpu_broker_schema') IS NOT NULL")
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                return 0, []
+            cur = await conn.execute("SELECT version FROM gpu_broker_schema")
+            row = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT host FROM state_intervals UNION SELECT host FROM energy_slots ORDER BY 1"
+            )
+            hosts = [str(r[0]) for r in await cur.fetchall()]
+    except psycopg.Error as err:
+        raise LedgerError(f"cannot use the ledger at {redact(conninfo)}: {err}") from err
+    return (int(row[0]) if row else 0), hosts
+
+
 async def migrate(conn: Conn, migrations: Sequence[Migration] = MIGRATIONS) -> int:
     """Bring the database to the newest version; returns the version it was at."""
     async with conn.transaction():
