@@ -8,8 +8,10 @@ ledger with their host name (`lock=False`: reading takes no lock).
 Why psycopg 3 rather than asyncpg: it goes through libpq, so a service file
 (`postgresql:///?service=fleet`), `~/.pgpass` / `PGPASSFILE` and every libpq option and
 environment variable work as a DBA expects, with no password in the broker's config; it is
-fully typed (mypy --strict) and pipelines `executemany`, which is what the writes here are.
-asyncpg measured about the same on these small batches (see docs/fleet.md).
+fully typed (mypy --strict) and pipelines `executemany`. asyncpg is faster (measured here:
+an hour of 8 GPUs' minute records, 480 rows, in 13 ms against 25 ms; 48 000 rows read in
+0.23 s against 0.31 s), but the broker writes 8 rows a minute and its reports read sums, so
+neither figure matters next to libpq's configuration.
 
 The schema version lives in `gpu_broker_schema`. `MIGRATIONS[n]` takes the database from
 version n to n+1 in one transaction holding a transaction-level advisory lock, so two
