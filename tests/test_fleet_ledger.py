@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import tomllib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
-from fakes.postgres import PgServer
+from fakes.postgres import PgServer, running_server
 
 from broker.config import BrokerSection, ConfigError, parse_config
-from broker.errors import LedgerVersionError
+from broker.errors import LedgerError, LedgerVersionError
 from broker.instance_lock import InstanceLocked
-from broker.ledger import open_ledger
+from broker.ledger import DemandRecord, EnergyRecord, JournalEntry, open_ledger
 from broker.ledger.postgres import SCHEMA_VERSION, PostgresLedger
+from broker.ledger.spool import SPOOL_FILE, Spool
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
 
@@ -104,7 +105,9 @@ async def test_brokers_starting_at_once_migrate_the_database_once(pg_server: PgS
     url = pg_server.new_database()
     ledgers = await asyncio.gather(*(PostgresLedger.open(url, f"h{i}") for i in range(4)))
     try:
-        assert sorted(x.migrated_from or 0 for x in ledgers)[-1] == 0
+        # one of them found it empty; any that started later found it done (a second run
+        # of the migration would have failed on CREATE TABLE)
+        assert min(x.migrated_from for x in ledgers if x.migrated_from is not None) == 0
         assert {x.schema_version for x in ledgers} == {SCHEMA_VERSION}
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT version FROM gpu_broker_schema").fetchall() == [
@@ -148,3 +151,55 @@ async def test_reached_through_a_libpq_service_file(
         await ledger.close()
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT host FROM state_intervals").fetchall() == [("gpu-3",)]
+
+
+async def test_energy_and_demand_outlive_an_outage_on_disk_and_intents_do_not(
+    tmp_path: Path,
+) -> None:
+    with running_server() as server:  # its own server: this test stops it
+        url = server.new_database()
+        spool = tmp_path / "state" / SPOOL_FILE
+        ledger = await PostgresLedger.open(
+            url, "gpu-1", lock=True, spool=spool, reconnect_seconds=0.0
+        )
+        minute = timedelta(minutes=1)
+        before = [EnergyRecord("GPU-0", 0, "listed", T0, T0 + minute, 60.0)]
+        during = [
+            EnergyRecord("GPU-0", 0, "listed", T0 + i * minute, T0 + (i + 1) * minute, 60.0)
+            for i in range(1, 31)
+        ]
+        asked = [DemandRecord("ollama", T0 + 5 * minute, 2.0, "passed")]
+        await ledger.add_energy(before)
+        server.stop("fast")
+        await ledger.add_energy(during)  # no error: kept on disk
+        await ledger.add_demand(asked)
+        with pytest.raises(LedgerError):
+            await ledger.journal(JournalEntry(T0, "list", "intent"))  # never spooled
+        assert spool.exists()
+        await ledger.close()  # the broker stops during the outage
+
+        server.restart_up()
+        again = await PostgresLedger.open(url, "gpu-1", lock=True, spool=spool)
+        try:
+            stored = await again.energy(T0, T0 + timedelta(hours=1))
+            assert [r.start for r in stored] == [r.start for r in before + during]
+            assert [r.arrival for r in await again.demand(T0, T0 + minute * 60)] == [
+                asked[0].arrival
+            ]
+            assert await again.journal_entries() == []
+            await again.add_energy([EnergyRecord("GPU-0", 0, "listed", T0, T0, 0.0)])
+            assert len(await again.energy(T0, T0 + timedelta(hours=1))) == 31  # no replay twice
+        finally:
+            await again.close()
+
+
+async def test_a_full_spool_refuses_so_the_caller_keeps_the_records(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / SPOOL_FILE, limit=3)
+    record = DemandRecord("ollama", T0, 1.0, "passed")
+    await spool.put("demand", [record, record])
+    with pytest.raises(LedgerError, match="holds 2 rows, its limit"):
+        await spool.put("demand", [record, record])
+    ids, energy, demand = await spool.take()
+    assert (len(ids), energy, demand) == (2, [], [record, record])
+    await spool.done(ids)
+    assert spool.pending == 0

@@ -55,8 +55,14 @@ async def open_ledger(
     if broker.database_url is not None:
         # Imported here: psycopg loads libpq, which a SQLite-only broker never needs.
         from broker.ledger.postgres import PostgresLedger
+        from broker.ledger.spool import SPOOL_FILE
 
         return await PostgresLedger.open(
-            broker.database_url, host, password=broker.database_password(), lock=lock
+            broker.database_url,
+            host,
+            password=broker.database_password(),
+            lock=lock,
+            # the daemon's energy and demand outlive an outage of the database on disk
+            spool=broker.state_dir.expanduser() / SPOOL_FILE if lock else None,
         )
     return await SqliteLedger.open(ledger_path(broker), host=host)

@@ -32,6 +32,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from itertools import pairwise
+from pathlib import Path
 from typing import Any, cast
 
 import psycopg
@@ -50,6 +51,7 @@ from broker.ledger.base import (
     Scope,
     StateInterval,
 )
+from broker.ledger.spool import Kind, Spool
 from broker.ledger.sqlite import (
     COMPACT_BATCH,
     DEMAND_BUCKET_SECONDS,
@@ -281,6 +283,15 @@ class _Session:
         self.retry_at = 0.0
         self.lost = False
 
+    def waiting(self) -> bool:
+        """Lost, and too soon to try again."""
+        return self.down and asyncio.get_running_loop().time() < self.retry_at
+
+    @property
+    def down(self) -> bool:
+        """The connection is lost (and not yet made again)."""
+        return bool(self.conn.closed or self.conn.broken)
+
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[Conn]:
         async with self.lock:
@@ -339,9 +350,15 @@ async def _try_claim(conn: Conn, host: str) -> bool:
 
 class PostgresLedger:
     def __init__(
-        self, session: _Session, host: str, version: int, owns_session: bool = True
+        self,
+        session: _Session,
+        host: str,
+        version: int,
+        owns_session: bool = True,
+        spool: Spool | None = None,
     ) -> None:
         self._s = session
+        self._spool = spool
         self._owns_session = owns_session
         self._host = host
         self._version = version
@@ -361,9 +378,11 @@ class PostgresLedger:
         migrations: Sequence[Migration] = MIGRATIONS,
         connect_timeout: float = 10.0,
         reconnect_seconds: float | None = None,
+        spool: Path | None = None,
     ) -> PostgresLedger:
         """Connect, migrate, and with `lock` claim `host` (raises `InstanceLocked` when
-        another broker holds it)."""
+        another broker holds it). With `spool`, energy and demand that cannot be written
+        while the database is away are kept in that file and written when it is back."""
         kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": int(connect_timeout)}
         if password is not None:
             kwargs["password"] = password
@@ -386,8 +405,11 @@ class PostgresLedger:
             await conn.close()
             raise
         session = _Session(conn, conninfo, kwargs, host if lock else None, reconnect_seconds)
-        ledger = cls(session, host, len(migrations))
+        ledger = cls(
+            session, host, len(migrations), spool=await Spool.open(spool) if spool else None
+        )
         ledger.migrated_from = found
+        await ledger._replay()  # what an outage left before the last stop
         return ledger
 
     @property
@@ -537,6 +559,46 @@ class PostgresLedger:
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None:
         if not records:
             return
+        if not await self._replay():
+            await self._spooled("energy", records)
+            return
+        try:
+            await self._insert_energy(records)
+        except LedgerError:
+            if self._spool is None or not self._s.down:
+                raise
+            await self._spooled("energy", records)
+            return
+        await self._fold_energy(records)
+
+    async def _spooled(self, kind: Kind, records: Sequence[Any]) -> None:
+        """Keep `records` in the spool (LedgerError if there is none, or it is full)."""
+        if self._spool is None:
+            raise LedgerError("the ledger database is unreachable")
+        await self._spool.put(kind, records)
+
+    async def _replay(self) -> bool:
+        """Write what the spool holds; false while the database is still away (or no
+        spool row could be written), true when the spool is empty."""
+        spool = self._spool
+        if spool is not None and spool.pending and self._s.waiting():
+            return False  # not yet time to try the database again
+        while spool is not None and spool.pending:
+            ids, energy, demand = await spool.take()
+            try:
+                if energy:
+                    await self._insert_energy(energy)
+                if demand:
+                    await self._insert_demand(demand)
+            except LedgerError as err:
+                if not self._s.down:
+                    log.error("spooled ledger rows refused by the database: %s", err)
+                return False
+            await spool.done(ids)
+            log.info("wrote %d spooled ledger rows", len(ids))
+        return True
+
+    async def _insert_energy(self, records: Sequence[EnergyRecord]) -> None:
         await self._write_many(
             "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
             "joules, overhead_joules, method) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -555,6 +617,8 @@ class PostgresLedger:
                 for r in records
             ],
         )
+
+    async def _fold_energy(self, records: Sequence[EnergyRecord]) -> None:
         newest = max(_ts(r.end) for r in records)
         cutoff = math.floor((newest - RAW_RETENTION) / ROLLUP_SECONDS) * ROLLUP_SECONDS
         if self._compacted_to is not None and cutoff <= self._compacted_to:
@@ -745,6 +809,19 @@ class PostgresLedger:
     async def add_demand(self, records: Sequence[DemandRecord]) -> None:
         if not records:
             return
+        if not await self._replay():
+            await self._spooled("demand", records)
+            return
+        try:
+            await self._insert_demand(records)
+        except LedgerError:
+            if self._spool is None or not self._s.down:
+                raise
+            await self._spooled("demand", records)
+            return
+        await self._fold_demand(records)
+
+    async def _insert_demand(self, records: Sequence[DemandRecord]) -> None:
         await self._write_many(
             "INSERT INTO demand (host, service, arrival_ts, duration_s, outcome, held_s, count) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -754,6 +831,8 @@ class PostgresLedger:
                 for r in records
             ],
         )  # fmt: skip
+
+    async def _fold_demand(self, records: Sequence[DemandRecord]) -> None:
         newest = max(_ts(r.arrival) for r in records)
         cutoff = (
             math.floor((newest - DEMAND_RAW_RETENTION) / DEMAND_BUCKET_SECONDS)
