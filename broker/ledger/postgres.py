@@ -439,10 +439,11 @@ class PostgresLedger:
 
     async def hosts(self) -> list[str]:
         """Every host with rows in the ledger, by name."""
+        # From the small tables only: a broker records its pool's state when it starts,
+        # before any energy, so every host that wrote anything is in state_intervals.
         rows = await self._read(
-            "SELECT host FROM state_intervals UNION SELECT host FROM energy_slots "
-            "UNION SELECT DISTINCT host FROM energy WHERE slot IS NULL "
-            "UNION SELECT host FROM journal UNION SELECT host FROM earnings ORDER BY 1",
+            "SELECT DISTINCT host FROM state_intervals UNION SELECT host FROM earnings "
+            "ORDER BY 1",
             (),
         )
         return [str(r[0]) for r in rows]
