@@ -391,12 +391,6 @@ class PostgresLedger:
         except psycopg.Error as err:
             raise LedgerError(f"cannot connect to the ledger at {redact(conninfo)}: {err}") from err
         try:
-            if lock and not await _try_claim(conn, host):
-                holder = await _lock_holder(conn, host)
-                raise InstanceLocked(
-                    f"another gpu-broker ({holder}) is using host name {host!r} on the "
-                    f"ledger at {redact(conninfo)}; set broker.host_name to tell them apart"
-                )
             found = await migrate(conn, migrations)
         except psycopg.Error as err:
             await conn.close()
@@ -404,13 +398,36 @@ class PostgresLedger:
         except BaseException:
             await conn.close()
             raise
-        session = _Session(conn, conninfo, kwargs, host if lock else None, reconnect_seconds)
-        ledger = cls(
-            session, host, len(migrations), spool=await Spool.open(spool) if spool else None
-        )
+        session = _Session(conn, conninfo, kwargs, None, reconnect_seconds)
+        ledger = cls(session, host, len(migrations))
         ledger.migrated_from = found
-        await ledger._replay()  # what an outage left before the last stop
+        if lock:
+            try:
+                await ledger.claim(spool)
+            except BaseException:
+                await ledger.close()
+                raise
         return ledger
+
+    async def claim(self, spool: Path | None = None) -> None:
+        """Claim this ledger's host for a running broker (raises `InstanceLocked` when
+        another holds it), and with `spool` keep energy and demand on disk while the
+        database is away, writing what an earlier outage left there now."""
+        async with self._s.use() as conn:
+            try:
+                claimed = await _try_claim(conn, self._host)
+                holder = "" if claimed else await _lock_holder(conn, self._host)
+            except psycopg.Error as err:
+                raise LedgerError(f"cannot claim host {self._host!r}: {err}") from err
+        if not claimed:
+            raise InstanceLocked(
+                f"another gpu-broker ({holder}) is using host name {self._host!r} on the "
+                f"ledger at {redact(self._s.conninfo)}; set broker.host_name to tell them apart"
+            )
+        self._s.claim = self._host
+        if spool is not None:
+            self._spool = await Spool.open(spool)
+            await self._replay()  # what an outage left before the last stop
 
     @property
     def schema_version(self) -> int:
@@ -661,7 +678,7 @@ class PostgresLedger:
                     rows = await cur.fetchall()
                     if not rows:
                         return 0
-                    sums = _fold_energy(rows)
+                    sums = _slot_sums(rows)
                     await cur.executemany(
                         b"INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, "
                         b"end_ts, joules, overhead_joules, method, slot) "
@@ -1061,7 +1078,7 @@ class PostgresLedger:
         ]
 
 
-def _fold_energy(rows: Sequence[tuple[Any, ...]]) -> dict[tuple[str, int, str, int], list[Any]]:
+def _slot_sums(rows: Sequence[tuple[Any, ...]]) -> dict[tuple[str, int, str, int], list[Any]]:
     """Records as written, by GPU, pool state and slot: [start, end, joules, overhead,
     method], a record spanning slots shared by time (as SqliteLedger._compact does)."""
     sums: dict[tuple[str, int, str, int], list[Any]] = {}
