@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker.config import BrokerSection
+from broker.config import HOST_NAME, BrokerSection
 from broker.connlimit import CappedSite, ConnectionLimit
 from broker.errors import BrokerError, ConfigError
 from broker.hosts import HostCheck
 from broker.ledger.base import StateInterval
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
+from broker.report.fleet import build_fleet_report
 from broker.scheduling.status import POOL
 from broker.units import parse_hostport
 
@@ -248,8 +249,24 @@ class ApiServer:
         began = await ledger.state_intervals(since, now, scope="pool", subject=POOL)
         if began and began[0].start > since:
             since = began[0].start  # no empty days from before the ledger began
+        # ?host=NAME reads another host of a shared ledger, ?host=all each host and their
+        # sum (the fleet report's JSON); default this host, as before.
+        host = request.query.get("host") or ledger.host
+        if host != "all" and not HOST_NAME.fullmatch(host):
+            return web.json_response({"error": "host: expected a host name or all"}, status=400)
         try:
-            report = await build_report(ledger, config, since=since, until=now, now=now)
+            if host == "all":
+                fleet = await build_fleet_report(
+                    ledger, await ledger.hosts() or [ledger.host], config,
+                    since=since, until=now, now=now,
+                )  # fmt: skip
+                return web.json_response(fleet.to_json())
+            view = ledger if host == ledger.host else await ledger.for_host(host)
+            try:
+                report = await build_report(view, config, since=since, until=now, now=now)
+            finally:
+                if view is not ledger:
+                    await view.close()
         except ReportError as err:
             return web.json_response({"error": str(err)}, status=500)
         return web.json_response(report.to_json())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -19,11 +20,17 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import __version__, runtime
+from broker.cli_fleet import (
+    check_shared_ledger,
+    cmd_ledger_copy,
+    cmd_status_fleet,
+    report_for_host,
+)
 from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, find_config, load_config
 from broker.errors import BrokerError, ConfigError, ProviderError
-from broker.ledger import ledger_path, open_ledger
+from broker.ledger import ledger_path
 from broker.ledger.sqlite import SCHEMA_VERSION
 from broker.preflight import (
     gpu_index_problems,
@@ -34,13 +41,12 @@ from broker.preflight import (
 from broker.providers import create_provider
 from broker.report import (
     BY_CHOICES,
-    Report,
-    build_report,
     default_since,
     parse_when,
     resolve_when,
 )
 from broker.report.extent import read_extent
+from broker.report.fleet import FleetReport, fleet_to_csv_text, fleet_to_text
 from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
@@ -141,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--format", choices=("table", "csv", "json"), default="table", help="default table"
     )
+    report.add_argument(
+        "--host",
+        metavar="NAME",
+        help="one host of a shared ledger by name, or all (each host, then their sum); "
+        "default: this host",
+    )
     report.set_defaults(handler=cmd_report)
 
     simulate = sub.add_parser(
@@ -203,7 +215,23 @@ def _parser() -> argparse.ArgumentParser:
         "status", parents=[common], help="ask the running service what it is doing"
     )
     status.add_argument("--json", action="store_true", help="print the JSON object")
+    status.add_argument(
+        "--fleet",
+        action="store_true",
+        help="every host's last known state, today's earnings and energy, from the ledger",
+    )
     status.set_defaults(handler=cmd_status)
+
+    ledger = sub.add_parser("ledger", help="work on the ledger itself")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    copy = ledger_sub.add_parser(
+        "copy",
+        parents=[common],
+        help="copy this state_dir's SQLite ledger into a shared PostgreSQL database "
+        "(idempotent; stop the broker first)",
+    )
+    copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/db")
+    copy.set_defaults(handler=cmd_ledger)
 
     for name, what in (
         ("reclaim", "withdraw the listing and take the GPUs back as soon as contracts allow"),
@@ -309,7 +337,7 @@ def cmd_report(
     now = clock.now()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     ledger_file = ledger_path(config.broker)
-    if not ledger_file.exists():
+    if config.broker.database_url is None and not ledger_file.exists():
         err.print(
             f"gpu-broker report: no ledger at {ledger_file}: nothing has been recorded yet "
             "(gpu-broker run writes it)",
@@ -341,17 +369,20 @@ def cmd_report(
         )
         return EXIT_USAGE
 
-    async def build() -> Report:
-        # Read-only in effect: WAL lets this read while the service writes.
-        ledger = await open_ledger(config.broker)
-        try:
-            return await build_report(
-                ledger, config, since=since, until=until, now=now, by=args.by, gpu=args.gpu
-            )
-        finally:
-            await ledger.close()
-
-    report = asyncio.run(build())
+    fleet = asyncio.run(
+        report_for_host(
+            config, args.host, since=since, until=until, now=now, by=args.by, gpu=args.gpu
+        )
+    )
+    if isinstance(fleet, FleetReport):
+        if args.format == "json":
+            out.file.write(json.dumps(fleet.to_json()) + "\n")
+        elif args.format == "csv":
+            out.file.write(fleet_to_csv_text(fleet))
+        else:
+            out.print(fleet_to_text(fleet, out.width))
+        return EXIT_OK
+    report = fleet
     if args.format == "json":
         out.file.write(to_json_text(report))
     elif args.format == "csv":
@@ -558,6 +589,8 @@ def _check_notify(config: Config, out: Console) -> list[str]:
 
 
 def _check_ledger(config: Config, out: Console) -> list[str]:
+    if config.broker.database_url is not None:
+        return check_shared_ledger(config, out)
     path = ledger_path(config.broker)
     if path.exists():
         try:
@@ -642,6 +675,8 @@ def cmd_run(
 def cmd_status(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
+    if args.fleet:
+        return cmd_status_fleet(args, config, clock, out)
     status = asyncio.run(ServiceClient(config.broker, path).status())
     if args.json:
         out.print_json(data=status)
@@ -669,6 +704,12 @@ def window_line(config: Config, now: datetime) -> str:
     start = upcoming[0].start
     when = f"{local_time(start, tz)} (in {describe_duration(start - now)})"
     return f"window: closed, next opens {when}"
+
+
+def cmd_ledger(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    return cmd_ledger_copy(args, config, clock, out)
 
 
 def cmd_control(

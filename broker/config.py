@@ -12,11 +12,13 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
@@ -48,6 +50,8 @@ from broker.units import parse_hostport
 
 CONFIG_ENV = "GPU_BROKER_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/gpu-broker/config.toml"))
+# What broker.host_name may be: a name that reads well in a report column and a log line.
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 # Keys that would hold a secret inline. They are not fields of any model, so without this
 # table a user writing `api_key = "..."` would only be told "unknown key".
@@ -126,6 +130,30 @@ def is_loopback_host(host: str) -> bool:
         return False  # a name other than localhost may resolve anywhere
 
 
+def check_database_url(value: str) -> str:
+    """A PostgreSQL URL with no password in it (ValueError saying what is wrong otherwise;
+    only the scheme is ever echoed, the rest may hold a secret)."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        scheme = value.split(":", 1)[0] if "://" in value else value[:20]
+        raise ValueError(
+            'expected a PostgreSQL URL like "postgresql://broker@db.lan/fleet", '
+            f'got "{scheme}://..."'
+        )
+    parts = urlsplit(value)
+    try:
+        inline = parts.password is not None
+    except ValueError:
+        inline = False
+    query = {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}
+    if inline or "password" in query:
+        # Config files are read by many and copied around; the secret goes elsewhere.
+        raise ValueError(
+            "expected no password in the URL: use database_password_env, "
+            "database_password_file, or a libpq service / password file"
+        )
+    return value
+
+
 class BrokerSection(SecretRef):
     state_dir: Path = Path("~/.local/share/gpu-broker")
     database_url: str | None = None
@@ -137,16 +165,26 @@ class BrokerSection(SecretRef):
     # Names (or addresses) the API answers to besides its listen address and loopback: the
     # Host check that stops DNS rebinding (a web page talking to the API by a name of its own).
     api_allowed_hosts: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # The name that keys this machine's rows in the ledger (default: the machine's host
+    # name); in a shared database two brokers with one name are refused.
+    host_name: str | None = None
+    # The PostgreSQL password when the URL's user needs one and no libpq service or
+    # password file supplies it; never in the URL itself.
+    database_password_env: str | None = None
+    database_password_file: Path | None = None
 
     @field_validator("database_url")
     @classmethod
-    def _no_database_url_yet(cls, value: str | None) -> str | None:
-        if value is not None:
-            # Refused rather than ignored: a fleet owner would otherwise believe every
-            # broker writes to the shared database while each writes its own file.
+    def _postgres_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_database_url(value)
+
+    @field_validator("host_name")
+    @classmethod
+    def _host_name(cls, value: str | None) -> str | None:
+        if value is not None and not HOST_NAME.fullmatch(value):
             raise ValueError(
-                "the PostgreSQL ledger is not available in this version; remove this key "
-                "to use the SQLite ledger in state_dir"
+                f'expected a host name like "gpu-box-1" (letters, digits, ".", "-", "_"; at '
+                f'most 253), got "{value}"'
             )
         return value
 
@@ -154,7 +192,21 @@ class BrokerSection(SecretRef):
     def _one_token_source(self) -> BrokerSection:
         if self.api_token_file is not None and "api_token_env" in self.model_fields_set:
             raise ValueError("set api_token_env or api_token_file, not both")
+        if self.database_password_env and self.database_password_file is not None:
+            raise ValueError("set database_password_env or database_password_file, not both")
         return self
+
+    @property
+    def host(self) -> str:
+        """This machine's name in the ledger: host_name, else the machine's host name."""
+        return self.host_name or socket.gethostname()
+
+    def database_password(self) -> str | None:
+        """The database password from its env or file; None when neither is named (libpq
+        then looks in the service and password files)."""
+        return self._read_secret(
+            "broker.database_password", self.database_password_env, self.database_password_file
+        )
 
     @property
     def tz(self) -> ZoneInfo:

@@ -30,7 +30,7 @@ from broker.gpu.fake import FakeBackend
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
 from broker.instance_lock import InstanceLock
-from broker.ledger import Ledger, open_ledger
+from broker.ledger import Ledger, claim_host, open_ledger
 from broker.listeners import Reservation, reserve
 from broker.metrics import BrokerMetrics
 from broker.notify import Notifier
@@ -95,6 +95,7 @@ class Daemon:
         self._lock = InstanceLock.acquire(config.broker.state_dir)
         self._reserved = reserve(listen_addresses(config))
         self.ledger = ledger = await open_ledger(config.broker, self._host)
+        await claim_host(ledger, config.broker)  # a shared ledger: this host name is ours
         backend = await create_backend(config.gpus, clock)
         idle = IdleDetector.from_config(config.gpus)
         self.sampler = sampler = GpuSampler(

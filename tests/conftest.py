@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes.ollama import FakeOllama
+from fakes.postgres import PgServer, find_bindir, running_server
 from fakes.rig import TOKEN, VAST_KEY, Rig, RigFactory, rig_config
 from fakes.vast import FakeVast
 
@@ -80,3 +81,14 @@ def pytest_asyncio_loop_factories(
         if name == "uvloop":
             loops["uvloop"] = factory
     return loops
+
+
+# -- a real PostgreSQL server (tests/fakes/postgres.py), for the ledger contract suite -----
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    if find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+    with running_server() as server:
+        yield server

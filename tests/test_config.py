@@ -95,7 +95,7 @@ def test_three_mistakes_are_reported_together_with_key_paths() -> None:
         ('[provider]\nkind = "vast"\nmachine_id = 1\nprice_gpu = 0.3\nmin_bid = -1',
          'provider.min_bid: expected "auto" or a price'),
         ('[provider]\nkind = "paper"\nprce_gpu = 1', "provider.prce_gpu: unknown key (did you"),
-        ('[broker]\ndatabase_url = "postgresql://x"', "broker.database_url: the PostgreSQL"),
+        ('[broker]\ndatabase_url = "postgresql://u:pw@x/db"', "broker.database_url: expected no"),
         ('[broker]\napi_token = "hunter2"', "broker.api_token: secrets are not accepted inline; "
          "use api_token_env"),
         ('[[services]]\nname = "o"\nkind = "ollama"\nupstream = "127.0.0.1:11435"',

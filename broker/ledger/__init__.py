@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ __all__ = [
     "Ledger",
     "SqliteLedger",
     "StateInterval",
+    "claim_host",
     "energy_totals_of",
     "ledger_path",
     "open_ledger",
@@ -44,6 +44,42 @@ def ledger_path(broker: BrokerSection) -> Path:
     return broker.state_dir / LEDGER_FILE
 
 
-async def open_ledger(broker: BrokerSection, host: str | None = None) -> Ledger:
-    """Open (creating and migrating as needed) the ledger the config names."""
-    return await SqliteLedger.open(ledger_path(broker), host=host or socket.gethostname())
+async def open_ledger(
+    broker: BrokerSection, host: str | None = None, *, lock: bool = False
+) -> Ledger:
+    """Open (creating and migrating as needed) the ledger the config names: the shared
+    PostgreSQL database when `database_url` is set, else the SQLite file in state_dir.
+
+    `lock` claims the host as `claim_host` does (reports, copies and checks do not)."""
+    host = host or broker.host
+    ledger: Ledger
+    if broker.database_url is not None:
+        # Imported here: psycopg loads libpq, which a SQLite-only broker never needs.
+        from broker.ledger.postgres import PostgresLedger
+
+        ledger = await PostgresLedger.open(
+            broker.database_url, host, password=broker.database_password()
+        )
+    else:
+        ledger = await SqliteLedger.open(ledger_path(broker), host=host)
+    if lock:
+        try:
+            await claim_host(ledger, broker)
+        except BaseException:
+            await ledger.close()
+            raise
+    return ledger
+
+
+async def claim_host(ledger: Ledger, broker: BrokerSection) -> None:
+    """What a running broker needs of its ledger beyond reading and writing: in a shared
+    database, its host name to itself (`InstanceLocked` otherwise) and a spool on disk for
+    the energy and demand measured while the database is away. The SQLite file needs
+    neither: the state directory's lock covers it."""
+    if broker.database_url is None:
+        return
+    from broker.ledger.postgres import PostgresLedger
+    from broker.ledger.spool import SPOOL_FILE
+
+    if isinstance(ledger, PostgresLedger):
+        await ledger.claim(spool=broker.state_dir.expanduser() / SPOOL_FILE)

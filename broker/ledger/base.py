@@ -1,6 +1,6 @@
 """What the broker keeps: state intervals, energy, earnings and a journal of its actions.
 
-`Ledger` is the interface every store implements (SQLite now; PostgreSQL for fleets later).
+`Ledger` is the interface every store implements (SQLite, and PostgreSQL for a fleet).
 All times are timezone-aware UTC datetimes; the store decides how to keep them. Callers pass
 every timestamp in, so a store never reads a clock.
 """
@@ -153,6 +153,15 @@ class Ledger(Protocol):
     def host(self) -> str: ...
 
     async def close(self) -> None: ...
+
+    async def hosts(self) -> list[str]:
+        """Every host with rows in this store, by name (a shared database holds a fleet)."""
+        ...
+
+    async def for_host(self, host: str) -> Ledger:
+        """A ledger reading and writing `host`'s rows in the same store, claiming nothing;
+        closing it leaves this one open. Fleet reports read each host through one."""
+        ...
 
     async def record_state(
         self, scope: Scope, subject: str, state: str, at: datetime, reason: str = ""

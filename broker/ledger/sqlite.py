@@ -260,6 +260,18 @@ class SqliteLedger:
             await self._call(self._disconnect)
         self._executor.shutdown(wait=True)
 
+    async def hosts(self) -> list[str]:
+        rows = await self._call(
+            self._read,
+            "SELECT host FROM state_intervals UNION SELECT host FROM energy "
+            "UNION SELECT host FROM journal UNION SELECT host FROM earnings ORDER BY 1",
+            (),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def for_host(self, host: str) -> SqliteLedger:
+        return await SqliteLedger.open(self.path, host, self._migrations)
+
     async def __aenter__(self) -> SqliteLedger:
         return self
 

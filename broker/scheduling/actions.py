@@ -34,6 +34,10 @@ from broker.services.base import ServiceAdapter
 log = logging.getLogger(__name__)
 
 
+# The action that offers the machine to renters: never taken without its intent journaled.
+ACQUIRING = frozenset({"list"})
+
+
 class Journal:
     """The ledger's journal as the scheduler writes it; a failing ledger never stops it."""
 
@@ -144,6 +148,11 @@ class Actions:
     ) -> tuple[bool, Any]:
         """(succeeded, what the call returned)."""
         entry = await self.journal.intent(kind, payload)
+        if entry is None and kind in ACQUIRING:
+            # Invariant 4: nothing is offered to renters that the ledger has not been told
+            # of first (a shared database may be away); giving back never waits on it.
+            log.warning("%s not done: it could not be journaled first", kind)
+            return False, None
         crashpoint(f"{kind}:journaled")
         try:
             async with asyncio.timeout_at(self._deadline):

@@ -1,0 +1,138 @@
+"""The shared ledger's local spool: energy and demand rows kept on disk while the database
+is unreachable, written to it when it answers again.
+
+A SQLite file in the state directory (`ledger-spool.sqlite3`), so what was measured during
+an outage survives a restart of the broker too. Only append-only rows go here (energy
+records and local requests, whose order does not matter and whose folding into sums
+accepts late rows); journal intents never do: the broker must not act on a journal it could
+not write (SPEC invariant 4). Bounded: past `limit` rows a new batch is refused (the caller
+keeps it in memory, as it does for any ledger failure) rather than the disk filled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from broker.errors import LedgerError
+from broker.ledger.base import DemandOutcome, DemandRecord, EnergyRecord
+
+SPOOL_FILE = "ledger-spool.sqlite3"
+# About two months of an 8-GPU server's minute records, or a large team's requests.
+SPOOL_LIMIT = 500_000
+
+Kind = Literal["energy", "demand"]
+
+
+def _encode(record: EnergyRecord | DemandRecord) -> str:
+    data = asdict(record)
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            data[key] = value.timestamp()
+    return json.dumps(data)
+
+
+def _energy(text: str) -> EnergyRecord:
+    d: dict[str, Any] = json.loads(text)
+    d["start"] = datetime.fromtimestamp(d["start"], UTC)
+    d["end"] = datetime.fromtimestamp(d["end"], UTC)
+    return EnergyRecord(**d)
+
+
+def _demand(text: str) -> DemandRecord:
+    d: dict[str, Any] = json.loads(text)
+    d["arrival"] = datetime.fromtimestamp(d["arrival"], UTC)
+    d["outcome"] = cast(DemandOutcome, d["outcome"])
+    return DemandRecord(**d)
+
+
+class Spool:
+    def __init__(self, path: Path, limit: int = SPOOL_LIMIT) -> None:
+        self.path = path
+        self.limit = limit
+        self.pending = 0  # rows in the file, as last counted
+
+    @classmethod
+    async def open(cls, path: Path, limit: int = SPOOL_LIMIT) -> Spool:
+        spool = cls(path, limit)
+        await asyncio.to_thread(spool._setup)
+        return spool
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None, timeout=10)
+
+    def _setup(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            with contextlib.closing(self._connect()) as conn:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY, "
+                    "kind TEXT NOT NULL, row TEXT NOT NULL)"
+                )
+                self.pending = int(conn.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+        except (OSError, sqlite3.Error) as err:
+            raise LedgerError(f"cannot use the ledger spool {self.path}: {err}") from err
+
+    async def put(self, kind: Kind, records: Sequence[EnergyRecord | DemandRecord]) -> None:
+        """Keep `records` on disk; LedgerError when the spool is full or unusable."""
+        if self.pending + len(records) > self.limit:
+            raise LedgerError(
+                f"the ledger spool {self.path} holds {self.pending} rows, its limit; "
+                "newer records stay in memory"
+            )
+        rows: list[tuple[str, str]] = [(kind, _encode(r)) for r in records]
+        await asyncio.to_thread(self._put, rows)
+
+    def _put(self, rows: list[tuple[str, str]]) -> None:
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT INTO spool (kind, row) VALUES (?, ?)", rows)
+                conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise LedgerError(f"cannot write the ledger spool {self.path}: {err}") from err
+        self.pending += len(rows)
+
+    async def take(
+        self, limit: int = 20_000
+    ) -> tuple[list[int], list[EnergyRecord], list[DemandRecord]]:
+        """The oldest rows: their ids (for `done`), energy records and demand records."""
+        rows = await asyncio.to_thread(self._take, limit)
+        energy = [_energy(text) for _, kind, text in rows if kind == "energy"]
+        demand = [_demand(text) for _, kind, text in rows if kind == "demand"]
+        return [r[0] for r in rows], energy, demand
+
+    def _take(self, limit: int) -> list[tuple[int, str, str]]:
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                return cast(
+                    list[tuple[int, str, str]],
+                    conn.execute(
+                        "SELECT id, kind, row FROM spool ORDER BY id LIMIT ?", (limit,)
+                    ).fetchall(),
+                )
+        except sqlite3.Error as err:
+            raise LedgerError(f"cannot read the ledger spool {self.path}: {err}") from err
+
+    async def done(self, ids: Sequence[int]) -> None:
+        """Forget rows the database now holds."""
+        if ids:
+            await asyncio.to_thread(self._done, max(ids))
+
+    def _done(self, last: int) -> None:
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                conn.execute("DELETE FROM spool WHERE id <= ?", (last,))
+                self.pending = int(conn.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+        except sqlite3.Error as err:
+            raise LedgerError(f"cannot update the ledger spool {self.path}: {err}") from err
