@@ -246,14 +246,17 @@ class ApiServer:
         now = self._daemon.clock.now()
         first = now.astimezone(config.broker.tz).date() - timedelta(days=days - 1)
         since = datetime.combine(first, time(0), tzinfo=config.broker.tz)
-        began = await ledger.state_intervals(since, now, scope="pool", subject=POOL)
-        if began and began[0].start > since:
-            since = began[0].start  # no empty days from before the ledger began
         # ?host=NAME reads another host of a shared ledger, ?host=all each host and their
         # sum (the fleet report's JSON); default this host, as before.
         host = request.query.get("host") or ledger.host
         if host != "all" and not HOST_NAME.fullmatch(host):
             return web.json_response({"error": "host: expected a host name or all"}, status=400)
+        if config.broker.database_url is None:
+            # A ledger of its own: no empty days from before it began. A shared one keeps the
+            # days asked for, so each host's report lines up with the fleet's.
+            began = await ledger.state_intervals(since, now, scope="pool", subject=POOL)
+            if began and began[0].start > since:
+                since = began[0].start
         try:
             if host == "all":
                 fleet = await build_fleet_report(

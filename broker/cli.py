@@ -344,12 +344,16 @@ def cmd_report(
             markup=False,
         )
         return EXIT_FAILURE
-    try:
-        extent = read_extent(ledger_file)
-    except sqlite3.Error as error:
-        err.print(f"gpu-broker report: cannot read the ledger {ledger_file}: {error}")
-        return EXIT_FAILURE
-    if args.gpu is not None and args.gpu not in extent.gpu_indices:
+    # The extent is read from the embedded SQLite file; a shared PostgreSQL ledger is
+    # reported from the start asked for (no padding check, no unseen-GPU check yet).
+    extent = None
+    if config.broker.database_url is None:
+        try:
+            extent = read_extent(ledger_file)
+        except sqlite3.Error as error:
+            err.print(f"gpu-broker report: cannot read the ledger {ledger_file}: {error}")
+            return EXIT_FAILURE
+    if extent is not None and args.gpu is not None and args.gpu not in extent.gpu_indices:
         seen = ", ".join(str(i) for i in sorted(extent.gpu_indices)) or "none yet"
         err.print(
             f"gpu-broker report: --gpu {args.gpu}: the ledger has never seen GPU {args.gpu} "
@@ -358,7 +362,7 @@ def cmd_report(
         )
         return EXIT_USAGE
     since = resolve_when(args.since, tz) if args.since else default_since(now, args.by, tz)
-    if not args.since and extent.first is not None:
+    if not args.since and extent is not None and extent.first is not None:
         since = max(since, extent.first)  # no empty periods from before the ledger existed
     until = resolve_when(args.until, tz, end=True) if args.until else now
     if since >= min(until, now):
