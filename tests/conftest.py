@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,3 +81,28 @@ def pytest_asyncio_loop_factories(
         if name == "uvloop":
             loops["uvloop"] = factory
     return loops
+
+
+# -- per-test timeouts (pytest-timeout) ----------------------------------------------------
+# A test that waits on a socket (every async test: aiohttp servers, gates, clients) or on a
+# child process fails after these many seconds, with its name, instead of hanging the run
+# until CI's limit. A test that needs longer carries its own @pytest.mark.timeout(...).
+# Scaled by GPU_BROKER_TEST_TIMEOUT_SCALE on a slow or crowded machine.
+_SCALE = float(os.environ.get("GPU_BROKER_TEST_TIMEOUT_SCALE", "1"))
+SOCKET_TIMEOUT = 30.0
+PROCESS_TIMEOUT = 180.0
+_PROCESS_MODULES = frozenset({
+    "test_cli.py", "test_code_quality.py", "test_daemon_process.py",
+    "test_dashboard_chromium.py", "test_provider_contract.py",
+    "test_provider_vast_conformance.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        if item.path.name in _PROCESS_MODULES:
+            item.add_marker(pytest.mark.timeout(PROCESS_TIMEOUT * _SCALE))
+        elif item.get_closest_marker("asyncio") is not None:
+            item.add_marker(pytest.mark.timeout(SOCKET_TIMEOUT * _SCALE))
