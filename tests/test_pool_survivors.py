@@ -15,6 +15,7 @@ import pytest
 
 from broker.config import PolicySection
 from broker.scheduling.pool import (
+    CheckProvider,
     Decision,
     DisplaceInterruptible,
     Drain,
@@ -386,3 +387,130 @@ def test_reasons_show_far_times_with_their_day() -> None:
     )
     near = T0 + timedelta(hours=19, minutes=59)
     assert pool.at(1, refused_until=near).reason.endswith("by 09:36")
+
+
+# -- a provider that cannot list (observed only) ------------------------------------------------
+
+
+def test_observed_only_follows_the_renters_the_provider_shows() -> None:
+    pool = Pool()
+    pool.obs = replace(pool.obs, can_list=False)
+    idle = pool.at(0)
+    assert (idle.state, idle.actions, idle.gates) == (PoolState.IDLE, (), GateMode(False))
+    assert idle.reason == "idle (observed only: listing is done in the provider's dashboard)"
+    for changes in ({"gpus_idle": False}, {"local_demand": True}, {"window_end": None}):
+        local = pool.at(1, **changes)
+        assert local.state is PoolState.LOCAL and local.reason == "local (observed only)"
+        pool.obs = replace(
+            pool.obs, gpus_idle=True, local_demand=False, window_end=T0 + timedelta(hours=8)
+        )
+    rented = pool.at(2, provider=ProviderView(listed=True, rentals_running=1, locked_until=LOCKED))
+    assert rented.state is PoolState.RENTED and rented.actions == ()
+    assert rented.gates == GateMode(True, LOCKED, renters=True)
+    assert rented.reason == "rented (observed): 1 rental(s) until 14:40"
+    unknown = pool.at(3, provider=ProviderView(listed=True, rentals_running=2))
+    assert unknown.reason == "rented (observed): 2 rental(s) until unknown"
+    gone = pool.at(4, provider=FREE)
+    assert gone.state is PoolState.LOCAL and gone.reason == "no renter left (observed)"
+    assert not gone.gates.guarded
+    pool.at(4.5, provider=ProviderView(listed=True, rentals_running=1))
+    # the provider goes dark: the renters seen last may still be there
+    dark = pool.at(5, provider=None)
+    assert dark.state is PoolState.DEGRADED and dark.actions == ()
+    assert dark.gates == GateMode(True, None, renters=True)
+    assert dark.reason == "degraded: the provider cannot be read (observed only)"
+    assert pool.at(6, provider=FREE).state is PoolState.IDLE
+    blind = pool.at(7, provider=None)
+    assert blind.state is PoolState.DEGRADED and blind.gates == GateMode(False)
+    paused = pool.at(8, paused=True)
+    assert paused.state is PoolState.PAUSED and paused.reason.endswith("(observed only)")
+    assert pool.at(9, provider=FREE).reason == "paused"
+
+
+def test_observed_only_refusal_is_cleared_once_no_renter_is_shown() -> None:
+    pool = Pool()
+    pool.obs = replace(pool.obs, can_list=False)
+    pool.at(0, provider=ProviderView(listed=False, rentals_running=1, locked_until=LOCKED))
+    pool.at(1, refused_until=LOCKED)
+    assert pool.machine.refused_pending
+    pool.at(2, provider=FREE)
+    assert not pool.machine.refused_pending
+    assert pool.at(3, can_list=True, refused_until=None).state is PoolState.IDLE
+
+
+# -- the remaining branches of the listed side ----------------------------------------------------
+
+
+def test_a_reclaim_without_renters_shows_none_at_the_gate() -> None:
+    pool = Pool()
+    pool.listed()
+    reclaim = pool.at(20, local_demand=True)
+    assert reclaim.gates == GateMode(True, None, renters=False)
+    waiting = pool.at(21, local_demand=False)  # the offer still shows: retried
+    assert waiting.actions == (Unlist(),)
+    assert waiting.gates == GateMode(True, None, renters=False)
+
+
+def test_displaced_renters_waiting_out_a_reclaim_do_not_make_the_gate_refuse() -> None:
+    pool = Pool(PolicySection(reclaim="displace-interruptible"))
+    pool.listed()
+    spot = ProviderView(
+        listed=False, rentals_running=1, locked_until=LOCKED, only_interruptible=True
+    )
+    pool.at(20, provider=spot)
+    pool.at(21, local_demand=True)
+    waiting = pool.at(22, local_demand=False)
+    assert waiting.reason == "reclaiming: waiting for contracts to end"
+    assert waiting.gates == GateMode(True, None, renters=True)
+
+
+def test_interruptible_renters_keep_the_gpus_when_the_policy_is_graceful() -> None:
+    pool = Pool()  # reclaim = "graceful"
+    pool.listed()
+    spot = ProviderView(
+        listed=True, rentals_running=1, locked_until=LOCKED, only_interruptible=True
+    )
+    assert pool.at(20, provider=spot).gates == GateMode(True, LOCKED, renters=True)
+    cannot = Pool(PolicySection(reclaim="displace-interruptible"))
+    cannot.listed()
+    decision = cannot.at(20, provider=spot, can_displace=False)
+    assert decision.gates == GateMode(True, LOCKED, renters=True)
+
+
+def test_gpu_activity_nobody_explains_while_listed_is_checked_first() -> None:
+    pool = Pool()
+    pool.listed()
+    check = pool.at(20, gpus_idle=False, view_after_activity=False)
+    assert check.state is PoolState.LISTED and check.actions == (CheckProvider(),)
+    assert check.reason == "listed: GPU activity nobody explains yet, checking"
+    renters = pool.at(21, gpus_idle=False, busy_is_renters=True, view_after_activity=False)
+    assert renters.actions == () and renters.reason == "listed"
+    quiet = pool.at(22, gpus_idle=True, busy_is_renters=False, view_after_activity=False)
+    assert quiet.actions == () and quiet.reason == "listed"
+    local = pool.at(23, gpus_idle=False, view_after_activity=True)
+    assert local.actions == (Unlist(),) and local.reason == "reclaiming: local GPU use"
+
+
+def test_a_listed_offer_never_lapses_while_the_window_is_open() -> None:
+    """Whatever the renewal rule, with the marketplace not showing the offer's end, the
+    machine's own offer end is renewed before it passes, again and again."""
+    pool = Pool()
+    pool.obs = replace(pool.obs, window_end=T0 + timedelta(hours=12))
+    (offer,) = pool.listed().actions
+    assert isinstance(offer, List)
+    end, renewals = offer.end, 0
+    for minute in range(18, 6 * 60):
+        decision = pool.at(minute, provider=UP)
+        for action in decision.actions:
+            assert isinstance(action, List) and action.renewal
+            end, renewals = action.end, renewals + 1
+        assert end > T0 + timedelta(minutes=minute), minute
+    assert renewals >= 2
+
+
+@pytest.mark.parametrize(("hours", "shown"), [(19.99, "09:36"), (20, "Wed 10 Mar 09:37")])
+def test_a_time_20_hours_away_is_shown_with_its_day(hours: float, shown: str) -> None:
+    pool = Pool()
+    promised = T0 + timedelta(hours=hours)
+    reason = pool.at(0, refused_until=promised).reason
+    assert reason == f"local: a refused request was promised the GPUs by {shown}"
