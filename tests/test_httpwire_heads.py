@@ -49,9 +49,9 @@ def test_expect_100_continue_is_answered_by_the_gate_and_not_relayed() -> None:
 
 
 def test_other_expectations_go_to_the_upstream() -> None:
-    head = parse_request_head(request(b"Host: h", b"Expect: something-else"))
+    head = parse_request_head(request(b"Host: h", b"Expect: something-else", b"X: 1"))
     assert head.expect_continue is False
-    assert head.headers == b"Expect: something-else\r\n"
+    assert head.headers == b"X: 1\r\nExpect: something-else\r\n"
 
 
 def test_expect_named_by_connection_is_dropped_and_not_answered() -> None:
