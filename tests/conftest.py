@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,3 +93,30 @@ def pg_server() -> Iterator[PgServer]:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
     with running_server() as server:
         yield server
+
+
+# -- per-test timeouts (pytest-timeout) ----------------------------------------------------
+# A test that waits on a socket (every async test: aiohttp servers, gates, clients) or on a
+# child process fails after these many seconds, with its name, instead of hanging the run
+# until CI's limit. A test that needs longer carries its own @pytest.mark.timeout(...).
+# Scaled by GPU_BROKER_TEST_TIMEOUT_SCALE on a slow or crowded machine.
+_SCALE = float(os.environ.get("GPU_BROKER_TEST_TIMEOUT_SCALE", "1"))
+SOCKET_TIMEOUT = 30.0
+PROCESS_TIMEOUT = 180.0
+_PROCESS_MODULES = frozenset({
+    "test_cli.py", "test_code_quality.py", "test_daemon_process.py",
+    "test_dashboard_chromium.py", "test_provider_contract.py",
+    "test_provider_vast_conformance.py", "test_simulate_live.py", "test_fleet_e2e.py",
+    "test_fleet_ledger.py", "test_fleet_views.py", "test_ledger_contract.py",
+    "test_open_webui.py", "test_daemon_e2e.py", "test_daemon_demand.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        if item.path.name in _PROCESS_MODULES:
+            item.add_marker(pytest.mark.timeout(PROCESS_TIMEOUT * _SCALE))
+        elif item.get_closest_marker("asyncio") is not None:
+            item.add_marker(pytest.mark.timeout(SOCKET_TIMEOUT * _SCALE))

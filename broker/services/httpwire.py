@@ -108,7 +108,7 @@ _Fields = tuple[
 def _request_lines(data: bytes) -> list[bytes]:
     """The head's lines, request line first, once the whole head obeys the grammar."""
     if _REQUEST_HEAD.fullmatch(data) is None:
-        raise HttpFramingError(_why_not(data, request=True))
+        raise HttpFramingError(_why_not(data, _START_LINE, "request"))
     lines = data.split(b"\r\n")
     del lines[-2:]
     return lines
@@ -116,7 +116,7 @@ def _request_lines(data: bytes) -> list[bytes]:
 
 def _response_lines(data: bytes) -> list[bytes]:
     if _RESPONSE_HEAD.fullmatch(data) is None:
-        raise HttpFramingError(_why_not(data, request=False))
+        raise HttpFramingError(_why_not(data, _STATUS_LINE, "status"))
     lines = data.split(b"\r\n")
     del lines[-2:]
     return lines
@@ -128,7 +128,7 @@ _FIELD = re.compile(_TCHAR + rb"++:[\t\x20-\x7e\x80-\xff]*+")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _why_not(data: bytes, *, request: bool) -> str:
+def _why_not(data: bytes, start_line: re.Pattern[bytes], what: str) -> str:
     """A readable reason for a head the grammar refused (only refused heads come here)."""
     if not data.endswith(b"\r\n\r\n"):
         return "incomplete head"
@@ -137,9 +137,8 @@ def _why_not(data: bytes, *, request: bool) -> str:
         # a bare CR or LF: some servers end a line there and others do not (smuggling)
         return "bare CR or LF in the head"
     lines = body.split(b"\r\n")
-    start = (_START_LINE if request else _STATUS_LINE).fullmatch(lines[0])
-    if start is None:
-        return f"bad {'request' if request else 'status'} line {lines[0][:80]!r}"
+    if start_line.fullmatch(lines[0]) is None:
+        return f"bad {what} line {lines[0][:80]!r}"
     for line in lines[1:]:
         if _FIELD.fullmatch(line) is None:
             if line[:1] in (b" ", b"\t"):
@@ -168,19 +167,20 @@ def _fields(lines: list[bytes], watched: frozenset[bytes]) -> _Fields:
         if lower not in watched:
             kept.append(line)
             continue
-        value = value.strip(b" \t")
+        # strip() takes SP and HTAB: the grammar let no other whitespace through
+        value = value.strip()
         if lower == b"content-length":
             lengths.append(value)
             kept.append(line)
         elif lower == b"transfer-encoding":
             if codings is None:
                 codings = []
-            codings.extend(t.strip(b" \t").lower() for t in value.split(b","))
+            codings.extend(t.strip().lower() for t in value.split(b","))
             kept.append(line)
         elif lower == b"host":
             hosts.append(value)
         elif lower == b"connection":
-            connection.update(t.strip(b" \t").lower() for t in value.split(b","))
+            connection.update(t.strip().lower() for t in value.split(b","))
         elif lower == b"expect":
             expect_continue = expect_continue or value.lower() == b"100-continue"
             expects.append(line)
@@ -210,7 +210,7 @@ def _content_length(lengths: list[bytes]) -> int | None:
     if not lengths:
         return None
     value = lengths[0]
-    if len(lengths) > 1 and any(v != value for v in lengths):
+    if any(v != value for v in lengths[1:]):
         raise HttpFramingError("conflicting Content-Length headers")
     # digits only: no sign, no list ("5, 5"), nothing int() would forgive ("0_5", " 5")
     if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
@@ -221,13 +221,13 @@ def _content_length(lengths: list[bytes]) -> int | None:
 def parse_request_head(data: bytes) -> RequestHead:
     """Parse a request head (up to and including the blank line), as RFC 9112 asks."""
     lines = _request_lines(data)
-    method, target, version = lines[0].split(b" ")
+    method, target, version = lines[0].split()  # single spaces: the grammar checked
     http10 = version == b"HTTP/1.0"
     kept, connection, lengths, codings, expect_continue, upgrade, hosts = _fields(
         lines, _REQUEST_WATCHED
     )
     # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, never two in any version
-    if len(hosts) != 1 and (len(hosts) > 1 or not http10):
+    if len(hosts) > 1 or (not hosts and not http10):
         raise HttpFramingError("a request needs exactly one Host header"
                                if hosts else "an HTTP/1.1 request needs a Host header")  # fmt: skip
     content_length = _content_length(lengths)
@@ -236,7 +236,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         # A request carrying both framings is the classic smuggling attempt, and HTTP/1.0
         # has no chunked framing; anything but a single "chunked" is a body whose end the
         # gate cannot find (RFC 9112 section 6.1: 501 for a coding it does not understand).
-        if content_length is not None or lengths:
+        if lengths:
             raise HttpFramingError("both Content-Length and Transfer-Encoding")
         if http10:
             raise HttpFramingError("Transfer-Encoding in an HTTP/1.0 request")
@@ -263,7 +263,9 @@ def parse_response_head(data: bytes, *, request_method: str) -> ResponseHead:
     """Parse a response head; framing depends on the request (HEAD has no body)."""
     lines = _response_lines(data)
     start = lines[0]
-    version, status_text = start.split(b" ", 2)[:2]
+    version, status_text = start.split(b" ", 2)[:2]  # pragma: no mutate (see below)
+    # The grammar leaves exactly one way to split: neither the version nor the status code
+    # holds a space, so another separator or maxsplit gives the same two fields.
     status = int(status_text)
     http10 = version == b"HTTP/1.0"
     kept, connection, lengths, codings, _, _, _ = _fields(lines, _RESPONSE_WATCHED)
@@ -292,6 +294,31 @@ def build_head(start_line: bytes, headers: bytes, extra: bytes = b"") -> bytes:
     return b"".join((start_line, b"\r\n", headers, extra, b"\r\n"))
 
 
+def whole_chunk(data: bytes) -> int:
+    """The chunk size when `data` is exactly one whole chunk, "<hex>\r\n<data>\r\n", else 0.
+
+    The usual slice of a stream is one whole chunk: `ChunkedScanner` takes it in one step.
+    Anything else (extensions, several chunks, the last chunk, a chunk cut across slices,
+    garbage) is 0 here and goes the long way.
+    """
+    # 16 hex digits and CRLF at most; the bound only shortens the search (a longer size
+    # line fails the length check below), so its exact value is not behaviour.
+    newline = data.find(b"\r\n", 0, 18)  # pragma: no mutate (the bound only saves time)
+    digits = data[:newline]
+    # alphanumeric and no "0x" prefix: then int() takes hex digits and nothing else
+    # (it forgives "+", "_", spaces and "0x", which RFC 9112 does not)
+    # (no CRLF found: `digits` then ends before the last byte, so it cannot end in CRLF)
+    if not digits.isalnum() or digits[1:2] in (b"x", b"X"):
+        return 0
+    try:
+        size = int(digits, 16)
+    except ValueError:
+        return 0
+    if newline + size + 4 != len(data) or not data.endswith(b"\r\n"):
+        return 0
+    return size
+
+
 class ChunkedScanner:
     """Follows chunked framing across arbitrary slices of a body to find where it ends.
 
@@ -304,12 +331,12 @@ class ChunkedScanner:
     """
 
     __slots__ = ("_crlf", "_line", "_remaining", "_state", "_trailers", "done", "size")
+    _remaining: int  # data bytes left in the current chunk; set with each chunk line
 
     _SIZE, _DATA, _CRLF, _TRAILER = 0, 1, 2, 3
 
     def __init__(self) -> None:
         self._state = self._SIZE
-        self._remaining = 0
         self._crlf = 0  # bytes of the CRLF after a chunk's data seen so far
         self._line = b""
         self._trailers = 0
@@ -318,22 +345,10 @@ class ChunkedScanner:
 
     def feed(self, data: bytes) -> int:
         if self._state == self._SIZE and not self._line:
-            # The usual slice of a stream is one whole chunk, "<hex>\r\n<data>\r\n": take it
-            # in one step. Anything else (extensions, several chunks, the last chunk, a chunk
-            # cut across slices, garbage) goes the long way below.
-            newline = data.find(b"\n", 0, 18)
-            # alphanumeric and no "0x" prefix: then int() takes hex digits and nothing else
-            # (it forgives "+", "_", spaces and "0x", which RFC 9112 does not)
-            if (newline > 1 and data[newline - 1] == 0x0D and data[1] | 0x20 != 0x78
-                    and data[: newline - 1].isalnum()):  # fmt: skip
-                try:
-                    size = int(data[: newline - 1], 16)
-                except ValueError:
-                    size = 0
-                end = len(data)
-                if size and newline + size + 3 == end and data[end - 2 : end] == b"\r\n":
-                    self.size += size
-                    return end
+            size = whole_chunk(data)
+            if size:
+                self.size += size
+                return len(data)
         pos, end = 0, len(data)
         while pos < end:
             state = self._state
