@@ -32,7 +32,14 @@ from broker.scheduling.pool import (
 )
 
 T0 = datetime(2027, 3, 9, 13, 37, tzinfo=UTC)
-POLICY = PolicySection()  # idle 15m, drain 2m, min_listed 30m, 6 cycles, hold 10m, commit 2h
+def old_defaults(**changes: Any) -> PolicySection:
+    """The policy these tests were written for (the defaults before the replay moved them):
+    idle 15m, drain 2m, min_listed 30m, 6 cycles, hold 10m, commit 2h, renewal at half."""
+    base = {"idle_window": "15m", "local_hold": "10m", "renew_every": "1h"}
+    return PolicySection.model_validate({**base, **changes})
+
+
+POLICY = old_defaults()
 FREE = ProviderView(listed=False, rentals_running=0)
 UP = ProviderView(listed=True, rentals_running=0)
 LOCKED = T0 + timedelta(hours=1, minutes=3)
@@ -207,7 +214,7 @@ def test_a_drain_times_out_at_drain_timeout_and_goes_back_without_a_hold() -> No
 
 
 def test_cycles_per_day_count_listings_of_the_last_24_hours_exactly() -> None:
-    pool = Pool(PolicySection(max_cycles_per_day=1))
+    pool = Pool(old_defaults(max_cycles_per_day=1))
     pool.obs = replace(pool.obs, window_end=T0 + timedelta(days=3))
     pool.listed()  # listed at minute 17
     pool.at(18, provider=FREE)  # the offer went away
@@ -247,7 +254,7 @@ def test_min_listed_boundary(left: float, listed: bool) -> None:
 
 
 def test_a_second_reclaim_displaces_interruptible_renters_again() -> None:
-    pool = Pool(PolicySection(reclaim="displace-interruptible"))
+    pool = Pool(old_defaults(reclaim="displace-interruptible"))
     pool.listed()
     first_end = T0 + timedelta(minutes=50)
     spot = ProviderView(
@@ -273,7 +280,7 @@ def test_a_second_reclaim_displaces_interruptible_renters_again() -> None:
 
 
 def test_a_displacement_without_a_contract_end_holds_for_max_commitment() -> None:
-    pool = Pool(PolicySection(reclaim="displace-interruptible"))
+    pool = Pool(old_defaults(reclaim="displace-interruptible"))
     pool.listed()
     pool.at(20, provider=ProviderView(listed=False, rentals_running=1, only_interruptible=True))
     decision = pool.at(21, reclaim_requested=True)
@@ -284,7 +291,7 @@ def test_a_displacement_without_a_contract_end_holds_for_max_commitment() -> Non
 
 
 def test_mixed_renters_are_not_displaced_and_the_gate_refuses_until_their_end() -> None:
-    pool = Pool(PolicySection(reclaim="displace-interruptible"))
+    pool = Pool(old_defaults(reclaim="displace-interruptible"))
     pool.listed()
     pool.at(20, provider=ProviderView(listed=True, rentals_running=2, locked_until=LOCKED))
     decision = pool.at(21, local_demand=True)
@@ -452,7 +459,7 @@ def test_a_reclaim_without_renters_shows_none_at_the_gate() -> None:
 
 
 def test_displaced_renters_waiting_out_a_reclaim_do_not_make_the_gate_refuse() -> None:
-    pool = Pool(PolicySection(reclaim="displace-interruptible"))
+    pool = Pool(old_defaults(reclaim="displace-interruptible"))
     pool.listed()
     spot = ProviderView(
         listed=False, rentals_running=1, locked_until=LOCKED, only_interruptible=True
@@ -471,7 +478,7 @@ def test_interruptible_renters_keep_the_gpus_when_the_policy_is_graceful() -> No
         listed=True, rentals_running=1, locked_until=LOCKED, only_interruptible=True
     )
     assert pool.at(20, provider=spot).gates == GateMode(True, LOCKED, renters=True)
-    cannot = Pool(PolicySection(reclaim="displace-interruptible"))
+    cannot = Pool(old_defaults(reclaim="displace-interruptible"))
     cannot.listed()
     decision = cannot.at(20, provider=spot, can_displace=False)
     assert decision.gates == GateMode(True, LOCKED, renters=True)
