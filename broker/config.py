@@ -273,6 +273,16 @@ class FakeGpu(_Model):
     max_watts: float | None = Field(
         default=None, gt=0, description="power limit the driver reports; default load_watts"
     )
+    # Eco fields (a second-hand card may be misconfigured: these let a test model one).
+    idle_pstate: int = Field(default=8, ge=0, le=15, description="P-state with no client")
+    persistence_mode: bool = True
+    power_limit_w: float | None = Field(
+        default=None, gt=0, description="the enforced limit now; default max_watts"
+    )
+    power_default_w: float | None = Field(
+        default=None, gt=0, description="the card's default limit; default max_watts"
+    )
+    power_min_w: float | None = Field(default=None, gt=0, description="lowest accepted limit")
     timeline: list[Step] = Field(default_factory=list)
     # Field names as in broker.gpu.base.GpuSample (`processes` for the process list).
     unsupported: list[
