@@ -457,6 +457,10 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
+class EcoSection(_Model):
+    idle_target_watts: float = Field(default=15.0, gt=0)
+
+
 NotifyEvent = Literal["listed", "rented", "reclaim", "back", "refused", "degraded", "earnings"]
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = (
     "listed", "rented", "reclaim", "back", "refused", "degraded", "earnings",
@@ -521,6 +525,7 @@ class Config(_Model):
     policy: PolicySection = Field(default_factory=PolicySection)
     windows: list[WindowSection] = Field(default_factory=list)
     energy: EnergySection = Field(default_factory=EnergySection)
+    eco: EcoSection = Field(default_factory=EcoSection)
     provider: ProviderSection = Field(default_factory=lambda: PaperProvider(kind="paper"))
     notify: list[NotifySection] = Field(default_factory=list)
 

@@ -47,3 +47,27 @@ async def test_a_misconfigured_card_is_flagged_with_both_causes_and_its_cost() -
 def test_fake_eco_fields_are_validated() -> None:
     with pytest.raises(ValueError):
         gpu(idle_pstate=16)
+
+
+def test_eco_command_prints_flags_as_json(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from broker.cli import main
+
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(
+        '[gpus]\nbackend = "fake"\nfake = [\n'
+        '  { idle_watts = 35, idle_pstate = 2, persistence_mode = false },\n'
+        '  { idle_watts = 12 },\n]\n'
+        '[energy]\nprice_per_kwh = 0.30\ncarbon_g_per_kwh = 400\n'
+    )
+    assert main(["eco", "-c", str(cfg), "--json"], clock=FakeClock()) == 0
+    got = json.loads(capsys.readouterr().out)
+    bad, good = got["gpus"]
+    assert (got["idle_target_watts"], got["currency"]) == (15, "EUR")
+    assert [f["kind"] for f in bad["flags"]] == ["idle_draw", "pstate", "persistence"]
+    assert bad["flags"][0]["yearly_cost"] == 52.56 and bad["flags"][0]["yearly_co2_kg"] == 70.08
+    assert (bad["idle_watts"], bad["pstate"], bad["persistence_mode"]) == (35, 2, False)
+    assert good["flags"] == []
