@@ -199,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.set_defaults(handler=cmd_simulate)
 
+    eco = sub.add_parser(
+        "eco", parents=[common], help="idle draw, P-state, persistence, power limit, flags"
+    )
+    eco.add_argument("--json", action="store_true", help="print the JSON object")
+    eco.set_defaults(handler=cmd_eco)
+
     check = sub.add_parser(
         "check", parents=[common], help="validate the config and what it points to"
     )
@@ -411,6 +417,36 @@ def cmd_simulate(
 
 
 # -- check --------------------------------------------------------------------------------
+
+
+def cmd_eco(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    import json
+
+    from broker.eco.now import eco_now
+
+    result = asyncio.run(eco_now(config, clock))
+    if args.json:
+        out.print(json.dumps(result, indent=2), markup=False)
+        return 0
+    for gpu in result["gpus"]:
+        watts = "busy" if gpu["idle_watts"] is None else f"{gpu['idle_watts']:.0f} W idle"
+        persistence = {True: "on", False: "off", None: "?"}[gpu["persistence_mode"]]
+        out.print(
+            f"GPU {gpu['index']} {gpu['name']}: {watts}, P{gpu['pstate']}, "
+            f"persistence {persistence}, power limit {gpu['power_limit_w']} W",
+            markup=False,
+        )
+        for flag in gpu["flags"]:
+            out.print(
+                f"  ! {flag['cause']}: {flag['yearly_cost']:.2f} {result['currency']}/year, "
+                f"{flag['yearly_co2_kg']:.1f} kg CO2/year",
+                markup=False,
+            )
+        if not gpu["flags"]:
+            out.print("  ok", markup=False)
+    return 0
 
 
 def cmd_check(

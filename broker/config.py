@@ -325,6 +325,16 @@ class FakeGpu(_Model):
     max_watts: float | None = Field(
         default=None, gt=0, description="power limit the driver reports; default load_watts"
     )
+    # Eco fields (a second-hand card may be misconfigured: these let a test model one).
+    idle_pstate: int = Field(default=8, ge=0, le=15, description="P-state with no client")
+    persistence_mode: bool = True
+    power_limit_w: float | None = Field(
+        default=None, gt=0, description="the enforced limit now; default max_watts"
+    )
+    power_default_w: float | None = Field(
+        default=None, gt=0, description="the card's default limit; default max_watts"
+    )
+    power_min_w: float | None = Field(default=None, gt=0, description="lowest accepted limit")
     timeline: list[Step] = Field(default_factory=list)
     # Field names as in broker.gpu.base.GpuSample (`processes` for the process list).
     unsupported: list[
@@ -508,6 +518,10 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
+class EcoSection(_Model):
+    idle_target_watts: float = Field(default=15.0, gt=0)
+
+
 NotifyEvent = Literal["listed", "rented", "reclaim", "back", "refused", "degraded", "earnings"]
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = (
     "listed", "rented", "reclaim", "back", "refused", "degraded", "earnings",
@@ -572,6 +586,7 @@ class Config(_Model):
     policy: PolicySection = Field(default_factory=PolicySection)
     windows: list[WindowSection] = Field(default_factory=list)
     energy: EnergySection = Field(default_factory=EnergySection)
+    eco: EcoSection = Field(default_factory=EcoSection)
     provider: ProviderSection = Field(default_factory=lambda: PaperProvider(kind="paper"))
     notify: list[NotifySection] = Field(default_factory=list)
 

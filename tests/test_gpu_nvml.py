@@ -40,6 +40,8 @@ class StandInGpu:
     temp: int = 41
     limit_mw: int = 350_000
     max_mw: int = 400_000
+    default_mw: int = 350_000
+    persistence: int = 1
     compute: list[tuple[int, int]] = field(default_factory=list)  # (pid, bytes)
     graphics: list[tuple[int, int]] = field(default_factory=list)
 
@@ -136,6 +138,18 @@ class StandInDriver:
         code, g = self._enter("nvmlDeviceGetPowerManagementLimitConstraints", h)
         if not code and g:
             _out(lo).value, _out(hi).value = 100_000, g.max_mw
+        return code
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h: Any, limit: Any) -> int:
+        code, g = self._enter("nvmlDeviceGetPowerManagementDefaultLimit", h)
+        if not code and g:
+            _out(limit).value = g.default_mw
+        return code
+
+    def nvmlDeviceGetPersistenceMode(self, h: Any, mode: Any) -> int:
+        code, g = self._enter("nvmlDeviceGetPersistenceMode", h)
+        if not code and g:
+            _out(mode).value = g.persistence
         return code
 
     def nvmlDeviceGetUtilizationRates(self, h: Any, util: Any) -> int:
@@ -462,3 +476,19 @@ def test_the_probe_script_reports_every_field(
     driver.init_result = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
     assert probe.main([]) == 1
     assert "no NVIDIA driver answered" in capsys.readouterr().err
+
+
+async def test_eco_fields_are_read(driver: StandInDriver, backend: NvmlBackend) -> None:
+    driver.gpus[1].persistence = 0
+    driver.gpus[1].default_mw = 370_000
+    first, second = await backend.start()
+    assert (first.power_default_w, first.power_min_w, first.persistence_mode) == (350, 100, True)
+    assert (second.power_default_w, second.persistence_mode) == (370, False)
+
+
+async def test_eco_fields_unsupported_stay_unknown(
+    driver: StandInDriver, backend: NvmlBackend
+) -> None:
+    driver.fail[("nvmlDeviceGetPersistenceMode", 0)] = pynvml.NVML_ERROR_NOT_SUPPORTED
+    first, second = await backend.start()
+    assert first.persistence_mode is None and second.persistence_mode is True

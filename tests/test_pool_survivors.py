@@ -32,7 +32,9 @@ from broker.scheduling.pool import (
 )
 
 T0 = datetime(2027, 3, 9, 13, 37, tzinfo=UTC)
-def old_defaults(**changes: Any) -> PolicySection:
+
+
+def old_defaults(**changes: object) -> PolicySection:
     """The policy these tests were written for (the defaults before the replay moved them):
     idle 15m, drain 2m, min_listed 30m, 6 cycles, hold 10m, commit 2h, renewal at half."""
     base = {"idle_window": "15m", "local_hold": "10m", "renew_every": "1h"}

@@ -31,6 +31,12 @@ class GpuDevice:
     memory_total_mb: float | None
     power_limit_w: float | None  # the limit the driver enforces now
     power_max_w: float | None  # the highest limit the card allows: the ceiling for clamping
+    # For eco advice: the limit the card ships with (a renter's limit is never below it),
+    # the lowest it accepts, and whether the driver stays loaded between clients (off, a
+    # card wakes to a higher P-state for every client and idles hotter).
+    power_default_w: float | None = None
+    power_min_w: float | None = None
+    persistence_mode: bool | None = None
 
 
 @dataclass(frozen=True)

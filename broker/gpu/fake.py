@@ -154,8 +154,11 @@ class FakeBackend:
                 uuid=spec.uuid or f"GPU-fa4e0000-0000-4000-8000-{i:012d}",
                 name=spec.name,
                 memory_total_mb=float(spec.memory_mb),
-                power_limit_w=spec.max_watts or spec.load_watts,
+                power_limit_w=spec.power_limit_w or spec.max_watts or spec.load_watts,
                 power_max_w=spec.max_watts or spec.load_watts,
+                power_default_w=spec.power_default_w or spec.max_watts or spec.load_watts,
+                power_min_w=spec.power_min_w,
+                persistence_mode=spec.persistence_mode,
             )
             for i, spec in enumerate(specs)
         ]
@@ -219,8 +222,9 @@ class FakeBackend:
             "memory_used_mb": seg.memory_used_mb,
             "power_w": seg.power_w,
             "energy_mj": script.counter_mj(t),
-            # Like a real card: P8 when nothing holds it, P2 with a context, P0 under load.
-            "pstate": 0 if seg.utilization_pct >= 50 else 2 if busy else 8,
+            # Like a real card: its idle P-state (P8 when healthy) when nothing holds it, P2
+            # with a context, P0 under load.
+            "pstate": 0 if seg.utilization_pct >= 50 else 2 if busy else script.spec.idle_pstate,
             "temperature_c": (
                 seg.temperature_c
                 if seg.temperature_c is not None

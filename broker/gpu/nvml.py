@@ -159,16 +159,41 @@ class NvmlBackend:
                 lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
                 errors,
             )
-            ceiling = self._read(
+            bounds = self._read(
                 gpu,
                 "power_max_w",
-                lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)[1] / 1000.0,
+                lambda: pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle),
+                errors,
+            )
+            default = self._read(
+                gpu,
+                "power_default_w",
+                lambda: pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle) / 1000.0,
+                errors,
+            )
+            persistence = self._read(
+                gpu,
+                "persistence_mode",
+                lambda: pynvml.nvmlDeviceGetPersistenceMode(handle)
+                == pynvml.NVML_FEATURE_ENABLED,
                 errors,
             )
         except _Lost:
             self._mark_lost(gpu)
             return gpu
-        gpu.device = GpuDevice(index, uuid, name or "unknown", memory, limit, ceiling or limit)
+        floor = bounds[0] / 1000.0 if bounds else None
+        ceiling = bounds[1] / 1000.0 if bounds else None
+        gpu.device = GpuDevice(
+            index,
+            uuid,
+            name or "unknown",
+            memory,
+            limit,
+            ceiling or limit,
+            power_default_w=default,
+            power_min_w=floor,
+            persistence_mode=persistence,
+        )
         return gpu
 
     def _devices(self) -> list[GpuDevice]:
