@@ -27,8 +27,9 @@ import logging
 import math
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -326,28 +327,28 @@ class SqliteLedger:
             raise LedgerError("the ledger is closed")
         return self._conn
 
-    def _write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[sqlite3.Cursor]:
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed as a whole, or rolled back and reported as a
+        LedgerError."""
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            cursors = [db.execute(sql, params) for sql, params in statements]
+            yield db
             db.execute("COMMIT")
         except sqlite3.Error as err:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise LedgerError(f"ledger write failed: {err}") from err
+
+    def _write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[sqlite3.Cursor]:
+        with self._transaction() as db:
+            cursors = [db.execute(sql, params) for sql, params in statements]
         return cursors
 
     def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             db.executemany(sql, rows)
-            db.execute("COMMIT")
-        except sqlite3.Error as err:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise LedgerError(f"ledger write failed: {err}") from err
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         db = self._db
@@ -482,9 +483,7 @@ class SqliteLedger:
     def _compact(self, cutoff: float, limit: int) -> int:
         """Fold up to `limit` records as written that end by `cutoff` into slot sums, and
         delete them, in one transaction. A record spanning slots is shared by time."""
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             rows = db.execute(
                 "SELECT id, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, "
                 "overhead_joules, method FROM energy "
@@ -557,11 +556,6 @@ class SqliteLedger:
                 ],
             )
             db.executemany("DELETE FROM energy WHERE id = ?", [(row[0],) for row in rows])
-            db.execute("COMMIT")
-        except sqlite3.Error as err:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise LedgerError(f"ledger write failed: {err}") from err
         return len(rows)
 
     async def energy(
@@ -721,9 +715,7 @@ class SqliteLedger:
         """Fold up to `limit` requests as written that arrived before `cutoff` into their
         bucket's row (first arrival, summed count, durations and held time) and delete them,
         in one transaction, so every request is in exactly one row."""
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             rows = db.execute(
                 "SELECT id, service, outcome, arrival_ts, duration_s, held_s, count FROM demand "
                 "WHERE host = ? AND bucket IS NULL AND arrival_ts < ? ORDER BY arrival_ts LIMIT ?",
@@ -755,11 +747,6 @@ class SqliteLedger:
                 ],
             )
             db.executemany("DELETE FROM demand WHERE id = ?", [(row[0],) for row in rows])
-            db.execute("COMMIT")
-        except sqlite3.Error as err:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise LedgerError(f"ledger write failed: {err}") from err
         return len(rows)
 
     async def demand(
