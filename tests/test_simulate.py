@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from broker.config import Config, parse_config
 from broker.ledger import open_ledger
 from broker.ledger.base import DemandRecord
 from broker.scheduling.pool import PoolState
-from broker.scheduling.rhythm import WeeklyRhythm
 from broker.simulation.inputs import Renter, Request
 from broker.simulation.replay import Replay, Timings, replay
 
@@ -84,6 +84,39 @@ def test_a_request_while_listed_is_held_and_passes_at_once_while_rented_it_is_re
     assert PoolState.RECLAIMING in states and PoolState.RENTED in states
 
 
+def test_a_refused_visit_comes_back_when_the_503_said_not_request_by_request() -> None:
+    # Listed at 15m05s; a renter at 30 m stays 4 h, so the contract runs to the offer's end
+    # at 2h15m05s. A visit at 1 h (three requests a minute apart) meets it: its first
+    # request is refused until then. The person reads that and comes back at 2h15m05s
+    # with the rest of the conversation, a minute apart as before; a trace fired as
+    # recorded meets the 503 three times instead.
+    visit = [Request(T0 + H + k * 60, 5.0) for k in range(3)]
+    cfg = config()
+    sim = run(cfg, visit, [renter(0.5, 4, 0.5)], hours=4)
+    t = sim.totals
+    assert (t.requests, t.refused, t.visits_refused, t.held) == (3, 1, 1, 0)
+    back = 2 * H + 15 * 60 + 5 - H  # every request waits from its arrival to 2h15m05s on
+    assert sorted(t.waits) == [back, back, back]
+    hasty = replace(TIMINGS, patient_users=False)
+    end = START + timedelta(hours=4)
+    fired = replay(cfg, cfg.policy, visit, [renter(0.5, 4, 0.5)], START, end, timings=hasty)
+    assert (fired.totals.refused, fired.totals.visits_refused) == (3, 1)
+
+
+def test_the_rhythm_starts_from_the_demand_recorded_before_the_replay() -> None:
+    # Three weeks of a visit at 14:30 every day before the replay starts (Monday 12:00).
+    # As the live service reads its ledger at start, the replay learns from them: its first
+    # offer (at 12:15) and its renewals end before 14:30 (unlearned, they would go on to
+    # two hours ahead every 5 minutes).
+    history = [Request(T0 - d * 86400 + 2.5 * H, 5.0) for d in range(1, 22)]
+    cfg = config({"demand_risk": 0.2, "renew_every": "5m"})
+    end = START + timedelta(hours=3)
+    sim = replay(cfg, cfg.policy, history, [], START, end, timings=TIMINGS, record=True)
+    offers = [a.end for _, a in sim.actions]
+    assert offers and max(offers) < START + timedelta(hours=2.5)
+    assert sim.totals.requests == 0  # the history only teaches; it is not replayed
+
+
 def test_renew_every_keeps_near_max_commitment_on_the_offer() -> None:
     # Listed at 15m05s (no request: idle from the start) with 2 h on the offer. At 1h14m
     # a renter wants 1.5 h left. Renewed at half (the old way, at 1h15m05s) the offer
@@ -95,26 +128,6 @@ def test_renew_every_keeps_near_max_commitment_on_the_offer() -> None:
     assert (rolling.totals.rentals, rolling.totals.renters_turned_away) == (1, 0)
     assert rolling.totals.renewals > sawtooth.totals.renewals
     assert rolling.totals.rented_gpu_hours == pytest.approx(6.0, abs=0.01)
-
-
-def test_the_weekly_rhythm_ends_offers_where_the_teams_busy_hour_begins() -> None:
-    rhythm = WeeklyRhythm(UTC)
-    rhythm.start(T0 - 8 * 86400)
-    for day in range(8):  # someone comes at 19:10 every day (Sunday to Sunday)
-        rhythm.request(T0 - (8 - day) * 86400 + 7 * H + 600)
-    # Monday 18:00: five weekday visits at 19h in five weekday passes (and one quiet pass
-    # imagined): 0.83 visits an hour, a busy hour at a risk of 0.3
-    now = START + timedelta(hours=6)
-    assert rhythm.quiet_until(now, 0.3, timedelta(hours=2)) == START + timedelta(hours=7)
-    assert rhythm.quiet_until(now + timedelta(minutes=90), 0.3, timedelta(hours=2)) == (
-        now + timedelta(minutes=90)
-    )  # inside the busy hour: nothing is quiet
-    # a risk above that hour's likelihood, or quiet hours: on to the horizon
-    assert rhythm.quiet_until(now, 0.6, timedelta(hours=2)) == now + timedelta(hours=2)
-    late = START + timedelta(hours=9)
-    assert rhythm.quiet_until(late, 0.3, timedelta(hours=2)) == late + timedelta(hours=2)
-    # not learned yet: no opinion
-    assert WeeklyRhythm(UTC).quiet_until(now, 0.3, timedelta(hours=2)) is None
 
 
 def test_demand_risk_shortens_the_offer_before_the_teams_usual_hour() -> None:

@@ -6,10 +6,11 @@ chat; the requests that follow belong to it). For each hour of the day, on weekd
 at weekends apart, the rate is the visits seen in that hour over the number of times that
 hour has gone by since learning began, with one imagined quiet pass as a prior.
 
-`quiet_until(now, risk)` is where the next busy hour begins: an hour in which a visit is
-at least `risk` likely (visits as a Poisson process at the learned rate). Offers end
-there, and the pool is not listed when that leaves less than `min_listed`: a renter is
-not let in just before the team usually comes, while quiet nights stay fully rentable.
+`quiet_until(now, risk, horizon)` is how far ahead an offer may end with a visit before
+its end less than `risk` likely (visits as a Poisson process at the learned rates, summed
+over the hours the offer spans). Offers end there, and the pool is not listed when that
+leaves less than `min_listed`: a renter is not let in just before the team usually comes,
+while quiet nights stay fully rentable.
 """
 
 from __future__ import annotations
@@ -70,17 +71,24 @@ class WeeklyRhythm:
         return self.first is not None and now - self.first >= MIN_WEEKS * WEEK
 
     def quiet_until(self, now: datetime, risk: float, horizon: timedelta) -> datetime | None:
-        """Until when (at most `now + horizon`) every hour ahead is quiet: an hour is busy
-        when a visit in it is at least `risk` likely. `now` itself when this hour is busy;
-        None while the rhythm is not learned yet (no opinion)."""
+        """How far ahead (at most `now + horizon`) an offer may end so that a visit before
+        its end stays less than `risk` likely: the visits expected over [now, end], hour by
+        hour at the learned rates, reach -ln(1 - risk) there (visits as a Poisson process).
+        The risk is that of the whole offer, not of one hour: a renter holds the GPUs until
+        the offer's end, so every quiet-ish hour it spans adds to it. `now` itself when
+        this hour alone is that likely; None while the rhythm is not learned (no opinion)."""
         t0 = now.timestamp()
         if not self.learned(t0):
             return None
-        busy = -math.log(1.0 - min(max(risk, 1e-6), 0.999999))  # visits per hour
+        budget = -math.log(1.0 - min(max(risk, 1e-6), 0.999999))  # visits allowed
         end = t0 + horizon.total_seconds()
         t = t0
         while t < end:
-            if self.rate(self._hour(t), t0) >= busy:
-                return datetime.fromtimestamp(t, now.tzinfo)
-            t = (t // 3600 + 1) * 3600
+            step = min(end, (t // 3600 + 1) * 3600)
+            rate = self.rate(self._hour(t), t0)
+            expected = rate * (step - t) / 3600
+            if expected >= budget:  # whole seconds, as every time the machine shows
+                return datetime.fromtimestamp(round(t + budget / rate * 3600), now.tzinfo)
+            budget -= expected
+            t = step
         return datetime.fromtimestamp(end, now.tzinfo)

@@ -18,6 +18,7 @@ from broker.errors import ConfigError
 from broker.ledger import ledger_path, open_ledger
 from broker.providers.paper import PaperProvider
 from broker.report import resolve_when
+from broker.scheduling.loop import RHYTHM_HISTORY
 from broker.simulation.inputs import (
     InputError,
     PaperModel,
@@ -109,7 +110,8 @@ def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: C
                 "the service first so it records the team's requests"
             )
         start, end = _span(args, config, now, None)
-        demand = asyncio.run(_ledger_demand(config, start, end))
+        # the weeks before too: the rhythm learns from them, as the service does at start
+        demand = asyncio.run(_ledger_demand(config, start - RHYTHM_HISTORY, end))
     else:
         demand = read_demand(Path(args.demand))
         start, end = _span(args, config, now, demand)
@@ -130,7 +132,8 @@ def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: C
     else:
         tz = config.broker.tz
         span = f"{start.astimezone(tz):%Y-%m-%d %H:%M} to {end.astimezone(tz):%Y-%m-%d %H:%M}"
-        title = f"Simulated {span} ({len(demand)} local requests, {len(renters)} renters looking)"
+        count = sum(1 for r in demand if start.timestamp() <= r.at < end.timestamp())
+        title = f"Simulated {span} ({count} local requests, {len(renters)} renters looking)"
         out.print(to_table(rows, currency, title))
     return 0
 

@@ -16,8 +16,8 @@ from broker.units import format_duration
 CSV_HEADER = [
     "policy", "currency", "net", "extra_net", "earnings", "energy_cost", "extra_energy_cost",
     "rented_gpu_hours", "listings", "renewals", "rentals", "renters_turned_away", "requests",
-    "requests_held", "requests_refused", "wait_p50_s", "wait_p95_s", "wait_max_s",
-    "share_of_oracle",
+    "requests_held", "requests_refused", "visits_refused", "wait_p50_s", "wait_p95_s",
+    "wait_max_s", "share_of_oracle",
 ]  # fmt: skip
 
 
@@ -44,7 +44,8 @@ def to_csv_text(rows: Sequence[Row], currency: str) -> str:
                 d["policy"], currency, d["net"], d["extra_net"], d["earnings"], d["energy_cost"],
                 d["extra_energy_cost"], d["rented_gpu_hours"], d["listings"], d["renewals"],
                 d["rentals"], d["renters_turned_away"], d["requests"], d["requests_held"],
-                d["requests_refused"], wait["p50"], wait["p95"], wait["max"],
+                d["requests_refused"], d["visits_refused"], wait["p50"], wait["p95"],
+                wait["max"],
                 "" if d["share_of_oracle"] is None else d["share_of_oracle"],
             ]
         )  # fmt: skip
@@ -62,7 +63,7 @@ def _wait(seconds: float) -> str:
 def to_table(rows: Sequence[Row], currency: str, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name in ("policy", "net", "extra net", "rented GPU-h", "listings", "held", "refused",
-                 "wait p50", "p95", "max", "of oracle"):  # fmt: skip
+                 "visits refused", "wait p50", "p95", "max", "of oracle"):  # fmt: skip
         table.add_column(name, justify="left" if name == "policy" else "right")
     for r in rows:
         share = "" if r.share_of_oracle is None else f"{r.share_of_oracle:.0%}"
@@ -74,6 +75,7 @@ def to_table(rows: Sequence[Row], currency: str, title: str) -> Table:
             str(r.listings),
             str(r.requests_held),
             str(r.requests_refused),
+            str(r.visits_refused),
             _wait(r.wait_p50),
             _wait(r.wait_p95),
             _wait(r.wait_max),

@@ -10,6 +10,10 @@ steps it at its next tick, with what the live loop would observe then:
   (the model stays in GPU memory), then the idle detector's `idle_debounce`;
 - a gate that is guarded holds a request up to the service's `max_hold`, or refuses it at
   once when a contract outlasts that (the refused user retries at the time the 503 named);
+- a refused user does not fire the rest of that visit into 503s: the visit's further
+  requests (same service, each within `VISIT_GAP` of the one before, as rhythm.py counts
+  visits) come back shifted by the refused request's wait, as a person who read "GPUs back
+  at 14:30" resumes the conversation then (`Timings.patient_users`);
 - the drain takes `drain_s`; a marketplace change (a rental ending, the offer lapsing) is
   seen at the next poll (`poll_interval`), except what the loop reads at once: an unlist's
   read-back, the urgent check on GPU load nobody explains (a new renter's container);
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from broker.config import Config, PolicySection
+from broker.scheduling.loop import RHYTHM_HISTORY
 from broker.scheduling.pool import (
     CheckProvider,
     Decision,
@@ -41,7 +46,7 @@ from broker.scheduling.pool import (
     ProviderView,
     Unlist,
 )
-from broker.scheduling.rhythm import WeeklyRhythm
+from broker.scheduling.rhythm import VISIT_GAP, WeeklyRhythm
 from broker.scheduling.windows import Calendar
 from broker.simulation.economics import EnergyPrice, Machine
 from broker.simulation.inputs import Renter, Request
@@ -64,6 +69,9 @@ class Timings:
     # A renter's container loads the GPUs at once, and load nobody explains is checked
     # against the marketplace at once; False: a new rental is seen at the next poll.
     renter_load: bool = True
+    # A refused visit's further requests wait for the refused one's Retry-After time and
+    # keep their spacing after it; False: every request of the trace is fired as recorded.
+    patient_users: bool = True
 
     @classmethod
     def from_config(cls, config: Config, keep_alive_s: float = 300.0) -> Timings:
@@ -91,6 +99,7 @@ class Totals:
     requests: int = 0
     held: int = 0
     refused: int = 0
+    visits_refused: int = 0  # visits (rhythm.py's) with at least one request refused
     waits: list[float] = field(default_factory=list)  # held or refused requests
     state_hours: dict[str, float] = field(default_factory=dict)  # time in each pool state
 
@@ -182,12 +191,21 @@ class Replay:
         self._durations = [r.duration_s for r in self.demand]
         self._was_held: set[int] = set()
         self._was_refused: set[int] = set()
+        self._put_off: set[int] = set()
+        # visits: a request within VISIT_GAP of the service's previous one belongs to its visit
+        self._visit_of: list[int] = []
+        self._visit_last: dict[str, tuple[float, int]] = {}  # service: (last arrival, visit)
+        self._visit_shift: dict[int, float] = {}  # refused visit: how long it was put off
         self._di = 0
         self._ri = 0
         self._last = start
-        # the weekly rhythm learns from the requests seen so far, as the live service does
+        # the weekly rhythm learns from the requests seen so far, as the live service does:
+        # at start from the record of the weeks before (loop.py's RHYTHM_HISTORY), then live
         self.rhythm = WeeklyRhythm(config.broker.tz)
-        self.rhythm.start(start)
+        history = [r.at for r in demand if start - RHYTHM_HISTORY.total_seconds() <= r.at < start]
+        self.rhythm.start(min(history, default=start))
+        for at in sorted(history):
+            self.rhythm.request(at)
 
     # -- the clockwork ------------------------------------------------------------------
 
@@ -336,11 +354,18 @@ class Replay:
                 self._idle_at = ended + self.timings.keep_alive_s + self.timings.debounce_s
         demand = self.demand
         while self._di < len(demand) and demand[self._di].at <= t:
+            request = demand[self._di]
             rid = len(self._first_arrival)
-            self._first_arrival.append(demand[self._di].at)
-            self.rhythm.request(demand[self._di].at)
+            self._first_arrival.append(request.at)
+            self._visit_of.append(self._visit(request))
+            self.rhythm.request(request.at)
             self.totals.requests += 1
             self._di += 1
+            shift = self._visit_shift.get(self._visit_of[rid])
+            if shift is not None and self.timings.patient_users:
+                self._put_off.add(rid)  # its visit was refused: it waits, unrefused
+                heapq.heappush(self._retries, (request.at + shift, rid))
+                continue
             self._arrive(t, rid)
         if self._held:
             for h in [h for h in self._held if h[0] <= t]:
@@ -358,6 +383,14 @@ class Replay:
                 self._arrive(t, rid)
             self._step(t)
 
+    def _visit(self, request: Request) -> int:
+        last = self._visit_last.get(request.service)
+        visit = len(self._first_arrival) - 1
+        if last is not None and request.at - last[0] <= VISIT_GAP:
+            visit = last[1]
+        self._visit_last[request.service] = (request.at, visit)
+        return visit
+
     def _arrive(self, t: float, rid: int) -> None:
         gates = self.pm.gates
         if not gates.guarded:
@@ -373,7 +406,7 @@ class Replay:
         self._held.append((t + self.timings.max_hold_s, t, rid))
 
     def _start(self, t: float, rid: int) -> None:
-        if rid in self._was_held or rid in self._was_refused:
+        if rid in self._was_held or rid in self._was_refused or rid in self._put_off:
             self.totals.waits.append(t - self._first_arrival[rid])
         heapq.heappush(self._running, t + max(self._durations[rid], self.timings.sample_s))
 
@@ -385,6 +418,10 @@ class Replay:
         retry = until.timestamp() if until is not None and until.timestamp() > t else None
         wait = retry - t if retry is not None else self.timings.max_hold_s
         retry_by = t + max(1.0, math.ceil(wait))  # the gate's Retry-After, whole seconds
+        visit = self._visit_of[rid]
+        if visit not in self._visit_shift:
+            self.totals.visits_refused += 1
+            self._visit_shift[visit] = retry_by - self._first_arrival[rid]
         if self.refused_until is None or retry_by > self.refused_until:
             self.refused_until = retry_by
         heapq.heappush(self._retries, (retry_by, rid))

@@ -30,6 +30,7 @@ class Row:
     requests: int
     requests_held: int
     requests_refused: int
+    visits_refused: int
     wait_p50: float
     wait_p95: float
     wait_max: float
@@ -51,6 +52,7 @@ class Row:
             "requests": self.requests,
             "requests_held": self.requests_held,
             "requests_refused": self.requests_refused,
+            "visits_refused": self.visits_refused,
             "wait_s": {
                 "p50": round(self.wait_p50, 1),
                 "p95": round(self.wait_p95, 1),
@@ -87,6 +89,7 @@ def _row(name: str, t: Totals) -> Row:
         requests=t.requests,
         requests_held=t.held,
         requests_refused=t.refused,
+        visits_refused=t.visits_refused,
         wait_p50=percentile(t.waits, 0.5),
         wait_p95=percentile(t.waits, 0.95),
         wait_max=max(t.waits, default=0.0),
@@ -148,6 +151,7 @@ def simulate(
         requests=rows[0].requests if rows else len(demand),
         requests_held=0,
         requests_refused=0,
+        visits_refused=0,
         wait_p50=0.0,
         wait_p95=0.0,
         wait_max=0.0,
