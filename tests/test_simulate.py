@@ -103,6 +103,23 @@ def test_a_refused_visit_comes_back_when_the_503_said_not_request_by_request() -
     assert (fired.totals.refused, fired.totals.visits_refused) == (3, 1)
 
 
+def test_displacing_a_bid_renter_lets_the_visit_through_and_keeps_the_offer_down() -> None:
+    # As above, but the renter bids (interruptible). With reclaim = displace-interruptible
+    # the host's own rental pushes it off at once: the request is held, not refused, and
+    # the pool stays off the market until the displaced contract's end (2h15m05s).
+    bidder = Renter(T0 + 0.5 * H, 2, 4, "interruptible", 0.4, 0.5)
+    visit = [Request(T0 + H, 5.0)]
+    displacing = run(config({"reclaim": "displace-interruptible"}), visit, [bidder], hours=4)
+    t = displacing.totals
+    assert (t.displaced, t.refused, t.held) == (1, 0, 1)
+    assert t.waits == [0.0]
+    assert t.earnings == pytest.approx(0.5 * 0.8)  # half an hour at the bid for 2 GPUs
+    later = [t for t, a in displacing.actions if not a.renewal and t > START + timedelta(hours=1)]
+    assert later and later[0] >= START + timedelta(hours=2, minutes=15, seconds=5)
+    graceful = run(config(), visit, [bidder], hours=4)
+    assert (graceful.totals.displaced, graceful.totals.refused) == (0, 1)
+
+
 def test_the_rhythm_starts_from_the_demand_recorded_before_the_replay() -> None:
     # Three weeks of a visit at 14:30 every day before the replay starts (Monday 12:00).
     # As the live service reads its ledger at start, the replay learns from them: its first

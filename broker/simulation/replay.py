@@ -37,8 +37,10 @@ from broker.scheduling.loop import RHYTHM_HISTORY
 from broker.scheduling.pool import (
     CheckProvider,
     Decision,
+    DisplaceInterruptible,
     Drain,
     DrainStatus,
+    EndDisplacement,
     List,
     Observation,
     PoolMachine,
@@ -96,6 +98,7 @@ class Totals:
     renewals: int = 0
     rentals: int = 0
     renters_turned_away: int = 0  # saw the offer and left (price or time left)
+    displaced: int = 0  # interruptible renters the host's own rental pushed off
     requests: int = 0
     held: int = 0
     refused: int = 0
@@ -125,6 +128,7 @@ class _Rental:
     end: float  # the contract's end: the offer's end at rental time, later by extension
     leaves: float
     usd_per_hour: float
+    interruptible: bool = False  # a bid: the host's own rental displaces it (FACTS.md)
 
     @property
     def stops(self) -> float:
@@ -256,6 +260,8 @@ class Replay:
             c.append(pm.since + policy.drain_timeout.total_seconds())
         if pm.local_hold_until is not None:
             c.append(pm.local_hold_until)
+        if pm.displaced_until is not None:
+            c.append(pm.displaced_until.timestamp())
         if self.refused_until is not None:
             c.append(self.refused_until)
         if pm.listings:
@@ -307,6 +313,7 @@ class Replay:
             rentals_running=1 if r is not None else 0,
             locked_until=_dt(r.end) if r is not None else None,
             offer_end=_dt(self.offer_end) if self.listed and self.offer_end else None,
+            only_interruptible=r is not None and r.interruptible,
         )
 
     def _read(self) -> None:
@@ -339,7 +346,9 @@ class Replay:
                 self.totals.renters_turned_away += 1
                 continue
             end = self.offer_end if self.offer_end is not None else float("inf")
-            self.rental = _Rental(renter.at, end, renter.at + renter.hours * 3600, pays)
+            leaves = renter.at + renter.hours * 3600
+            bid = renter.kind == "interruptible"
+            self.rental = _Rental(renter.at, end, leaves, pays, interruptible=bid)
             self._changed(renter.at)
             self.totals.rentals += 1
 
@@ -459,7 +468,7 @@ class Replay:
             busy_is_renters=renters_busy,
             view_after_activity=after,
             refused_until=_dt(refused) if refused is not None else None,
-            can_displace=False,
+            can_displace=True,  # Vast: the host's own on-demand rental (FACTS.md)
             quiet_until=quiet,
         )
 
@@ -509,6 +518,17 @@ class Replay:
             elif isinstance(action, CheckProvider):
                 self._read()
                 acted = True
+            elif isinstance(action, DisplaceInterruptible):
+                # The host's own rental pauses the bid renter at once and keeps it off
+                # until its contract ends; it earns nothing meanwhile, nor after (the
+                # contract is over by the time the self-rental ends).
+                if self.rental is not None and self.rental.interruptible:
+                    self.rental = None
+                    self.totals.displaced += 1
+                self._read()
+                acted = True
+            elif isinstance(action, EndDisplacement):
+                acted = True  # the pool may go on at the live loop's next tick
             elif isinstance(action, Drain):
                 self._drain_done = t + self.timings.drain_s
         if not decision.gates.guarded and self._held:
