@@ -483,8 +483,8 @@ class PolicySection(_Model):
     # arriving renters see close to max_commitment left (most want hours, not minutes).
     # Unset: renew at half of max_commitment (the old sawtooth).
     renew_every: PositiveDuration | None = timedelta(minutes=10)
-    # End offers where a local request becomes more likely than this, by the team's weekly
-    # rhythm learned from the demand record (after a week of it); unset: windows only.
+    # End each offer where a local visit before its end becomes this likely, by the team's
+    # weekly rhythm learned from the demand record (after a week of it); unset: windows only.
     demand_risk: float | None = Field(default=None, gt=0, lt=1)
 
 
