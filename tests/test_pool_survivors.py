@@ -523,3 +523,39 @@ def test_a_time_20_hours_away_is_shown_with_its_day(hours: float, shown: str) ->
     promised = T0 + timedelta(hours=hours)
     reason = pool.at(0, refused_until=promised).reason
     assert reason == f"local: a refused request was promised the GPUs by {shown}"
+
+
+@pytest.mark.parametrize(
+    ("days", "words"),
+    [(30, "window open until Thu 08 Apr 13:54"), (30.5, "window always open")],
+)
+def test_a_window_more_than_30_days_long_reads_as_always_open(days: float, words: str) -> None:
+    # listed 17 minutes in: the window ends `days` after that
+    pool = Pool()
+    pool.obs = replace(pool.obs, window_end=T0 + timedelta(days=days, minutes=17))
+    assert pool.listed().reason == f"listed: idle 15m, {words}, offer ends 15:54"
+
+
+def test_observed_only_and_paused_is_paused() -> None:
+    decision = Pool().at(0, can_list=False, paused=True)
+    assert decision.state is PoolState.PAUSED and decision.reason == "paused"
+
+
+def test_a_guarded_gate_without_renters_opens_when_the_pool_becomes_observed_only() -> None:
+    # Listed (gates guarded, no renter yet); the provider is swapped for one that cannot
+    # list, and it cannot be read: nobody can have come through us, so the gates open.
+    pool = Pool()
+    pool.listed()
+    decision = pool.at(18, can_list=False, provider=None)
+    assert decision.state is PoolState.DEGRADED and decision.gates == GateMode.OPEN
+
+
+def test_renters_found_with_a_refusal_pending_keep_reclaiming_for_it() -> None:
+    # At start the marketplace shows renters (no offer) and a 503 told someone to come
+    # back: the pool reclaims for that request, not merely waits the contracts out.
+    pool = Pool()
+    found = ProviderView(listed=False, rentals_running=1, locked_until=LOCKED)
+    first = pool.at(0, provider=found, refused_until=T0 + timedelta(minutes=30))
+    assert first.reason == "reclaiming: found running rentals (respected)"
+    again = pool.at(1)
+    assert again.reason == "reclaiming: a refused request waits for the GPUs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from broker.scheduling.rhythm import VISIT_GAP, WeeklyRhythm
 
@@ -89,4 +90,75 @@ def test_quiet_ish_hours_add_up_over_the_offer() -> None:
     budget = 5 / 7 + 5 / 12  # all of 18h and half of 19h
     assert rhythm.quiet_until(now, _risk(budget), timedelta(hours=2)) == now + timedelta(
         hours=1.5
+    )
+
+
+def test_each_hour_of_the_week_has_its_own_count_in_the_teams_zone() -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    rhythm = WeeklyRhythm(berlin)
+    monday = datetime(2026, 11, 2, tzinfo=berlin).timestamp()  # Monday 00:00 in Berlin
+    for hour in range(168):
+        rhythm.request(monday + hour * H + 60)
+    assert rhythm.visits == [1] * 168
+    # 23:30 UTC on a Monday is Tuesday 00:30 in Berlin (UTC+1 in November)
+    late = WeeklyRhythm(berlin)
+    late.request(datetime(2026, 11, 2, 23, 30, tzinfo=UTC).timestamp())
+    assert late.visits[24] == 1
+
+
+def test_an_out_of_order_request_does_not_move_the_visit_clock_back() -> None:
+    rhythm = WeeklyRhythm(UTC)
+    base = T0 + 2 * H
+    rhythm.request(base)
+    rhythm.request(base - 300)  # recorded late: the last request stays `base`
+    rhythm.request(base + VISIT_GAP - 100)  # within the gap of `base`: the same visit
+    assert sum(rhythm.visits) == 1
+
+
+def test_passes_count_from_the_hour_learning_began_in() -> None:
+    # Learning began Monday 12:20:30: that Monday's 12h counts as gone by (the visits of
+    # its first twenty minutes were not seen, but it is the hour learning began in).
+    first = T0 + 20.5 * 60
+    rhythm = WeeklyRhythm(UTC)
+    rhythm.start(first)
+    rhythm.visits[12] = 6  # six visits on weekdays at 12h
+    # the next Monday at 11:59:50: five weekday 12h passes (Mon-Fri) + the prior
+    assert rhythm.rate(12, T0 + 7 * DAY - 10) == 6 / 6
+    # at 12:00:00 exactly, the new Monday's 12h has begun: a sixth pass
+    assert rhythm.rate(12, T0 + 7 * DAY) == 6 / 7
+    # read at 12:00:00 of the Monday learning began in, that 12h has not begun to pass:
+    # no pass yet, the prior alone
+    assert rhythm.rate(12, T0) == 6 / 1
+    # an hour learning has not reached yet has no pass: Tuesday 12h read on Monday
+    assert rhythm.rate(24 + 12, T0 + 30 * 60) == 6 / 2  # Monday's pass only, + prior
+
+
+def test_saturday_midnight_starts_the_weekend() -> None:
+    rhythm = WeeklyRhythm(UTC)
+    rhythm.start(T0 - 8 * DAY)
+    rhythm.visits[5 * 24] = 4  # Saturdays at 00h
+    rhythm.visits[4 * 24] = 9  # Fridays at 00h
+    now = T0
+    # Saturday 00h is pooled with Sunday's (one of each gone by since Sunday 25 Oct noon),
+    # not with the weekdays' (Friday's 9 visits)
+    assert rhythm.rate(5 * 24, now) == rhythm.rate(6 * 24, now) == 4 / (2 + 1)
+
+
+def test_a_certain_risk_still_gives_an_offer_end() -> None:
+    rhythm = _daily(19.25)
+    now = START + timedelta(hours=6)
+    # risk 1 (out of the config's range, clamped): a huge budget, the horizon is reached
+    assert rhythm.quiet_until(now, 1.0, timedelta(hours=2)) == now + timedelta(hours=2)
+
+
+def test_the_budget_is_spent_hour_by_hour_from_a_time_inside_an_hour() -> None:
+    rhythm = WeeklyRhythm(UTC)
+    rhythm.start(T0 - 8 * DAY)
+    for day in range(8):  # visits at 18:30 and 19:30 every day
+        for hour in (18.5, 19.5):
+            rhythm.request(T0 - (8 - day) * DAY - 12 * H + hour * H)
+    now = START + timedelta(hours=6.5)  # Monday 18:30: 18h at 5/7, 19h at 5/6
+    budget = 0.5 * 5 / 7 + 0.25 * 5 / 6  # the rest of 18h, a quarter of 19h
+    assert rhythm.quiet_until(now, _risk(budget), timedelta(hours=2)) == START + timedelta(
+        hours=7.25
     )

@@ -222,7 +222,7 @@ class PoolMachine:
         ):
             # Whatever path led back to local use, the services get their GPUs back.
             actions.append(ResumeServices())
-            self.services_stopped = False
+            self.services_stopped = False  # pragma: no mutate (None is as false)
         if self.state is not before:
             self.since = obs.monotonic
         return Decision(self.state, tuple(actions), self.gates, reason, self.state is not before)
@@ -290,15 +290,18 @@ class PoolMachine:
             return f"window closes in under min_listed ({shown})"
         return None
 
-    def _back_to_local(self, obs: Observation, reclaimed: bool) -> list[Action]:
+    def _back_to_local(self, obs: Observation) -> list[Action]:
         """Local services own the GPUs again (`step` adds the ResumeServices)."""
         self._go(PoolState.PAUSED if obs.paused else PoolState.LOCAL)
-        self.offer_end = None
-        self.refused_pending = False
-        self.displaced = False  # the self-rental itself stays until `displaced_until`
-        if reclaimed:
-            self.local_hold_until = obs.monotonic + self.policy.local_hold.total_seconds()
+        self.offer_end = None  # pragma: no mutate (any falsy value: set again before use)
+        self.refused_pending = False  # pragma: no mutate (_decide_unlisted clears it too)
+        self.displaced = False  # pragma: no mutate (None is as false; self-rental stays)
         return []
+
+    def _reclaimed(self, obs: Observation) -> list[Action]:
+        """Back to local after renters held the GPUs: local use at least `local_hold`."""
+        self.local_hold_until = obs.monotonic + self.policy.local_hold.total_seconds()
+        return self._back_to_local(obs)
 
     def _reclaim(self, obs: Observation, view: ProviderView, why: str) -> tuple[list[Action], str]:
         actions: list[Action] = []
@@ -358,12 +361,12 @@ class PoolMachine:
         # LISTED, RENTED, RECLAIMING: an offer may be up or renters may hold the GPUs.
 
         if view.rentals_running == 0 and state is PoolState.RECLAIMING and not view.listed:
-            return self._back_to_local(obs, reclaimed=True), "reclaimed: no renter left"
+            return self._reclaimed(obs), "reclaimed: no renter left"
 
         want_local = self._local_reason(obs)
         if want_local:
             if view.rentals_running == 0 and not view.listed:
-                return self._back_to_local(obs, reclaimed=True), f"unlisted: {want_local}"
+                return self._reclaimed(obs), f"unlisted: {want_local}"
             return self._reclaim(obs, view, want_local)
 
         if state is PoolState.RECLAIMING:
@@ -384,7 +387,7 @@ class PoolMachine:
 
         if not view.listed:
             # The offer lapsed or was withdrawn from the dashboard; nobody rents.
-            return self._back_to_local(obs, reclaimed=False), "offer no longer listed"
+            return self._back_to_local(obs), "offer no longer listed"
 
         self._go(PoolState.LISTED, GateMode(True))
         if self._unexplained(obs) and not obs.view_after_activity:
@@ -456,8 +459,8 @@ class PoolMachine:
             self._go(PoolState.RENTED, GateMode(True, view.locked_until, renters=True))
             return [], f"rented (observed): {view.rentals_running} rental(s) until {until}"
         was_rented = self.state in (PoolState.RENTED, PoolState.RECLAIMING)
-        self.refused_pending = False
-        self.offer_end = None
+        self.refused_pending = False  # pragma: no mutate (None is as false)
+        self.offer_end = None  # pragma: no mutate (never read while only observing)
         if obs.paused:
             self._go(PoolState.PAUSED)
             return [], "paused"
@@ -473,7 +476,8 @@ class PoolMachine:
 
     def _decide_unlisted(self, obs: Observation, view: ProviderView) -> tuple[list[Action], str]:
         if not view.listed and not view.rentals_running:
-            self.refused_pending = False  # the GPUs are local: the refused user gets them
+            # the GPUs are local: the refused user gets them
+            self.refused_pending = False  # pragma: no mutate (None is as false)
         if view.listed or view.rentals_running:
             # Found an offer or renters we did not put there, or left from before a crash.
             if view.rentals_running:
@@ -518,19 +522,19 @@ class PoolMachine:
                 else "window closed" if obs.window_end is None
                 else "the provider cannot be read"
             )  # fmt: skip
-            return self._back_to_local(obs, reclaimed=False), f"drain aborted: {why}"
+            return self._back_to_local(obs), f"drain aborted: {why}"
         if obs.drain is DrainStatus.FAILED:
-            return self._back_to_local(obs, reclaimed=False), "drain failed"
+            return self._back_to_local(obs), "drain failed"
         if obs.drain is not DrainStatus.VERIFIED:
             if obs.monotonic - self.since >= self.policy.drain_timeout.total_seconds():
-                return self._back_to_local(obs, reclaimed=False), "drain timed out"
+                return self._back_to_local(obs), "drain timed out"
             return [], "draining"
         if obs.gpus_idle is not True:
-            return self._back_to_local(obs, reclaimed=False), "drain aborted: GPUs busy"
+            return self._back_to_local(obs), "drain aborted: GPUs busy"
         blocker = self._blocker(obs)
         end = self._offer_end_for(obs)
         if blocker or end is None:
-            return self._back_to_local(obs, reclaimed=False), f"not listed: {blocker}"
+            return self._back_to_local(obs), f"not listed: {blocker}"
         self._go(PoolState.LISTED, GateMode(True))
         self.offer_end = end
         self.exposed = True
