@@ -7,9 +7,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
+from test_pool_survivors import T0, Pool, old_defaults
 
 from broker.scheduling.pool import List, PoolMachine, PoolState, ProviderView
-from tests.test_pool_survivors import T0, Pool, old_defaults
 
 
 def _at(minutes: float) -> datetime:
