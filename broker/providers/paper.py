@@ -206,6 +206,7 @@ class PaperMarket(Provider):
         *,
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
+        ask: float | None = None,
     ) -> Offer:
         whole = self.book.num_gpus
         return Offer(

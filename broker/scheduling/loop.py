@@ -170,6 +170,8 @@ class DecisionLoop:
         first seen free of renters (for the latency figures), and step."""
         view = self.market.view
         self.actions.tell("provider_read", view)
+        if self.actions.pricing is not None and view is not None:
+            self.actions.pricing.note_rented(view.rentals_running > 0, view.listed)
         exposed = view is None or view.listed or view.rentals_running > 0
         if view is not None and not exposed:
             if self._was_exposed or self._free_at is None:
@@ -258,6 +260,7 @@ class DecisionLoop:
             can_list=caps.can_list,
             can_displace=caps.can_displace_interruptible,
             quiet_until=quiet,
+            market_blocked=self.actions.pricing.blocker() if self.actions.pricing else None,
         )
 
     def _learn_requests(self, now: datetime) -> None:
@@ -352,6 +355,8 @@ class DecisionLoop:
         urgent = obs.local_demand or obs.reclaim_requested or self.machine.refused_pending
         for action in ordered:
             acted = await self._do(action, decision, urgent=urgent) or acted
+        if not ordered and decision.state is PoolState.LISTED:
+            self._reprice()
         if not decision.gates.guarded:
             self._set_gates(decision.gates)
         elif decision.state is PoolState.RECLAIMING and not acted:
@@ -380,6 +385,16 @@ class DecisionLoop:
             await actions.end_displacement()
         return False
 
+    def _reprice(self) -> None:
+        """price_gpu = "market": while listed and unrented, put the offer up again at the
+        new ask (same end date) when the market moved it (broker/pricing/ask.py)."""
+        pricing, view = self.actions.pricing, self.market.view
+        if pricing is None or view is None or not view.listed or view.rentals_running:
+            return
+        end = view.offer_end or self.machine.offer_end
+        if end is not None and pricing.reprice_due(rented=False):
+            self._start_list(List(end, renewal=True))
+
     def _start_list(self, action: List) -> None:
         """List in the background: on Vast the call and its spaced read-backs take seconds,
         and a local request arriving meanwhile must not wait for them. Until the call ends
@@ -400,7 +415,7 @@ class DecisionLoop:
 
         async def run() -> None:
             try:
-                listed = await self.actions.list(action)
+                listed = await self.actions.list(action, rented=offer.rentals_running > 0)
             except asyncio.CancelledError:
                 self.market.forget()
                 raise
