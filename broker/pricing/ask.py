@@ -106,7 +106,7 @@ def decayed(price: float, floor: float, settings: PricingSection, unrented_s: fl
     """`price` stepped down by `decay` per `refresh` past `decay_after` listed and
     unrented; never below the floor (nor raised to it)."""
     past = unrented_s - settings.decay_after.total_seconds()
-    if settings.decay <= 0 or past < 0:
+    if settings.decay <= 0 or past <= 0:
         return price
     steps = math.floor(past / settings.refresh.total_seconds()) + 1
     return max(cents(price - steps * settings.decay), min(price, cents_up(floor)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from broker.configtypes import Duration, PositiveDuration, StrictModel
 
@@ -28,10 +28,17 @@ class PricingSection(StrictModel):
     # The search asks for this many offers, cheapest first; as many back = truncated.
     search_limit: int = Field(default=256, ge=2)
 
+    @field_validator("floor", mode="before")
+    @classmethod
+    def _floor(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, float | int) or value < 0:
+            raise ValueError(f'expected "auto" or a price of at least 0, got {value!r}')
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if isinstance(self.floor, float | int) and self.floor < 0:
-            raise ValueError('floor: expected "auto" or a price of at least 0')
         if (
             self.ceiling is not None
             and isinstance(self.floor, float | int)

@@ -113,11 +113,13 @@ class VastProvider(ProviderKey):
     def _no_socket(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("price_gpu")
+    @field_validator("price_gpu", mode="before")
     @classmethod
-    def _price_gpu(cls, value: float | str) -> float | str:
-        if isinstance(value, float | int) and value <= 0:
-            raise ValueError('expected "market" or a price above 0')
+    def _price_gpu(cls, value: object) -> object:
+        if value == "market":
+            return value
+        if isinstance(value, bool) or not isinstance(value, float | int) or value <= 0:
+            raise ValueError(f'expected "market" or a price above 0, got {value!r}')
         return value
 
     @property
