@@ -10,7 +10,6 @@ import pytest
 from broker.cli import main
 from broker.clock import FakeClock
 from broker.errors import ProviderRejected
-
 from broker.pricing.ask import (
     Market,
     auto_floor,
