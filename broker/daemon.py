@@ -354,6 +354,7 @@ class Daemon:
                 "locked_until": iso(scheduler.locked_until()),
                 "reachable": view is not None,
                 "note": provider.capabilities.note,
+                "pricing": scheduler.pricing.status().as_json() if scheduler.pricing else None,
             },
             "reclaim_latency": scheduler.latency.summary(),
         }

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from broker import __version__
 from broker.clock import Clock
 from broker.errors import LedgerError
+from broker.pricing.metrics import pricing_metrics
 from broker.scheduling.pool import PoolState, ProviderView
 from broker.scheduling.status import POOL, SchedulerHooks
 
@@ -170,6 +171,8 @@ class _StateCollector(Collector):
             running.add_metric([], view.rentals_running)
             yield running
         yield from self._gates()
+        if scheduler.pricing is not None:
+            yield from pricing_metrics(scheduler.pricing.status())
         earnings = CounterMetricFamily(
             "gpu_broker_earnings",
             "Provider-reported earnings in the ledger, all days (read at most once a minute)",

@@ -159,7 +159,10 @@ S = settings(min_change=0.01, refresh="30m")
     ],
 )
 def test_next_ask(
-    current: float | None, wanted: float | None, rented: bool, since: float | None,
+    current: float | None,
+    wanted: float | None,
+    rented: bool,
+    since: float | None,
     want: float | None,
 ) -> None:
     got = next_ask(current, wanted, rented=rented, since_change_s=since, settings=S)
@@ -212,7 +215,7 @@ def test_bad_pricing_keys_stop_check_with_exit_2_and_their_key_paths(
     assert "provider.price_gpu: expected \"market\" or a price above 0, got 'markt'" in err
     assert "provider.pricing.percentile: input should be less than or equal to 1" in err
     assert 'provider.pricing.refresh: expected a duration like "15m", got "soon"' in err
-    assert "provider.pricing.floor: expected \"auto\" or a price of at least 0" in err
+    assert 'provider.pricing.floor: expected "auto" or a price of at least 0' in err
 
 
 def test_a_fixed_price_is_listed_as_before_and_market_without_an_ask_is_refused() -> None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import logging
 import math
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import aiohttp
 import pytest
 from fakes.rig import Rig, RigFactory
 from fakes.vast import FakeVast
 
+from broker.client import pricing_line
 from broker.clock import FakeClock
 from broker.pricing.ask import percentile
 from broker.providers import RentalKind
@@ -70,6 +73,21 @@ async def test_the_ask_is_the_percentile_of_the_peers_in_host_terms(
     assert status.peers == 12 and status.ask == fake_vast.machine().book.offer.price_gpu
     assert status.market_median == pytest.approx(host_percentile(RENTER_PRICES, 0.5), abs=1e-3)
     assert status.rank == 5  # four peers ask less than the 35th percentile
+    # Shown by `status --json` (GET /api/status), in words by `status`, and in /metrics.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(rig.api_url + "/api/status") as response:
+            shown_json = (await response.json())["provider"]["pricing"]
+        async with session.get(rig.api_url + "/metrics") as response:
+            metrics = await response.text()
+    assert shown_json["ask"] == status.ask and shown_json["peers"] == 12
+    assert shown_json["rank"] == 5 and shown_json["searched_at"].endswith("+00:00")
+    assert shown_json["market_median"] == pytest.approx(status.market_median, abs=1e-4)
+    assert f"gpu_broker_price_ask_usd {status.ask}" in metrics
+    assert "gpu_broker_price_peers 12.0" in metrics and "gpu_broker_price_rank 5.0" in metrics
+    assert "gpu_broker_price_market_below_floor 0.0" in metrics
+    line = pricing_line(shown_json, ZoneInfo("UTC"))
+    assert line.startswith(f"ask {status.ask:.2f} USD/GPU-h (floor 0.05), market median 0.3")
+    assert "rank 5 of 13, 12 peers" in line and "35% of 12 comparable offers" in line
     # The search is the official CLI's, for our model and count.
     search = next(r.body for r in fake_vast.calls(method="POST") if "gpu_name" in r.body)
     assert search["gpu_name"] == {"eq": "RTX 3090"} and search["num_gpus"] == {"eq": "2"}

@@ -17,7 +17,7 @@ from typing import Any
 
 from broker.clock import Clock
 from broker.errors import ProviderError
-from broker.pricing.ask import Target, decayed, next_ask, rank, target
+from broker.pricing.ask import Target, decayed, next_ask, percentile, rank, target
 from broker.pricing.market import MarketRead, VastMarketReader
 from broker.pricing.settings import PricingSection
 from broker.scheduling.watch import Poller
@@ -133,9 +133,7 @@ class PriceWatch:
         since = self._unrented_since
         if since is None:
             return verdict.price
-        return decayed(
-            verdict.price, self._floor(), self.settings, self._clock.monotonic() - since
-        )
+        return decayed(verdict.price, self._floor(), self.settings, self._clock.monotonic() - since)
 
     def proposal(self, *, rented: bool) -> float | None:
         """The ask a listing or renewal made now would carry (nothing is changed)."""
@@ -171,10 +169,17 @@ class PriceWatch:
         read = self.poller.latest
         verdict = self.target()
         market = read.market if read is not None else None
+        median = verdict.median if verdict is not None else None
+        if median is None and market is not None:
+            median = (
+                market.median
+                if market.median is not None
+                else (percentile(market.peers, 0.5) if market.peers else None)
+            )
         return PricingStatus(
             ask=self.ask,
             floor=self._floor(),
-            market_median=verdict.median if verdict is not None else None,
+            market_median=median,
             rank=rank(self.ask, market.peers) if market and self.ask is not None else None,
             peers=len(market.peers) if market is not None else None,
             searched_at=read.read_at if read is not None else None,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from broker.gpu.sampler import GpuSampler
     from broker.ledger.base import Ledger
     from broker.metrics import BrokerMetrics
+    from broker.pricing.watch import PriceWatch
     from broker.services.gate import Gate
 
 POOL = "machine"  # on Vast a listing covers the whole machine: one pool, named for that
@@ -86,6 +87,8 @@ class PoolStatus(Protocol):
     def energy(self) -> EnergyAccountant: ...
     @property
     def idle(self) -> IdleDetector: ...
+    @property
+    def pricing(self) -> PriceWatch | None: ...
 
     def locked_until(self) -> datetime | None: ...
 
