@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -68,6 +69,14 @@ class PaperProvider(PolledProvider):
     mean_rental: PositiveDuration = timedelta(hours=3)
     # The paper market prices in USD like Vast: USD for one unit of energy.currency.
     usd_per_currency: float = Field(default=1.0, gt=0)
+    # `simulate` only (broker/simulation/competition.py): other hosts' machines like ours,
+    # asking market_price_gpu x a log-normal factor (sigma `competitor_spread`); renters
+    # take the cheapest they can afford. 0: ours is the only offer (a row priced by the
+    # market then gets 12). `market_prices`: a CSV `timestamp,price_median` (Vast's
+    # metrics history) that moves the market price over time.
+    competitors: int = Field(default=0, ge=0)
+    competitor_spread: float = Field(default=0.25, ge=0)
+    market_prices: Path | None = None
 
     # Nothing to ask: the market is in this process.
     probes_platform: ClassVar[bool] = False
