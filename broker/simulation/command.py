@@ -117,6 +117,7 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[float], None] | None]:
 
 def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: Console) -> int:
     chosen = policies(config, args.policy)
+    priced = pricings(config, args.policy)
     if args.demand == "ledger":
         if not ledger_path(config.broker).exists():
             raise InputError(
@@ -136,7 +137,6 @@ def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: C
         renters = read_market(Path(args.market))
     long = (end - start) > timedelta(days=7) or len(chosen) > 2
     with progress_bar(long and sys.stderr.isatty()) as report:
-        priced = pricings(config, args.policy)
         rivals = competition_for(config, start, any(p is not None for p in priced.values()))
         rows = simulate(
             config, chosen, demand, renters, start, end, progress=report,

@@ -6,8 +6,8 @@ series read from a CSV in the shape of Vast's metrics history (`timestamp,price_
 as `vastai metrics gpu-trends` gives it), so a month of real prices can be replayed. An
 on-demand renter takes the cheapest offer it can afford among the free ones, ours
 included: a competitor it takes is busy for the renter's stay. A scenario's renters are
-what one machine sees: each competitor brings as many again (`market_renters`). (Interruptible renters bid on
-our offer alone, as before.)
+what one machine sees: each competitor brings as many again (`market_renters`).
+(Interruptible renters bid on our offer alone, as before.)
 
 With `price_gpu = "market"` (or `--policy pricing.percentile=...`), each listing and each
 renewal made while unrented asks what broker/pricing/ask.py decides from the free
