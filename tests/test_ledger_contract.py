@@ -26,6 +26,7 @@ from broker.ledger import (
     SqliteLedger,
     energy_totals_of,
 )
+from broker.ledger.base import PriceRecord
 from broker.ledger.postgres import PostgresLedger
 from broker.ledger.sqlite import DEMAND_RAW_RETENTION
 
@@ -164,6 +165,22 @@ async def test_journal_intent_then_outcome(ledger: AnyLedger) -> None:
     with pytest.raises(LedgerError, match="not an open intent"):
         await ledger.complete(entry_id, "failed", minutes(3))
     assert len(await ledger.journal_entries(since=minutes(1))) == 1
+
+
+async def test_prices_of_listings_rentals_and_market_reads(store: Store) -> None:
+    ledger = await store.open("a")
+    other = await store.open("b")
+    await ledger.add_price(PriceRecord(minutes(1), "market", 0.31, peers=12))
+    await ledger.add_price(PriceRecord(minutes(2), "ask", 0.29))
+    await ledger.add_price(PriceRecord(minutes(30), "rental", 0.29))
+    await other.add_price(PriceRecord(minutes(2), "ask", 0.5))
+    got = await ledger.prices(minutes(1), minutes(30))
+    assert [(r.at, r.kind, r.price, r.peers, r.host) for r in got] == [
+        (minutes(1), "market", 0.31, 12, "a"),
+        (minutes(2), "ask", 0.29, None, "a"),
+    ]
+    assert [r.price for r in await ledger.prices(T0, minutes(60), "rental")] == [0.29]
+    assert [r.price for r in await other.prices(T0, minutes(60))] == [0.5]
 
 
 async def test_naive_datetimes_are_refused(ledger: AnyLedger) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -154,6 +155,16 @@ async def test_no_price_change_while_a_renter_runs_the_first_renewal_after_may(
     assert while_rented, "renewed while rented (the end date moved later)"
     assert all(abs(p - first) < 0.006 for p in while_rented), while_rented
     assert renter.price_gpu == pytest.approx(first, abs=0.006)
+    # The ledger has the ask of every listing and the price of the rental.
+    ledger = rig.daemon.ledger
+    assert ledger is not None
+    span = (clock.now() - timedelta(days=1), clock.now() + timedelta(days=1))
+    [rental] = await ledger.prices(*span, kind="rental")
+    assert rental.price == renter.price_gpu
+    asks = [r.price for r in await ledger.prices(*span, kind="ask")]
+    assert asks == creates(fake_vast)
+    markets = await ledger.prices(*span, kind="market")
+    assert markets and markets[-1].peers == 12
     fake_vast.end_rental(renter.id)
     later = host_percentile([p * 1.5 for p in RENTER_PRICES], 0.35)
     await listed_at(rig, fake_vast, later, limit=600)

@@ -127,6 +127,21 @@ class DemandRecord:
     host: str = ""
 
 
+PriceKind = Literal["ask", "rental", "market"]
+
+
+@dataclass(frozen=True)
+class PriceRecord:
+    """A price the broker saw or set, USD per GPU-hour: the ask of a listing, the price a
+    rental locked in, or the market median (host terms) with its peer count."""
+
+    at: datetime
+    kind: PriceKind
+    price: float
+    peers: int | None = None
+    host: str = ""
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     """A decision or an external action. An `intent` is written before the action is taken
@@ -214,6 +229,16 @@ class Ledger(Protocol):
         """Records of this host whose `arrival` is in [start, end), ordered by arrival;
         only `service`'s when given. Folded records come back as they are kept (`count`
         requests, summed durations), never expanded."""
+        ...
+
+    async def add_price(self, record: PriceRecord) -> None:
+        """Append one price (a listing's ask, a rental's price, a market read)."""
+        ...
+
+    async def prices(
+        self, start: datetime, end: datetime, kind: PriceKind | None = None
+    ) -> list[PriceRecord]:
+        """This host's prices with `at` in [start, end), ordered by time; `kind`'s only."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:

@@ -48,6 +48,8 @@ from broker.ledger.base import (
     EnergyTotal,
     JournalEntry,
     JournalStatus,
+    PriceKind,
+    PriceRecord,
     Scope,
     StateInterval,
 )
@@ -152,6 +154,18 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX demand_by_time ON demand (host, arrival_ts)",
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
+    ),
+    # v2: prices, as the SQLite ledger's version 5.
+    (
+        """CREATE TABLE prices (
+            id BIGSERIAL PRIMARY KEY,
+            host TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('ask', 'rental', 'market')),
+            price DOUBLE PRECISION NOT NULL,
+            peers INTEGER
+        )""",
+        "CREATE INDEX prices_by_time ON prices (host, ts)",
     ),
 ]
 
@@ -922,6 +936,34 @@ class PostgresLedger:
             except psycopg.Error as err:
                 raise LedgerError(f"ledger write failed: {err}") from err
         return len(rows)
+
+    async def add_price(self, record: PriceRecord) -> None:
+        await self._write(
+            [
+                (
+                    "INSERT INTO prices (host, ts, kind, price, peers) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (self._host, _ts(record.at), record.kind, record.price, record.peers),
+                )
+            ]
+        )
+
+    async def prices(
+        self, start: datetime, end: datetime, kind: PriceKind | None = None
+    ) -> list[PriceRecord]:
+        sql = (
+            "SELECT ts, kind, price, peers, host FROM prices "
+            "WHERE host = %s AND ts >= %s AND ts < %s"
+        )
+        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        if kind is not None:
+            sql += " AND kind = %s"
+            params.append(kind)
+        rows = await self._read(sql + " ORDER BY ts, id", params)
+        return [
+            PriceRecord(_dt_required(ts), cast(PriceKind, k), price, peers, host)
+            for ts, k, price, peers, host in rows
+        ]
 
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None

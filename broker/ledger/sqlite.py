@@ -45,6 +45,8 @@ from broker.ledger.base import (
     EnergyTotal,
     JournalEntry,
     JournalStatus,
+    PriceKind,
+    PriceRecord,
     Scope,
     StateInterval,
 )
@@ -167,6 +169,19 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX demand_by_time ON demand (host, arrival_ts)",
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
+    ),
+    # v5: prices (price_gpu = "market", issue 20): each listing's ask, each rental's price
+    # and each market read's median in host terms (with its peer count), USD per GPU-hour.
+    (
+        """CREATE TABLE prices (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('ask', 'rental', 'market')),
+            price REAL NOT NULL,
+            peers INTEGER
+        )""",
+        "CREATE INDEX prices_by_time ON prices (host, ts)",
     ),
 ]
 
@@ -748,6 +763,30 @@ class SqliteLedger:
             )
             db.executemany("DELETE FROM demand WHERE id = ?", [(row[0],) for row in rows])
         return len(rows)
+
+    async def add_price(self, record: PriceRecord) -> None:
+        await self._call(
+            self._write_many,
+            "INSERT INTO prices (host, ts, kind, price, peers) VALUES (?, ?, ?, ?, ?)",
+            [(self._host, _ts(record.at), record.kind, record.price, record.peers)],
+        )
+
+    async def prices(
+        self, start: datetime, end: datetime, kind: PriceKind | None = None
+    ) -> list[PriceRecord]:
+        sql = (
+            "SELECT ts, kind, price, peers, host FROM prices "
+            "WHERE host = ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        rows = await self._call(self._read, sql + " ORDER BY ts, id", params)
+        return [
+            PriceRecord(_dt_required(ts), cast(PriceKind, k), price, peers, host)
+            for ts, k, price, peers, host in rows
+        ]
 
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None

@@ -10,13 +10,14 @@ says why, logged when the reason changes. The ask itself is decided in `ask.py`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from broker.clock import Clock
 from broker.errors import ProviderError
+from broker.ledger.base import PriceRecord
 from broker.pricing.ask import Target, decayed, next_ask, percentile, rank, target
 from broker.pricing.market import MarketRead, VastMarketReader
 from broker.pricing.settings import PricingSection
@@ -62,8 +63,10 @@ class PriceWatch:
         floor: Callable[[], float],
         *,
         on_update: Callable[[], None] | None = None,
+        record: Callable[[PriceRecord], Awaitable[None]] | None = None,
     ) -> None:
         self.reader = reader
+        self._record = record  # each read's market median, into the ledger
         self._clock = clock
         self.settings = settings
         self._floor = floor  # USD per GPU-hour, from the tariff in force (auto) or config
@@ -92,6 +95,12 @@ class PriceWatch:
             level = logging.INFO if verdict.price is not None else logging.WARNING
             log.log(level, "market prices: %s", verdict.reason)
             self._reason = verdict.reason
+        market = read.market
+        median = market.median if market.median is not None else (
+            percentile(market.peers, 0.5) if market.peers else None
+        )
+        if median is not None and self._record is not None:
+            await self._record(PriceRecord(read.read_at, "market", median, len(market.peers)))
         return read
 
     def floor(self) -> float:

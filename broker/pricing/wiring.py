@@ -57,4 +57,6 @@ def price_watch(
         return Machine.from_status(read) if read is not None else None
 
     reader = VastMarketReader(provider.market_api(), clock, settings, machine)
-    return PriceWatch(reader, clock, settings, floor, on_update=on_update)
+    return PriceWatch(
+        reader, clock, settings, floor, on_update=on_update, record=actions.record_price
+    )

@@ -24,7 +24,7 @@ from broker.crashpoints import crashpoint
 from broker.errors import DrainError, LedgerError, ProviderError
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
-from broker.ledger.base import JournalEntry, Ledger
+from broker.ledger.base import JournalEntry, Ledger, PriceRecord
 from broker.pricing.watch import PriceWatch
 from broker.providers.base import Provider, ProviderStatus
 from broker.scheduling.pool import DrainStatus, List, PoolState
@@ -131,6 +131,7 @@ class Actions:
         self._deadline: float | None = None  # loop time by which marketplace calls end
         # price_gpu = "market": the watcher whose ask each listing carries (scheduler.py).
         self.pricing: PriceWatch | None = None
+        self.listed_price: float | None = None  # USD per GPU-hour of the last listing made
 
     def configure(self, config: Config) -> None:
         self.config = config
@@ -217,9 +218,19 @@ class Actions:
                 log.info("the new end date extended %d running contract(s)", result.extended)
 
         done, _ = await self.provider_call("list", payload, call)
-        if done and self.pricing is not None:
-            self.pricing.listed()
+        if done:
+            self.listed_price = offer.price_gpu
+            await self.record_price(PriceRecord(now, "ask", offer.price_gpu))
+            if self.pricing is not None:
+                self.pricing.listed()
         return done
+
+    async def record_price(self, record: PriceRecord) -> None:
+        """Into the ledger's prices (the report's realised price and market median)."""
+        try:
+            await self.journal.ledger.add_price(record)
+        except LedgerError as err:
+            log.warning("cannot record a %s price: %s", record.kind, err)
 
     async def displace(self, until: datetime) -> bool:
         payload = {"until": until.isoformat()}

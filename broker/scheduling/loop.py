@@ -29,7 +29,7 @@ from broker.errors import LedgerError
 from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
-from broker.ledger.base import JournalEntry, Ledger
+from broker.ledger.base import JournalEntry, Ledger, PriceRecord
 from broker.providers.base import ProviderStatus
 from broker.scheduling.actions import Actions
 from broker.scheduling.attribution import Activity, Attribution
@@ -340,6 +340,8 @@ class DecisionLoop:
                 log.info("%s", decision.reason)
                 await self.record_state(decision.state, decision.reason)
                 self.actions.tell("state_changed", decision.state, before, decision.reason)
+                if decision.state is PoolState.RENTED and before is PoolState.LISTED:
+                    await self._record_rental_price()
             elif self.last_reason == "starting":
                 log.info("%s", decision.reason)
             else:
@@ -384,6 +386,15 @@ class DecisionLoop:
         elif isinstance(action, EndDisplacement):
             await actions.end_displacement()
         return False
+
+    async def _record_rental_price(self) -> None:
+        """A rental began: it locked the price of the offer it rented (the one read back
+        from the platform, else the one we last listed at)."""
+        status = self.market.status
+        price = status.price_gpu if status is not None else None
+        price = price if price is not None else self.actions.listed_price
+        if price is not None:
+            await self.actions.record_price(PriceRecord(self._clock.now(), "rental", price))
 
     def _reprice(self) -> None:
         """price_gpu = "market": while listed and unrented, put the offer up again at the
