@@ -58,6 +58,7 @@ from broker.config import Config
 from broker.errors import BrokerError
 from broker.ledger.base import EarningsSource, Ledger, StateInterval
 from broker.report.periods import By, Period, periods
+from broker.report.prices import PriceSummary, price_summary
 from broker.scheduling.tariffs import Rate, TariffSchedule
 
 Bucket = Literal["local", "idle", "listed", "rented"]
@@ -152,6 +153,7 @@ class Report:
     gpu: int | None
     rows: list[ReportRow]
     totals: ReportRow
+    prices: PriceSummary | None = None  # realised price beside the market's (prices.py)
 
     def to_json(self) -> dict[str, Any]:
         """SPEC section 6: the object `gpu-broker report --format json` prints."""
@@ -163,6 +165,7 @@ class Report:
             "by": self.by,
             "rows": [row.to_json() for row in self.rows],
             "totals": self.totals.to_json(),
+            **({"prices": self.prices.to_json()} if self.prices is not None else {}),
         }
 
 
@@ -470,6 +473,12 @@ async def build_report(
     total = _Acc()
     for acc in accs:
         total.add(acc)
+    totals = total.row("total", since, end, gpu)
+    prices = await price_summary(
+        ledger, since, end, earnings=totals.earnings,
+        rented_gpu_hours=totals.rented_gpu_hours,
+        usd_per_currency=config.provider.usd_per_currency,
+    )  # fmt: skip
     return Report(
         currency=config.energy.currency,
         timezone=config.broker.timezone,
@@ -478,5 +487,6 @@ async def build_report(
         by=by,
         gpu=gpu,
         rows=rows,
-        totals=total.row("total", since, end, gpu),
+        totals=totals,
+        prices=prices,
     )
