@@ -19,6 +19,7 @@ from test_report import CONFIG, Draw, write_energy
 from broker.cli import main
 from broker.clock import FakeClock
 from broker.ledger import EarningsRecord, Ledger, SqliteLedger
+from broker.ledger.base import PriceRecord
 from broker.ledger.postgres import PostgresLedger
 
 DAY = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # Berlin midnight, 25 November
@@ -158,6 +159,7 @@ def test_ledger_copy_moves_a_sqlite_history_once(pg_server: PgServer, tmp_path: 
         try:
             await write_host(local, 180.0, 7.0, 10)
             await local.compact_energy(DAY + timedelta(hours=12))  # some folded, some not
+            await local.add_price(PriceRecord(DAY, "ask", 0.3))
         finally:
             await local.close()
 
@@ -175,6 +177,9 @@ def test_ledger_copy_moves_a_sqlite_history_once(pg_server: PgServer, tmp_path: 
     with psycopg.connect(url) as conn:
         [(hosts,)] = conn.execute("SELECT array_agg(DISTINCT host) FROM energy").fetchall()
     assert hosts == ["gpu-old"]
+    with psycopg.connect(url) as conn:
+        prices = conn.execute("SELECT host, kind, price FROM prices").fetchall()
+    assert prices == [("gpu-old", "ask", 0.3)]
 
 
 def test_ledger_copy_refuses_a_password_in_the_url(tmp_path: Path) -> None:
