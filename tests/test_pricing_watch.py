@@ -94,3 +94,13 @@ async def test_too_few_peers_keep_the_ask_below_floor_blocks(clock: FakeClock) -
     await price.poller.read_now()
     assert price.blocker() == "market median 0.03 below your power cost 0.10 per GPU-hour"
     assert price.status().below_floor
+
+
+async def test_after_a_restart_the_listed_price_is_the_ask_in_force(clock: FakeClock) -> None:
+    price, _ = watch(clock)
+    price.adopt(0.33)  # read from the platform before any market read
+    assert price.take(rented=True) == 0.33
+    await price.poller.read_now()
+    assert price.take(rented=True) == 0.33  # a renter runs: unchanged
+    price.adopt(0.5)  # an ask in force is not replaced by what the platform shows
+    assert price.ask == 0.33

@@ -123,6 +123,13 @@ class PriceWatch:
             return f"no market ask yet: {verdict.reason}"
         return None
 
+    def adopt(self, listed_price: float | None) -> None:
+        """The platform shows our offer listed at `listed_price` while no ask is in force
+        (a restart): that is the ask in force, so a renewal while a renter runs keeps it."""
+        if self.ask is None and listed_price is not None and listed_price > 0:
+            self.ask = listed_price
+            self._changed_at = self._clock.monotonic()
+
     def note_rented(self, rented: bool, listed: bool) -> None:
         """The marketplace's latest view: decay counts listed-and-unrented time only (and
         a read that waited for our machine to be known goes now)."""

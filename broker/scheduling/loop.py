@@ -172,6 +172,9 @@ class DecisionLoop:
         self.actions.tell("provider_read", view)
         if self.actions.pricing is not None and view is not None:
             self.actions.pricing.note_rented(view.rentals_running > 0, view.listed)
+            status = self.market.status
+            if status is not None and status.listed:
+                self.actions.pricing.adopt(status.price_gpu)
         exposed = view is None or view.listed or view.rentals_running > 0
         if view is not None and not exposed:
             if self._was_exposed or self._free_at is None:
