@@ -20,7 +20,9 @@ from broker.client import pricing_line
 from broker.clock import FakeClock
 from broker.pricing.ask import percentile
 from broker.providers import RentalKind
+from broker.providers.paper import PaperMarket
 from broker.scheduling.pool import PoolState
+from broker.simulation.competition import CompetingMarket
 
 SHARE = 1.25  # the fake's renter price / host price
 # Twelve comparable offers (two RTX 3090s each), in renter terms.
@@ -189,3 +191,18 @@ async def test_a_failing_search_keeps_the_ask_and_the_listing(
     assert abs(fake_vast.machine().book.offer.price_gpu - want) < 0.006
     status = rig.daemon.scheduler.pricing.status()  # type: ignore[union-attr]
     assert status.read_error is not None and status.peers == 12
+
+
+async def test_the_paper_market_lists_at_the_percentile_of_its_competing_offers(
+    make_rig: RigFactory,
+) -> None:
+    provider = {"price_gpu": "market", "competitors": 12, "pricing": {"percentile": 0.25}}
+    rig = await make_rig(paper=True, provider=provider)
+    await rig.until_state(PoolState.LISTED, limit=900)
+    rivals = CompetingMarket(0.20, 12, 0.25, seed=0).all_prices(0)
+    paper = rig.daemon.scheduler.provider
+    assert isinstance(paper, PaperMarket)
+    offer = paper.book.offer
+    assert offer.price_gpu == pytest.approx(percentile(rivals, 0.25), abs=0.0051)
+    status = rig.daemon.scheduler.pricing
+    assert status is not None and status.status().peers == 12

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from broker.clock import Clock
 from broker.errors import ProviderError
@@ -138,6 +138,20 @@ def ratio_from(offer_price: float | None, listed: float | None) -> float | None:
         return None
     ratio = offer_price / listed
     return ratio if 0.5 <= ratio <= 3.0 else None  # anything else is not a platform share
+
+
+class MarketReader(Protocol):
+    """What the watcher reads the market through (Vast.ai's API, or the paper market)."""
+
+    ratio: float | None  # renter price / host price, when known
+
+    def knows_machine(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def read(self) -> MarketRead: ...
 
 
 class VastMarketReader:

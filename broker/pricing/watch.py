@@ -19,7 +19,7 @@ from broker.clock import Clock
 from broker.errors import ProviderError
 from broker.ledger.base import PriceRecord
 from broker.pricing.ask import Target, decayed, next_ask, percentile, rank, target
-from broker.pricing.market import MarketRead, VastMarketReader
+from broker.pricing.market import MarketRead, MarketReader
 from broker.pricing.settings import PricingSection
 from broker.scheduling.watch import Poller
 
@@ -57,7 +57,7 @@ class PricingStatus:
 class PriceWatch:
     def __init__(
         self,
-        reader: VastMarketReader,
+        reader: MarketReader,
         clock: Clock,
         settings: PricingSection,
         floor: Callable[[], float],

@@ -11,6 +11,7 @@ from pydantic_core import ErrorDetails
 from broker.config import Config, describe_problems
 from broker.errors import ConfigError
 from broker.pricing.settings import PricingSection
+from broker.providers.paper import PaperProvider
 from broker.providers.vast import VastProvider
 from broker.simulation.variants import _value
 
@@ -20,7 +21,7 @@ PREFIX = "pricing."
 def configured_pricing(config: Config) -> PricingSection | None:
     """The configured ask's settings when the configured price follows the market."""
     provider = config.provider
-    if isinstance(provider, VastProvider) and provider.market_priced:
+    if isinstance(provider, VastProvider | PaperProvider) and provider.market_priced:
         return provider.pricing
     return None
 
