@@ -63,6 +63,11 @@ async def test_the_ask_is_the_percentile_of_the_peers_in_host_terms(
     make_rig: RigFactory, fake_vast: FakeVast
 ) -> None:
     market(fake_vast)
+    fake_vast.metrics = [
+        {"gpu_name": "RTX 4090", "price_median": 0.9},
+        {"gpu_name": "RTX 3090", "price_median": 0.45, "price_p10": 0.25, "price_p90": 0.6,
+         "usage": 0.8},
+    ]  # the whole population's, renter terms
     rig = await make_rig(provider=pricing(percentile=0.35))
     await rig.until_state(PoolState.LISTED, limit=900)
     # Before our own offer was ever public the peers could only be compared in renter
@@ -74,7 +79,8 @@ async def test_the_ask_is_the_percentile_of_the_peers_in_host_terms(
     assert shown is not None
     status = shown.status()
     assert status.peers == 12 and status.ask == fake_vast.machine().book.offer.price_gpu
-    assert status.market_median == pytest.approx(host_percentile(RENTER_PRICES, 0.5), abs=1e-3)
+    assert status.market_median == pytest.approx(0.45 / SHARE)
+    assert (status.market_p10, status.market_p90, status.usage) == (0.2, 0.48, 0.8)
     assert status.rank == 5  # four peers ask less than the 35th percentile
     # Shown by `status --json` (GET /api/status), in words by `status`, and in /metrics.
     async with aiohttp.ClientSession() as session:
@@ -89,11 +95,13 @@ async def test_the_ask_is_the_percentile_of_the_peers_in_host_terms(
     assert "gpu_broker_price_peers 12.0" in metrics and "gpu_broker_price_rank 5.0" in metrics
     assert "gpu_broker_price_market_below_floor 0.0" in metrics
     line = pricing_line(shown_json, ZoneInfo("UTC"))
-    assert line.startswith(f"ask {status.ask:.2f} USD/GPU-h (floor 0.05), market median 0.3")
+    assert line.startswith(f"ask {status.ask:.2f} USD/GPU-h (floor 0.05), market median 0.36")
     assert "rank 5 of 13, 12 peers" in line and "35% of 12 comparable offers" in line
     # The search is the official CLI's, for our model and count.
     search = next(r.body for r in fake_vast.calls(method="POST") if "gpu_name" in r.body)
     assert search["gpu_name"] == {"eq": "RTX 3090"} and search["num_gpus"] == {"eq": "2"}
+    [metrics] = fake_vast.calls(method="GET", path="/api/v0/metrics/gpu/current/")[:1]
+    assert metrics.query == "verified=yes&hosting_type=all&num_gpus=2"
 
 
 async def test_a_truncated_search_or_too_few_peers_keeps_the_ask_and_says_why(

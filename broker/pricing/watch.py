@@ -39,6 +39,11 @@ class PricingStatus:
     reason: str
     below_floor: bool
     read_error: str | None
+    # The whole population's (rented machines too), from the market metrics: host terms.
+    market_p10: float | None = None
+    market_p90: float | None = None
+    usage: float | None = None  # the population's share rented
+
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +56,9 @@ class PricingStatus:
             "reason": self.reason,
             "below_floor": self.below_floor,
             "read_error": self.read_error,
+            "market_p10": None if self.market_p10 is None else round(self.market_p10, 4),
+            "market_p90": None if self.market_p90 is None else round(self.market_p90, 4),
+            "usage": self.usage,
         }
 
 
@@ -102,9 +110,6 @@ class PriceWatch:
         if median is not None and self._record is not None:
             await self._record(PriceRecord(read.read_at, "market", median, len(market.peers)))
         return read
-
-    def floor(self) -> float:
-        return self._floor()
 
     def target(self) -> Target | None:
         """Where the last good read puts the ask; None before any."""
@@ -199,7 +204,11 @@ class PriceWatch:
             rank=rank(self.ask, market.peers) if market and self.ask is not None else None,
             peers=len(market.peers) if market is not None else None,
             searched_at=read.read_at if read is not None else None,
-            reason=verdict.reason if verdict is not None else self._reason,
+            reason=(verdict.reason if verdict is not None else self._reason)
+            + (f" ({read.note})" if read is not None and read.note else ""),
             below_floor=verdict.below_floor if verdict is not None else False,
             read_error=self.poller.error,
+            market_p10=read.p10 if read is not None else None,
+            market_p90=read.p90 if read is not None else None,
+            usage=read.usage if read is not None else None,
         )
