@@ -18,7 +18,7 @@ from typing import Any
 from broker.clock import Clock
 from broker.errors import ProviderError
 from broker.ledger.base import PriceRecord
-from broker.pricing.ask import Target, decayed, next_ask, percentile, rank, target
+from broker.pricing.ask import Market, Target, decayed, next_ask, percentile, rank, target
 from broker.pricing.market import MarketRead, MarketReader
 from broker.pricing.settings import PricingSection
 from broker.scheduling.watch import Poller
@@ -62,6 +62,13 @@ class PricingStatus:
         }
 
 
+def market_median(market: Market) -> float | None:
+    """The population's median when the metrics gave it, else the peers'."""
+    if market.median is not None:
+        return market.median
+    return percentile(market.peers, 0.5) if market.peers else None
+
+
 class PriceWatch:
     def __init__(
         self,
@@ -103,12 +110,10 @@ class PriceWatch:
             level = logging.INFO if verdict.price is not None else logging.WARNING
             log.log(level, "market prices: %s", verdict.reason)
             self._reason = verdict.reason
-        market = read.market
-        median = market.median if market.median is not None else (
-            percentile(market.peers, 0.5) if market.peers else None
-        )
+        median = market_median(read.market)
         if median is not None and self._record is not None:
-            await self._record(PriceRecord(read.read_at, "market", median, len(market.peers)))
+            peers = len(read.market.peers)
+            await self._record(PriceRecord(read.read_at, "market", median, peers))
         return read
 
     def target(self) -> Target | None:
@@ -192,11 +197,7 @@ class PriceWatch:
         market = read.market if read is not None else None
         median = verdict.median if verdict is not None else None
         if median is None and market is not None:
-            median = (
-                market.median
-                if market.median is not None
-                else (percentile(market.peers, 0.5) if market.peers else None)
-            )
+            median = market_median(market)
         return PricingStatus(
             ask=self.ask,
             floor=self._floor(),
