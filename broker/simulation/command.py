@@ -137,7 +137,7 @@ def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: C
         renters = read_market(Path(args.market))
     long = (end - start) > timedelta(days=7) or len(chosen) > 2
     with progress_bar(long and sys.stderr.isatty()) as report:
-        rivals = competition_for(config, start, any(p is not None for p in priced.values()))
+        rivals = competition_for(config, any(p is not None for p in priced.values()))
         rows = simulate(
             config, chosen, demand, renters, start, end, progress=report,
             pricing=priced, competition=rivals,

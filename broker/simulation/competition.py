@@ -177,9 +177,7 @@ class MarketAsk:
 DEFAULT_COMPETITORS = 12  # when a row prices by the market and the config names none
 
 
-def competition_for(
-    config: Config, start: datetime, priced: bool
-) -> Callable[[], CompetingMarket] | None:
+def competition_for(config: Config, priced: bool) -> Callable[[], CompetingMarket] | None:
     """A fresh population per replayed row (each row's renters take competitors too), from
     the paper market's keys; None when there is no competition to model."""
     from broker.providers.paper import PaperProvider
