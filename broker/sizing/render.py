@@ -58,7 +58,7 @@ def to_renderable(s: Sizing) -> RenderableType:
         )  # fmt: skip
     parts.append(services)
     gpus = Table(title="Per GPU (hours a week)")
-    for name in ("GPU", "services", "reloads/day", "used", "rentable", "more than now"):
+    for name in ("GPU", "services", "reloads/day", "used", "rentable", "outside windows now"):
         gpus.add_column(name, justify="left" if name == "services" else "right")
     for g in s.gpus:
         gpus.add_row(
@@ -102,8 +102,8 @@ def verdict_text(s: Sizing) -> str:
         f"used in at most {s.max_use_share:.0%} of the weeks" if s.max_use_share else "never used"
     )
     lines.append(
-        f"Windows: {len(s.suggested_hours)} h a week {rarely} (configured now: "
-        f"{len(s.configured_hours)} h, {s.configured_hours_used} h of them with local use); "
-        f"{s.extra_rentable_hours} h a week more could be rented with:"
+        f"{rarely.capitalize()}: {len(s.suggested_hours)} h a week, {s.extra_rentable_hours} h "
+        f"of them outside the configured windows ({len(s.configured_hours)} h a week, "
+        f"{s.configured_hours_used} h of them with local use). Windows over them:"
     )
     return "\n".join(lines)
