@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from broker.cli import main
+from broker.clock import FakeClock
 from broker.config import load_config
 from broker.ledger import DemandRecord, ModelLoad, open_ledger
 from broker.sizing.usage import busy_per_minute, runs_of
@@ -257,3 +258,25 @@ def test_busy_per_minute_counts_overlaps_not_back_to_back_requests() -> None:
     assert busy_per_minute(runs) == {minute: 1, minute + 1: 1}
     folded = runs_of([DemandRecord("a", t, 600.0, "passed", count=10)])
     assert len(folded) == 10 and set(busy_per_minute(folded).values()) == {1}
+
+
+def test_a_young_ledger_is_read_from_its_first_record_and_unseen_hours_stay_out(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without --since: the last 28 days, but the record begins on Monday 2 Nov at 09:00;
+    # "now" is Tuesday 10 Nov 12:00, so Monday 00:00-09:00 was never observed at all.
+    now = FakeClock(at(1, 1, 12))
+    assert main(["sizing", "-c", str(config_file), "--json"], clock=now) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["from"], got["to"]) == ("2026-11-02T09:00:00+00:00", "2026-11-10T12:00:00+00:00")
+    assert got["unseen_hours_per_week"] == 0  # week 2 saw Monday morning
+    assert got["services"][0]["requests"] == 3
+    early = FakeClock(at(0, 3, 0))  # Thursday of week 1: Thursday to Monday 09:00 unseen
+    assert main(["sizing", "-c", str(config_file), "--json"], clock=early) == 0
+    young = json.loads(capsys.readouterr().out)
+    assert young["unseen_hours_per_week"] == 168 - (3 * 24 - 9)
+    hours = set()
+    for w in young["suggested_windows"]:
+        day, hour = int(w["cron"].split()[4]) - 1, int(w["cron"].split()[1])
+        hours |= {day * 24 + hour + k for k in range(w["hours_per_week"])}
+    assert hours and max(hours) < 3 * 24 and min(hours) >= 10  # Mon 10:00 to Wed 24:00

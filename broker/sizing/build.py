@@ -42,7 +42,6 @@ class Sizing:
     start: datetime
     end: datetime
     timezone: str
-    hour_weeks: list[int]  # how many times each hour of the week is in the span
     services: list[ServiceSizing]
     gpus: list[GpuSizing]
     shared: list[SharedGpu]
@@ -60,12 +59,7 @@ class Sizing:
 
     @property
     def suggested_hours(self) -> frozenset[int]:
-        return frozenset(
-            (day * 24 + int(w.cron.split()[1]) + k) % HOURS_PER_WEEK
-            for w in self.suggested
-            for day in w.days
-            for k in range(w.hours)
-        )
+        return frozenset(h for w in self.suggested for h in w.hours_of_week())
 
     @property
     def extra_rentable_hours(self) -> int:
@@ -118,7 +112,7 @@ def compute(
     indices = sorted(
         set(gpu_indices) | {g for gs in service_gpus.values() for g in gs} | set(range(fake))
     )
-    gpus = per_gpu(indices, service_gpus, usages, loads, days, configured, min_hours)
+    gpus = per_gpu(indices, service_gpus, usages, loads, days, configured, min_hours, unseen)
     shared = shared_gpus(gpus, usages)
     services = [
         ServiceSizing(
@@ -132,7 +126,6 @@ def compute(
         start=start,
         end=end,
         timezone=str(tz.key),
-        hour_weeks=hour_weeks,
         services=services,
         gpus=gpus,
         shared=shared,

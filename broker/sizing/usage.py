@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from broker.ledger.base import DemandRecord
+from broker.ledger.base import DemandOutcome, DemandRecord
 from broker.sizing.week import HOURS_PER_WEEK, hour_of_week_at, hours_between
 
 MINUTE = 60.0
@@ -30,7 +30,11 @@ class Run:
     start: float
     end: float
     held_s: float
-    refused: bool
+    outcome: DemandOutcome
+
+    @property
+    def refused(self) -> bool:
+        return self.outcome == "refused"
 
 
 def runs_of(records: Iterable[DemandRecord]) -> list[Run]:
@@ -43,12 +47,11 @@ def runs_of(records: Iterable[DemandRecord]) -> list[Run]:
         duration = max(0.0, r.duration_s) / count
         held = max(0.0, r.held_s) / count
         first = r.arrival.timestamp()
-        refused = r.outcome == "refused"
         for k in range(count):
             arrival = first + k * duration
             start = arrival + min(held, duration)
-            end = start if refused else arrival + duration
-            out.append(Run(r.service, arrival, start, end, held, refused))
+            end = start if r.outcome == "refused" else arrival + duration
+            out.append(Run(r.service, arrival, start, end, held, r.outcome))
     out.sort(key=lambda run: run.arrival)
     return out
 
@@ -142,9 +145,9 @@ def usage_of(
     minutes = busy_per_minute(runs)
     levels = list(minutes.values())
     busy = Busy(percentile(levels, 0.50), percentile(levels, 0.95), max(levels, default=0))
-    waited = [run.held_s for run in runs if run.held_s > 0 or run.refused]
+    waited = [run.held_s for run in runs if run.outcome != "passed"]
     waits = Waits(
-        held=sum(1 for run in runs if run.held_s > 0 and not run.refused),
+        held=sum(1 for run in runs if run.outcome == "held"),
         refused=sum(1 for run in runs if run.refused),
         p50_s=percentile(waited, 0.50),
         p95_s=percentile(waited, 0.95),

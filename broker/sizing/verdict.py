@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from broker.ledger.base import ModelLoad
 from broker.sizing.usage import ServiceUsage
+from broker.sizing.week import HOURS_PER_WEEK
 from broker.sizing.windows import DEFAULT_MIN_HOURS, free_runs
 
 RELOADS_PER_DAY_LIMIT = 1.0
@@ -87,16 +88,20 @@ def per_gpu(
     days: float,
     configured: Collection[int],
     min_hours: int = DEFAULT_MIN_HOURS,
+    unseen: Collection[int] = (),
 ) -> list[GpuSizing]:
+    """Each GPU's figures; hours of the week the span does not hold count as used."""
     out: list[GpuSizing] = []
     for index in gpus:
         names = tuple(sorted(n for n, g in service_gpus.items() if index in g))
-        used: set[int] = set()
+        used: set[int] = set(unseen)
         for name in names:
             if name in usages:
                 used |= usages[name].used_hours
         rentable = {
-            (run.start + k) % 168 for run in free_runs(used, min_hours) for k in range(run.hours)
+            (run.start + k) % HOURS_PER_WEEK
+            for run in free_runs(used, min_hours)
+            for k in range(run.hours)
         }
         out.append(
             GpuSizing(

@@ -30,12 +30,17 @@ class Run:
 class SuggestedWindow:
     cron: str
     duration: str  # as the config writes it: "9h", "2d7h"
+    hour: int  # the hour of the day it starts at
     hours: int  # its length, in hours
     days: tuple[int, ...]  # the weekdays it starts on (0 = Monday)
 
     @property
     def hours_per_week(self) -> int:
         return self.hours * len(self.days)
+
+    def hours_of_week(self) -> set[int]:
+        starts = [day * 24 + self.hour for day in self.days]
+        return {(start + k) % HOURS_PER_WEEK for start in starts for k in range(self.hours)}
 
 
 def free_runs(used: Collection[int], min_hours: int = DEFAULT_MIN_HOURS) -> list[Run]:
@@ -95,11 +100,11 @@ def suggest(used: Collection[int], min_hours: int = DEFAULT_MIN_HOURS) -> list[S
         day, hour = divmod(run.start, 24)
         by_shape.setdefault((hour, run.hours), []).append(day)
     out = [
-        SuggestedWindow(f"0 {hour} * * {_cron_days(days)}", _duration_text(hours), hours,
+        SuggestedWindow(f"0 {hour} * * {_cron_days(days)}", _duration_text(hours), hour, hours,
                         tuple(sorted(days)))
         for (hour, hours), days in by_shape.items()
     ]  # fmt: skip
-    return sorted(out, key=lambda w: (w.days[0] * 24 + int(w.cron.split()[1]), w.hours))
+    return sorted(out, key=lambda w: (w.days[0] * 24 + w.hour, w.hours))
 
 
 def window_hours(windows: Iterable[WindowSpec], tz: ZoneInfo, week_start: datetime) -> set[int]:
