@@ -16,8 +16,8 @@ from broker.cli import main
 from broker.clock import FakeClock
 from broker.config import load_config
 from broker.ledger import DemandRecord, ModelLoad, open_ledger
-from broker.sizing.usage import busy_per_minute, runs_of
-from broker.sizing.verdict import rule_of_thumb
+from broker.sizing.usage import Busy, ServiceUsage, Waits, busy_per_minute, runs_of
+from broker.sizing.verdict import OwnGpu, SharedGpu, own_gpu, rule_of_thumb
 from broker.sizing.week import hour_counts, hours_between
 from broker.sizing.windows import Run, free_runs, suggest, window_hours
 
@@ -280,3 +280,17 @@ def test_a_young_ledger_is_read_from_its_first_record_and_unseen_hours_stay_out(
         day, hour = int(w["cron"].split()[4]) - 1, int(w["cron"].split()[1])
         hours |= {day * 24 + hour + k for k in range(w["hours_per_week"])}
     assert hours and max(hours) < 3 * 24 and min(hours) >= 10  # Mon 10:00 to Wed 24:00
+
+
+def test_a_shared_gpu_that_reloads_daily_sends_the_quieter_service_to_its_own() -> None:
+    def usage(name: str, requests: int, hours: set[int]) -> ServiceUsage:
+        return ServiceUsage(name, requests, [0.0] * 168, Busy(1, 1, 1),
+                            Waits(0, 0, 0, 0, 0, 0), 1, frozenset(hours))  # fmt: skip
+
+    usages = {"ollama": usage("ollama", 50, {9}), "comfyui": usage("comfyui", 5, {20})}
+    quiet = SharedGpu(0, ("comfyui", "ollama"), 0.5, 0)
+    assert own_gpu([quiet], usages) == []  # apart in time, rarely reloading: fine together
+    daily = SharedGpu(0, ("comfyui", "ollama"), 3.0, 0)
+    assert own_gpu([daily], usages) == [
+        OwnGpu("comfyui", "shares GPU 0 with ollama: GPU 0 reloads models 3.0 times a day")
+    ]
