@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -84,5 +85,14 @@ async def test_comfyui_probe_reports_the_checkpoint_of_the_last_prompt_it_ran(
             fake.running.append("b")
             fake.prompts["b"] = prompt("flux1-dev.safetensors")
             assert (await adapter.probe()).loaded == ("flux1-dev.safetensors",)
+            await fake.finish()
+            drain = asyncio.create_task(adapter.drain(60))
+            for _ in range(200):  # the drain polls on the fake clock
+                await asyncio.sleep(0.002)
+                if drain.done():
+                    break
+                await clock.advance(1)
+            await drain
+            assert (await adapter.probe()).loaded == ()  # /free unloaded it
         finally:
             await adapter.aclose()

@@ -71,5 +71,6 @@ class ComfyUIAdapter(ServiceAdapter):
         await self._wait_until(queue_empty, limit_s, "an empty queue")
         # /free answers at once and acts after the running prompt, so poll what it freed.
         await self._post_json("/free", {"unload_models": True, "free_memory": True})
+        self._last_models = ()  # the next prompt loads its models again
         left = max(0.0, deadline - self._clock.monotonic())
         await self._wait_until(memory_freed, left, "torch VRAM released (/system_stats)")
