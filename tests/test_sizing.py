@@ -16,6 +16,7 @@ from broker.cli import main
 from broker.clock import FakeClock
 from broker.config import load_config
 from broker.ledger import DemandRecord, ModelLoad, open_ledger
+from broker.sizing.heatmap import local_use_week
 from broker.sizing.usage import Busy, ServiceUsage, Waits, busy_per_minute, runs_of
 from broker.sizing.verdict import OwnGpu, SharedGpu, own_gpu, rule_of_thumb
 from broker.sizing.week import hour_counts, hours_between
@@ -294,3 +295,16 @@ def test_a_shared_gpu_that_reloads_daily_sends_the_quieter_service_to_its_own() 
     assert own_gpu([daily], usages) == [
         OwnGpu("comfyui", "shares GPU 0 with ollama: GPU 0 reloads models 3.0 times a day")
     ]
+
+
+async def test_the_heat_map_route_body_from_the_ledger(config_file: Path) -> None:
+    config = load_config(config_file)
+    ledger = await open_ledger(config.broker)
+    try:
+        week = await local_use_week(ledger, ZoneInfo("UTC"), MONDAY, MONDAY + 2 * WEEK)
+    finally:
+        await ledger.close()
+    assert week["weekdays"][0] == "Mon" and week["total_requests"] == 5
+    assert week["used"][0][9] == 1.0 and week["used"][1][14] == 0.5
+    assert week["requests"][0][9] == 2.0  # four arrivals on two Mondays at 09:xx
+    assert sum(map(sum, week["used"])) == 1.5
