@@ -37,6 +37,7 @@ from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
 from broker.report.fleet import build_fleet_report
 from broker.scheduling.status import POOL
+from broker.sizing.heatmap import local_use_week
 from broker.units import parse_hostport
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class ApiServer:
         self.app.router.add_get("/api/status", self._status)
         self.app.router.add_get("/api/timeline", self._timeline)
         self.app.router.add_get("/api/report", self._report)
+        self.app.router.add_get("/api/local-use", self._local_use)
         self.app.router.add_post("/api/reclaim", self._guarded(self._reclaim))
         self.app.router.add_post("/api/pause", self._guarded(self._pause))
         self.app.router.add_post("/api/resume", self._guarded(self._resume))
@@ -273,6 +275,18 @@ class ApiServer:
         except ReportError as err:
             return web.json_response({"error": str(err)}, status=500)
         return web.json_response(report.to_json())
+
+    async def _local_use(self, request: web.Request) -> web.Response:
+        """The week heat map of local use over the last `days` (docs/api.md)."""
+        days = _int_query(request, "days", default=28, low=1, high=366)
+        ledger = self._daemon.ledger
+        if ledger is None:
+            return web.json_response({"error": "the broker is not started"}, status=503)
+        now = self._daemon.clock.now()
+        tz = self._daemon.config.broker.tz
+        return web.json_response(
+            await local_use_week(ledger, tz, now - timedelta(days=days), now)
+        )
 
     def _guarded(self, handler: Handler) -> Handler:
         async def check(request: web.Request) -> web.StreamResponse:

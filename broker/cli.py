@@ -52,6 +52,8 @@ from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
 from broker.simulation.command import run_simulate
 from broker.simulation.inputs import InputError
+from broker.sizing.command import SizingUsageError, run_sizing
+from broker.sizing.command import share as sizing_share
 from broker.units import describe_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -204,6 +206,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     eco.add_argument("--json", action="store_true", help="print the JSON object")
     eco.set_defaults(handler=cmd_eco)
+
+    sizing = sub.add_parser(
+        "sizing",
+        parents=[common],
+        help="how many GPUs the measured demand needs; suggested windows",
+        description="From the ledger: per service requests per hour of the week, busy GPUs, "
+        "waits and model reloads; the GPUs the demand needs beside the rule of thumb for "
+        "broker.team_size; and [[windows]] covering the hours the team never used. "
+        "See docs/sizing.md.",
+    )
+    sizing.add_argument(
+        "--since", type=_when, metavar="D", help="first day or moment (default: 28 days ago)"
+    )
+    sizing.add_argument(
+        "--until", type=_when, metavar="D", help="last day, included, or moment; default: now"
+    )
+    sizing.add_argument("--json", action="store_true", help="print the JSON object")
+    sizing.add_argument(
+        "--max-use-share", type=sizing_share, default=0.0, metavar="S",
+        help="suggest windows over hours used in at most this share of the weeks "
+        "(default 0: hours never used)",
+    )  # fmt: skip
+    sizing.set_defaults(handler=cmd_sizing)
 
     check = sub.add_parser(
         "check", parents=[common], help="validate the config and what it points to"
@@ -413,6 +438,17 @@ def cmd_simulate(
     except InputError as error:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"gpu-broker simulate: {error}", markup=False)
+        return EXIT_USAGE
+
+
+def cmd_sizing(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    try:
+        return run_sizing(args, config, clock.now(), out)
+    except SizingUsageError as error:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"gpu-broker sizing: {error}", markup=False)
         return EXIT_USAGE
 
 

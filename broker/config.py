@@ -172,6 +172,9 @@ class BrokerSection(SecretRef):
     # password file supplies it; never in the URL itself.
     database_password_env: str | None = None
     database_password_file: Path | None = None
+    # How many people use the local services: `gpu-broker sizing` sets its measured verdict
+    # beside the rule of thumb for a team this size.
+    team_size: int | None = Field(default=None, ge=1)
 
     @field_validator("database_url")
     @classmethod

@@ -31,7 +31,7 @@ from fakes.vast import FakeVast
 
 from broker.clock import FakeClock
 from broker.ledger import open_ledger
-from broker.ledger.base import EarningsRecord, EnergyRecord
+from broker.ledger.base import DemandRecord, EarningsRecord, EnergyRecord
 from broker.providers import RentalKind
 from broker.scheduling.pool import PoolState
 
@@ -209,6 +209,20 @@ async def write_history(rig_state: Path, config: Any, today: date, days: int) ->
         await ledger.close()
 
 
+async def write_demand(config: Any, now: datetime) -> list[datetime]:
+    """Local requests on three days of the last weeks, for the heat map; their arrivals."""
+    arrivals = [
+        (now - timedelta(days=d)).replace(hour=h, minute=20, second=0, microsecond=0)
+        for d, h in ((2, 10), (9, 10), (3, 15))
+    ]
+    ledger = await open_ledger(config.broker, "rig")
+    try:
+        await ledger.add_demand([DemandRecord("ollama", at, 30.0, "passed") for at in arrivals])
+    finally:
+        await ledger.close()
+    return arrivals
+
+
 async def wait_for(dev: DevTools, expression: str, limit: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
@@ -257,6 +271,7 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
     monkeypatch.setenv("RIG_API_TOKEN", TOKEN)
     config = rig_config(tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url)
     await write_history(tmp_path / "state", config, clock.now().date(), days=13)
+    arrivals = await write_demand(config, clock.now())
     rig = Rig(clock, config, fake_ollama, fake_vast)
     await rig.start()
     session, page_ws = browser
@@ -310,6 +325,23 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
                 assert "extra energy only: cost" in drawn["totalsText"]
                 assert drawn["tableRows"] == 2
                 assert drawn["errorShown"] is False
+
+                # The week heat map of local use draws /api/local-use, cell for cell.
+                await wait_for(dev, "document.getElementById('local-use-map').dataset.ready"
+                                    " === '1'")  # fmt: skip
+                cells = json.loads(await dev.evaluate(HEAT_CELLS))
+                async with session.get(rig.api_url + "/api/local-use?days=28") as response:
+                    week = await response.json()
+                assert len(cells) == 7 * 24
+                assert {(c["day"], c["hour"]): c["used"] for c in cells} == {
+                    (d, h): week["used"][d][h] for d in range(7) for h in range(24)
+                }
+                tz = config.broker.tz
+                hot = {(a.astimezone(tz).weekday(), a.astimezone(tz).hour) for a in arrivals}
+                assert {(c["day"], c["hour"]) for c in cells if c["used"] > 0} == hot
+                assert all(c["fill"] != "#f7f8fa" for c in cells if c["used"] > 0)
+                assert all(c["fill"] == "#f7f8fa" for c in cells if c["used"] == 0)
+                assert week["total_requests"] == 3
                 assert dev.errors() == []
 
                 shot = await dev.call("Page.captureScreenshot", format="png")
@@ -322,6 +354,10 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
     finally:
         await rig.aclose()
 
+
+HEAT_CELLS = """JSON.stringify([...document.querySelectorAll('#local-use-map rect.cell')].map(
+  (r) => ({day: Number(r.dataset.day), hour: Number(r.dataset.hour),
+           used: Number(r.dataset.used), fill: r.getAttribute('fill')})))"""
 
 AXIS = """JSON.stringify({
   money: [...document.querySelectorAll('#chart svg > text')].map((t) => t.textContent),

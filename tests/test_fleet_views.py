@@ -209,10 +209,9 @@ def test_check_reads_the_shared_ledger_without_changing_it(
             main(["check", "-c", str(path)], FakeClock(NOW))  # other checks may fail here
         outputs.append(out.getvalue())
     assert "ok   ledger postgresql://broker@127.0.0.1" in outputs[0]
-    schema = f"(schema {PG_SCHEMA}); this host writes as 'gpu-a'; 1 other host(s) in it"
-    assert schema in outputs[0]
-    fresh_schema = f"(schema 0, will migrate to {PG_SCHEMA}); this host writes as 'gpu-new'"
-    assert fresh_schema in outputs[1]
+    v = PG_SCHEMA
+    assert f"(schema {v}); this host writes as 'gpu-a'; 1 other host(s) in it" in outputs[0]
+    assert f"(schema 0, will migrate to {v}); this host writes as 'gpu-new'" in outputs[1]
     fresh_url = fresh.read_text().split('database_url = "')[1].split('"')[0]
     with psycopg.connect(fresh_url) as conn:
         assert conn.execute("SELECT to_regclass('gpu_broker_schema')").fetchone() == (None,)

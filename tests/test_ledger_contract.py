@@ -23,6 +23,7 @@ from broker.ledger import (
     EnergyRecord,
     EnergyTotal,
     JournalEntry,
+    ModelLoad,
     SqliteLedger,
     energy_totals_of,
 )
@@ -368,6 +369,28 @@ async def test_demand_round_trip_by_range_and_service(ledger: AnyLedger) -> None
     ]  # fmt: skip
     only = await ledger.demand(minutes(0), minutes(61), service="ollama")
     assert [r.arrival for r in only] == [minutes(3), minutes(5), minutes(60)]
+
+
+async def test_model_loads_round_trip_by_range_service_and_host(store: Store) -> None:
+    ledger = await store.open("box")
+    other = await store.open("other")
+    await ledger.add_model_loads(
+        [
+            ModelLoad("ollama", minutes(2), "llama3:8b", (0, 1)),
+            ModelLoad("comfyui", minutes(1), "sdxl.safetensors", (1,)),
+            ModelLoad("ollama", minutes(60), "qwen:7b", (0,)),  # outside [0, 60)
+        ]
+    )
+    await ledger.add_model_loads([])
+    await other.add_model_loads([ModelLoad("ollama", minutes(3), "mistral", ())])
+    got = await ledger.model_loads(minutes(0), minutes(60))
+    assert got == [
+        ModelLoad("comfyui", minutes(1), "sdxl.safetensors", (1,), "box"),
+        ModelLoad("ollama", minutes(2), "llama3:8b", (0, 1), "box"),
+    ]
+    only = await ledger.model_loads(minutes(0), minutes(61), service="ollama")
+    assert [r.model for r in only] == ["llama3:8b", "qwen:7b"]
+    assert [r.gpus for r in await other.model_loads(minutes(0), minutes(60))] == [()]
 
 
 def _demand_rows(store: Store) -> tuple[int, int]:

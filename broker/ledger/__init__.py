@@ -12,6 +12,7 @@ from broker.ledger.base import (
     EnergyTotal,
     JournalEntry,
     Ledger,
+    ModelLoad,
     StateInterval,
     energy_totals_of,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "EnergyTotal",
     "JournalEntry",
     "Ledger",
+    "ModelLoad",
     "SqliteLedger",
     "StateInterval",
     "claim_host",

@@ -143,6 +143,29 @@ class PriceRecord:
 
 
 @dataclass(frozen=True)
+class ModelLoad:
+    """A model a local service loaded into GPU memory, as its watcher saw it: for Ollama a
+    model new in `/api/ps`, for ComfyUI a running prompt whose checkpoint differs from the
+    last prompt's. `gpus` are the GPUs the service is configured on (neither service says
+    on which of them it placed the model). Sizing counts these as model reloads."""
+
+    service: str
+    at: datetime
+    model: str
+    gpus: tuple[int, ...] = ()
+    host: str = ""
+
+
+def gpu_list_text(gpus: Sequence[int]) -> str:
+    """GPU indices as the stores keep them: "0,1"."""
+    return ",".join(str(i) for i in gpus)
+
+
+def gpu_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
 class JournalEntry:
     """A decision or an external action. An `intent` is written before the action is taken
     and later completed as `done` or `failed`, so a restart can see what was in flight."""
@@ -239,6 +262,17 @@ class Ledger(Protocol):
         self, start: datetime, end: datetime, kind: PriceKind | None = None
     ) -> list[PriceRecord]:
         """This host's prices with `at` in [start, end), ordered by time; `kind`'s only."""
+        ...
+
+    async def add_model_loads(self, records: Sequence[ModelLoad]) -> None:
+        """Append models the service watchers saw being loaded."""
+        ...
+
+    async def model_loads(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[ModelLoad]:
+        """Loads of this host at a time in [start, end), ordered by time; only `service`'s
+        when given."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:

@@ -34,6 +34,7 @@ _BY_ID: list[tuple[str, tuple[str, ...]]] = [
                  "outcome_ts")),
     ("demand", ("host", "service", "arrival_ts", "duration_s", "outcome", "held_s", "count",
                 "bucket")),
+    ("model_loads", ("host", "service", "ts", "model", "gpus")),
     ("prices", ("host", "ts", "kind", "price", "peers")),
 ]  # fmt: skip
 _BY_KEY: list[tuple[str, tuple[str, ...]]] = [

@@ -48,10 +48,13 @@ from broker.ledger.base import (
     EnergyTotal,
     JournalEntry,
     JournalStatus,
+    ModelLoad,
     PriceKind,
     PriceRecord,
     Scope,
     StateInterval,
+    gpu_list,
+    gpu_list_text,
 )
 from broker.ledger.spool import Kind, Spool
 from broker.ledger.sqlite import (
@@ -155,7 +158,19 @@ MIGRATIONS: list[Migration] = [
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
     ),
-    # v2: prices, as the SQLite ledger's version 5.
+    # v2: models the service watchers saw loaded (the SQLite ledger's version 5).
+    (
+        """CREATE TABLE model_loads (
+            id BIGSERIAL PRIMARY KEY,
+            host TEXT NOT NULL,
+            service TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            model TEXT NOT NULL,
+            gpus TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX model_loads_by_time ON model_loads (host, ts)",
+    ),
+    # v3: prices, as the SQLite ledger's version 6.
     (
         """CREATE TABLE prices (
             id BIGSERIAL PRIMARY KEY,
@@ -984,6 +999,35 @@ class PostgresLedger:
             )
             for service, arrival, duration, outcome, held, count, host in rows
         ]  # fmt: skip
+
+    # -- model loads ----------------------------------------------------------------------
+
+    async def add_model_loads(self, records: Sequence[ModelLoad]) -> None:
+        if not records:
+            return
+        await self._write_many(
+            "INSERT INTO model_loads (host, service, ts, model, gpus) VALUES (%s, %s, %s, %s, %s)",
+            [
+                (self._host, r.service, _ts(r.at), r.model, gpu_list_text(r.gpus))
+                for r in records
+            ],
+        )
+
+    async def model_loads(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[ModelLoad]:
+        sql = (
+            "SELECT service, ts, model, gpus, host FROM model_loads "
+            "WHERE host = %s AND ts >= %s AND ts < %s"
+        )
+        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        if service is not None:
+            sql += " AND service = %s"
+            params.append(service)
+        rows = await self._read(sql + " ORDER BY ts, id", params)
+        return [
+            ModelLoad(r[0], _dt_required(r[1]), r[2], gpu_list(r[3]), r[4]) for r in rows
+        ]
 
     # -- earnings -------------------------------------------------------------------------
 

@@ -45,10 +45,13 @@ from broker.ledger.base import (
     EnergyTotal,
     JournalEntry,
     JournalStatus,
+    ModelLoad,
     PriceKind,
     PriceRecord,
     Scope,
     StateInterval,
+    gpu_list,
+    gpu_list_text,
 )
 
 T = TypeVar("T")
@@ -170,7 +173,20 @@ MIGRATIONS: list[Migration] = [
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
     ),
-    # v5: prices (price_gpu = "market", issue 20): each listing's ask, each rental's price
+    # v5: models the service watchers saw loaded (Ollama /api/ps, ComfyUI checkpoints), for
+    # `gpu-broker sizing`'s model reloads; `gpus` is the service's GPU indices, "0,1".
+    (
+        """CREATE TABLE model_loads (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            service TEXT NOT NULL,
+            ts REAL NOT NULL,
+            model TEXT NOT NULL,
+            gpus TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX model_loads_by_time ON model_loads (host, ts)",
+    ),
+    # v6: prices (price_gpu = "market", issue 20): each listing's ask, each rental's price
     # and each market read's median in host terms (with its peer count), USD per GPU-hour.
     (
         """CREATE TABLE prices (
@@ -817,6 +833,36 @@ class SqliteLedger:
             )
             for service, arrival, duration, outcome, held, count, host in rows
         ]  # fmt: skip
+
+    # -- model loads ----------------------------------------------------------------------
+
+    async def add_model_loads(self, records: Sequence[ModelLoad]) -> None:
+        if not records:
+            return
+        await self._call(
+            self._write_many,
+            "INSERT INTO model_loads (host, service, ts, model, gpus) VALUES (?, ?, ?, ?, ?)",
+            [
+                (self._host, r.service, _ts(r.at), r.model, gpu_list_text(r.gpus))
+                for r in records
+            ],
+        )
+
+    async def model_loads(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[ModelLoad]:
+        sql = (
+            "SELECT service, ts, model, gpus, host FROM model_loads "
+            "WHERE host = ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        if service is not None:
+            sql += " AND service = ?"
+            params.append(service)
+        rows = await self._call(self._read, sql + " ORDER BY ts, id", params)
+        return [
+            ModelLoad(r[0], _dt_required(r[1]), r[2], gpu_list(r[3]), r[4]) for r in rows
+        ]
 
     # -- earnings -------------------------------------------------------------------------
 

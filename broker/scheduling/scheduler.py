@@ -40,6 +40,7 @@ from broker.scheduling.watch import Poller
 from broker.scheduling.watchers import EarningsWatch, MarketWatch, ServiceWatch, view_of
 from broker.services.base import ServiceAdapter, ServiceProbe
 from broker.services.gate import Gate
+from broker.services.loads import ModelLoadRecorder
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ class Scheduler:
             provider, clock, config.provider.poll_interval.total_seconds(),
             busy=self._heading_to_listing, on_update=self._market_updated,
         )  # fmt: skip
-        self.services = ServiceWatch(self.adapters, clock, on_update=self.wake)
+        gpus = {s.name: s.gpus for s in config.services}
+        self.services = ServiceWatch(
+            self.adapters, clock, on_update=self.wake, loads=ModelLoadRecorder(ledger, gpus)
+        )
         self.pricing = price_watch(
             config, provider, clock, self.actions, lambda: self.market.status, on_update=self.wake
         )
