@@ -23,6 +23,7 @@ from broker import __version__
 from broker.api import ApiServer
 from broker.clock import Clock
 from broker.config import Config
+from broker.eco.history import IdleHistory
 from broker.errors import BrokerError
 from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
@@ -58,6 +59,7 @@ class Daemon:
         self._host = host
         self.ledger: Ledger | None = None
         self.sampler: GpuSampler | None = None
+        self.idle_history: IdleHistory | None = None
         self.provider: Provider | None = None
         self.adapters: list[ServiceAdapter] = []
         self.gates: list[Gate] = []
@@ -113,6 +115,10 @@ class Daemon:
             devices, clock, ledger=ledger, overhead_watts=config.energy.overhead_watts
         )
         sampler.energy = energy
+        self.idle_history = IdleHistory(
+            devices, ledger, utilization_pct=config.gpus.idle_utilization_pct
+        )
+        sampler.listeners.append(self.idle_history.observe)
         await sampler.tick()
         log.info(
             "GPUs (%s): %s", backend.kind,
@@ -239,6 +245,9 @@ class Daemon:
                 message = f"energy not written to the ledger, lost: {lost}"
                 log.error("%s", message)
                 self.stop_problems.append(message)
+        if self.idle_history is not None:
+            with contextlib.suppress(BrokerError):  # advice only: a lost slot is no problem
+                await self.idle_history.close()
         if self.ledger is not None:
             await self.ledger.close()
             self.ledger = None

@@ -39,12 +39,16 @@ def flags(
     idle_w: float | None,
     idle_pstate: int | None,
     idle_processes: Sequence[GpuProcess] = (),
+    idle_holders: Sequence[tuple[str, float]] = (),
     target_w: float = 15.0,
     tariff_per_kwh: float,
     co2_g_per_kwh: float,
 ) -> list[Flag]:
     """Every flag for one card. The excess draw is charged once, to every cause alike: the
-    causes explain the same watts, they do not add up."""
+    causes explain the same watts, they do not add up.
+
+    `idle_processes` are the processes holding the card in one live reading;
+    `idle_holders` are (process, share of idle samples) over days, from the ledger."""
     excess = max(0.0, idle_w - target_w) if idle_w is not None else 0.0
     kwh, cost, co2 = yearly(excess, tariff_per_kwh, co2_g_per_kwh)
 
@@ -69,5 +73,9 @@ def flags(
     for proc in idle_processes:
         out.append(
             flag("process", f"process {proc.pid} ({proc.name or 'unknown'}) keeps the card awake")
+        )
+    for name, share in idle_holders:
+        out.append(
+            flag("process", f"{name} held the idle card {share:.0%} of its idle time")
         )
     return out

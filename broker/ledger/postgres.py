@@ -46,10 +46,14 @@ from broker.ledger.base import (
     EarningsSource,
     EnergyRecord,
     EnergyTotal,
+    IdleRecord,
     JournalEntry,
     JournalStatus,
     Scope,
     StateInterval,
+    counts_json,
+    int_counts,
+    str_counts,
 )
 from broker.ledger.spool import Kind, Spool
 from broker.ledger.sqlite import (
@@ -152,6 +156,23 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX demand_by_time ON demand (host, arrival_ts)",
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
+    ),
+    # v2: per-GPU idle statistics, as the SQLite ledger's version 5.
+    (
+        """CREATE TABLE gpu_idle (
+            id BIGSERIAL PRIMARY KEY,
+            host TEXT NOT NULL,
+            gpu_uuid TEXT NOT NULL,
+            gpu_index INTEGER NOT NULL,
+            start_ts DOUBLE PRECISION NOT NULL,
+            end_ts DOUBLE PRECISION NOT NULL,
+            samples INTEGER NOT NULL,
+            watts TEXT NOT NULL,
+            pstates TEXT NOT NULL,
+            memory_mb TEXT NOT NULL,
+            processes TEXT NOT NULL
+        )""",
+        "CREATE INDEX gpu_idle_by_time ON gpu_idle (host, start_ts)",
     ),
 ]
 
@@ -922,6 +943,42 @@ class PostgresLedger:
             except psycopg.Error as err:
                 raise LedgerError(f"ledger write failed: {err}") from err
         return len(rows)
+
+    # -- idle statistics ------------------------------------------------------------------
+
+    async def add_idle(self, records: Sequence[IdleRecord]) -> None:
+        if not records:
+            return
+        await self._write_many(
+            "INSERT INTO gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, "
+            "watts, pstates, memory_mb, processes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (self._host, r.gpu_uuid, r.gpu_index, _ts(r.start), _ts(r.end), r.samples,
+                 counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
+                 counts_json(r.processes))
+                for r in records
+            ],
+        )  # fmt: skip
+
+    async def idle(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[IdleRecord]:
+        sql = (
+            "SELECT gpu_uuid, gpu_index, start_ts, end_ts, samples, watts, pstates, memory_mb, "
+            "processes, host FROM gpu_idle WHERE host = %s AND start_ts < %s AND end_ts > %s"
+        )
+        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        if gpu_uuid is not None:
+            sql += " AND gpu_uuid = %s"
+            params.append(gpu_uuid)
+        rows = await self._read(sql + " ORDER BY start_ts, id", params)
+        return [
+            IdleRecord(
+                r[0], r[1], _dt_required(r[2]), _dt_required(r[3]), r[4], int_counts(r[5]),
+                int_counts(r[6]), int_counts(r[7]), str_counts(r[8]), r[9],
+            )
+            for r in rows
+        ]  # fmt: skip
 
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None
