@@ -343,10 +343,12 @@ class FakeGpu(_Model):
             "temperature_c", "processes",
         ]
     ] = Field(default_factory=list)
+    # ... and "power_limit" / "persistence_mode": settings it would refuse to change (a
+    # broker not running as root).
     no_permission: list[
         Literal[
             "utilization_pct", "memory_used_mb", "power_w", "energy_mj", "pstate",
-            "temperature_c", "processes",
+            "temperature_c", "processes", "power_limit", "persistence_mode",
         ]
     ] = Field(default_factory=list)
     lost_at: Duration | None = None
