@@ -24,6 +24,7 @@ from broker.api import ApiServer
 from broker.clock import Clock
 from broker.config import Config
 from broker.eco.history import IdleHistory
+from broker.eco.profile import PowerProfile
 from broker.errors import BrokerError
 from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
@@ -60,6 +61,7 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.sampler: GpuSampler | None = None
         self.idle_history: IdleHistory | None = None
+        self.profile: PowerProfile | None = None
         self.provider: Provider | None = None
         self.adapters: list[ServiceAdapter] = []
         self.gates: list[Gate] = []
@@ -108,6 +110,9 @@ class Daemon:
             idle=idle,
         )
         devices = await sampler.start()
+        # A crashed run may have left the eco profile on the cards: give them back first.
+        self.profile = PowerProfile(sampler, config.broker.state_dir, config.eco.profile)
+        await self.profile.restore_leftover()
         missing = gpu_index_problems(config, (d.index for d in devices))
         if missing:  # `check` says the same; a gate would wait for GPUs that never free
             raise BrokerError("; ".join(missing))
@@ -162,6 +167,9 @@ class Daemon:
             self.notifier = Notifier(config, clock, report=day_report)
             scheduler.hooks.append(self.notifier)
             self.notifier.start()
+        if self.profile.enabled:
+            self.profile.want(scheduler.state)
+            scheduler.hooks.append(self.profile)
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:
@@ -184,6 +192,8 @@ class Daemon:
             asyncio.create_task(scheduler.run(), name="scheduler"),
             asyncio.create_task(demand.run(), name="demand-writer"),
         ]
+        if self.profile.enabled:
+            self._tasks.append(asyncio.create_task(self.profile.run(), name="eco-profile"))
         log.info(
             "gpu-broker %s running: pool %s, %s provider, API on %s",
             __version__, scheduler.state.value, provider.kind, self.api.url,
@@ -237,6 +247,14 @@ class Daemon:
             await adapter.aclose()
         if self.provider is not None:
             await self.provider.close()
+        if self.profile is not None:
+            try:
+                problems = await self.profile.restore()
+            except (BrokerError, OSError) as err:
+                problems = [str(err)]
+            for problem in problems:
+                self.stop_problems.append(f"eco profile not given back: {problem}")
+            self.profile = None
         if self.sampler is not None:
             with contextlib.suppress(BrokerError):
                 await self.sampler.close()
