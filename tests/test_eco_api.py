@@ -29,7 +29,7 @@ async def test_eco_route_judges_the_cards_on_this_runs_idle_samples(make_rig: Ri
     status, got = await get_eco(rig)
     assert status == 200
     bad, good = got["gpus"]
-    assert bad["judged_on"] == "ledger" and bad["history"]["idle_watts"] == 35
+    assert bad["judged_on"] == "history" and bad["history"]["idle_watts"] == 35
     assert [f["kind"] for f in bad["flags"]] == ["idle_draw", "pstate", "persistence"]
     assert bad["flags"][0]["yearly_cost"] == 35.04  # 175.2 kWh a year at the rig's 0.20/kWh
     assert good["flags"] == [] and good["history"]["idle_pstate"] == 8

@@ -91,7 +91,7 @@ def test_a_misconfigured_card_is_flagged_over_days_and_a_healthy_one_is_not(
     got = json.loads(capsys.readouterr().out)
     bad, good, held = got["gpus"]
 
-    assert bad["judged_on"] == "ledger"
+    assert bad["judged_on"] == "history"
     assert (bad["idle_watts"], bad["pstate"], bad["persistence_mode"]) == (35, 2, False)
     assert bad["history"]["idle_samples"] == 6 * 360
     assert [f["kind"] for f in bad["flags"]] == ["idle_draw", "pstate", "persistence"]
@@ -100,7 +100,7 @@ def test_a_misconfigured_card_is_flagged_over_days_and_a_healthy_one_is_not(
     assert "P2 while idle instead of P8" in bad["flags"][1]["cause"]
     assert "nvidia-smi -pm 1" in bad["flags"][2]["cause"]
 
-    assert good["judged_on"] == "ledger" and good["flags"] == []
+    assert good["judged_on"] == "history" and good["flags"] == []
     assert (good["history"]["idle_watts"], good["history"]["idle_pstate"]) == (12, 8)
 
     # Held by Ollama for 2 of 6 hours: its median draw is the 14 W of the other 4 hours, but

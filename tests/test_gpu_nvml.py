@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -298,3 +299,38 @@ async def test_a_setter_that_changes_nothing_is_caught_by_the_read_back(
     driver.silent_sets = False
     with pytest.raises(GpuSettingError, match="InvalidArgument"):
         await backend.set_power_limit(1, 50)  # below the card's 100 W floor
+
+
+def test_the_smoke_script_records_the_eco_fields(
+    driver: StandInDriver, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """scripts/gpu-smoke --eco-only on the stand-in driver: the code path that records a real
+    card's eco fields in docs/hardware/ the next time one is at hand."""
+    import importlib.machinery
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu-smoke"
+    loader = importlib.machinery.SourceFileLoader("gpu_smoke", str(path))
+    spec = importlib.util.spec_from_loader("gpu_smoke", loader)
+    assert spec is not None
+    smoke = importlib.util.module_from_spec(spec)
+    loader.exec_module(smoke)
+    card = driver.gpus[0]
+    card.power_mw, card.pstate, card.persistence, card.default_mw = 35_000, 2, 0, 370_000
+    out = tmp_path / "eco.json"
+    args = ["--eco-only", "--seconds", "0.5", "--interval", "0.1", "--eco-out", str(out)]
+    assert smoke.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    devices = next(line for line in lines if line.get("event") == "devices")["devices"]
+    assert (devices[0]["power_default_w"], devices[0]["power_min_w"]) == (370, 100)
+    assert devices[0]["persistence_mode"] is False
+    printed = next(line for line in lines if line.get("event") == "eco")
+    recorded = json.loads(out.read_text())
+    assert recorded["versions"]["driver"] == "560.35.03"
+    idle, busy = recorded["gpus"]
+    assert printed["gpus"] == recorded["gpus"]
+    assert (idle["judged_on"], idle["idle_watts"], idle["pstate"]) == ("history", 35, 2)
+    assert [f["kind"] for f in idle["flags"]] == ["idle_draw", "pstate", "persistence"]
+    assert (idle["power_limit_w"], idle["power_max_w"]) == (350, 400)
+    assert busy["judged_on"] is None and busy["flags"] == []  # 87 % busy: not judged

@@ -46,7 +46,7 @@ def eco_object(
         judged_on: str | None = None
         idle_w = pstate = None
         if past is not None and past.samples:
-            judged_on, idle_w, pstate = "ledger", past.median_watts, past.pstate
+            judged_on, idle_w, pstate = "history", past.median_watts, past.pstate
             found = flags(
                 dev,
                 idle_w=idle_w,
