@@ -109,6 +109,10 @@ def test_a_misconfigured_card_is_flagged_over_days_and_a_healthy_one_is_not(
     assert [f["kind"] for f in held["flags"]] == ["process"]
     assert "ollama held the idle card 33% of its idle time" in held["flags"][0]["cause"]
     assert held["history"]["idle_watts"] == 14
+    # The median hides the held hours; the process's flag is charged the mean idle draw:
+    # (2 h x 60 W + 4 h x 14 W) / 6 h = 29.33 W, 14.33 W above target: 125.56 kWh a year.
+    assert held["history"]["mean_idle_watts"] == 29.3
+    assert (held["flags"][0]["yearly_cost"], held["flags"][0]["yearly_co2_kg"]) == (37.67, 50.22)
 
     assert main(["eco", "-c", str(cfg)], clock=clock) == 0
     text = capsys.readouterr().out
@@ -149,7 +153,8 @@ def test_the_median_is_over_samples_not_slots() -> None:
     hour = record({90: 360}, {2: 360}, processes={"python": 360})
     got = summarize([day, hour])
     assert (got.samples, got.median_watts, got.pstate) == (9000, 12.0, 8)
-    assert got.lowest_pstate_share == pytest.approx(8640 / 9000)
+    assert got.lowest_pstate_share == pytest.approx(8640 / 9000)  # the samples in P8
+    assert summarize([record({35: 10}, {2: 10})]).lowest_pstate_share == 0
     assert got.processes == (("python", 0.04),)
     # An even count takes the mean of the two middle values.
     assert summarize([record({10: 1, 20: 1}, {})]).median_watts == 15.0

@@ -12,8 +12,9 @@ import pytest
 from fakes.rig import Rig, RigFactory
 
 from broker.clock import FakeClock
-from broker.config import EcoProfile, FakeGpu
+from broker.config import EcoProfile, FakeGpu, parse_config
 from broker.eco.profile import RESTORE_FILE, PowerProfile, Situation, situation_of
+from broker.errors import ConfigError
 from broker.gpu import FakeBackend
 from broker.gpu.sampler import GpuSampler
 from broker.scheduling.pool import PoolState
@@ -116,3 +117,19 @@ def test_situations_follow_the_pool_states() -> None:
         PoolState.RECLAIMING: "rented",
         PoolState.DEGRADED: "rented",
     }
+
+
+@pytest.mark.parametrize(
+    ("profile", "says"),
+    [
+        ({"local_watts": 0}, "eco.profile.local_watts"),
+        ({"idle_watts": "low"}, "eco.profile.idle_watts"),
+        ({"enabled": "sometimes"}, "eco.profile.enabled"),
+        # A renter's limit is the card's default: there is no key to lower it.
+        ({"rented_watts": 100}, "eco.profile.rented_watts"),
+    ],
+)
+def test_bad_profile_keys_are_named(profile: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"eco": {"profile": profile}})
+    assert says in str(caught.value)

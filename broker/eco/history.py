@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from broker.eco.advice import LOWEST_IDLE_PSTATE
 from broker.errors import LedgerError
 from broker.gpu.base import GpuDevice, GpuSample, Snapshot
 from broker.ledger.base import IdleRecord, Ledger
@@ -69,8 +70,9 @@ class IdleSummary:
 
     samples: int
     median_watts: float | None
+    mean_watts: float | None  # what a process holding the card part of the time shows in
     pstate: int | None  # the P-state it idled in most
-    lowest_pstate_share: float | None  # share of idle samples in its deepest P-state seen
+    lowest_pstate_share: float | None  # share of idle samples (with a P-state) in P8 or below
     median_memory_mb: float | None
     processes: tuple[tuple[str, float], ...]  # (name, share of idle samples), largest first
 
@@ -88,16 +90,16 @@ def summarize(records: Iterable[IdleRecord]) -> IdleSummary:
         memory.update(r.memory_mb)
         processes.update(r.processes)
     if samples == 0:
-        return IdleSummary(0, None, None, None, None, ())
+        return IdleSummary(0, None, None, None, None, None, ())
     pstate = max(pstates.items(), key=lambda kv: (kv[1], kv[0]))[0] if pstates else None
-    deepest = max(pstates) if pstates else None
+    known = sum(pstates.values())
+    lowest = sum(n for p, n in pstates.items() if p >= LOWEST_IDLE_PSTATE)
     return IdleSummary(
         samples=samples,
         median_watts=_median(watts),
+        mean_watts=sum(w * n for w, n in watts.items()) / sum(watts.values()),
         pstate=pstate,
-        lowest_pstate_share=(
-            pstates[deepest] / sum(pstates.values()) if deepest is not None else None
-        ),
+        lowest_pstate_share=lowest / known if known else None,
         median_memory_mb=_median(memory),
         processes=tuple(
             (name, count / samples)

@@ -52,6 +52,7 @@ def eco_object(
                 idle_w=idle_w,
                 idle_pstate=pstate,
                 idle_holders=[(n, s) for n, s in past.processes if s >= HOLDER_SHARE],
+                mean_idle_w=past.mean_watts,
                 target_w=target,
                 tariff_per_kwh=config.energy.price_per_kwh,
                 co2_g_per_kwh=config.energy.carbon_g_per_kwh,
@@ -116,6 +117,7 @@ def _history(past: IdleSummary | None, days: float) -> dict[str, Any] | None:
         "days": days,
         "idle_samples": past.samples,
         "idle_watts": past.median_watts,
+        "mean_idle_watts": None if past.mean_watts is None else round(past.mean_watts, 1),
         "idle_pstate": past.pstate,
         "lowest_pstate_share": (
             None if past.lowest_pstate_share is None else round(past.lowest_pstate_share, 3)

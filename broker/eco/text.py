@@ -48,7 +48,7 @@ def eco_text(result: dict[str, Any]) -> str:
                 f"  last {result['days']:g} days: idle draw {_watts(past['idle_watts'])} "
                 f"(median of {past['idle_samples']} idle samples), mostly "
                 f"{_pstate(past['idle_pstate'])}"
-                + ("" if share is None else f" ({share:.0%} in its deepest)")
+                + ("" if share is None else f" ({share:.0%} of it in P8 or lower)")
                 + f", {_mb(past['memory_used_mb'])} in use"
                 + (f", held by {held}" if held else "")
             )
