@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,15 +24,16 @@ from broker.eco.profile import RESTORE_FILE
 TESTS = Path(__file__).parent
 
 
-def write_config(tmp_path: Path, *, profile: bool) -> Path:
+def write_config(tmp_path: Path, *, profile: bool) -> tuple[Path, int]:
     path = tmp_path / ("profile.toml" if profile else "plain.toml")
+    port = free_port()
     path.write_text(
         f"""
 [broker]
 state_dir = "{tmp_path / "state"}"
 timezone = "UTC"
 sample_interval = "100ms"
-api_listen = "127.0.0.1:{free_port()}"
+api_listen = "127.0.0.1:{port}"
 
 [gpus]
 backend = "nvml"
@@ -45,7 +47,7 @@ enabled = {"true" if profile else "false"}
 local_watts = 250
 """
     )
-    return path
+    return path, port
 
 
 def cards(driver_file: Path) -> list[tuple[int, int]]:
@@ -55,7 +57,8 @@ def cards(driver_file: Path) -> list[tuple[int, int]]:
 
 
 class Broker:
-    def __init__(self, driver_file: Path, config: Path) -> None:
+    def __init__(self, driver_file: Path, config_and_port: tuple[Path, int]) -> None:
+        config, self.port = config_and_port
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p
@@ -72,14 +75,23 @@ class Broker:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def api_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/status", timeout=2):
+                return True
+        except OSError:
+            return False
+
     def stop(self, sig: signal.Signals) -> int:
+        # Signals are handled once the service runs (a start in progress finishes first).
+        self.wait_for("running", self.api_up)
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(20)
+            return self.proc.wait(60)
         finally:
             self._out.close()
 
-    def wait_for(self, what: str, predicate: Callable[[], bool], limit: float = 20) -> None:
+    def wait_for(self, what: str, predicate: Callable[[], bool], limit: float = 60) -> None:
         deadline = time.monotonic() + limit
         while not predicate():
             if time.monotonic() > deadline or self.proc.poll() is not None:

@@ -70,7 +70,7 @@ class IdleSummary:
 
     samples: int
     median_watts: float | None
-    mean_watts: float | None  # what a process holding the card part of the time shows in
+    mean_watts: float | None  # shows what the median hides: a card held hot part of the time
     pstate: int | None  # the P-state it idled in most
     lowest_pstate_share: float | None  # share of idle samples (with a P-state) in P8 or below
     median_memory_mb: float | None
