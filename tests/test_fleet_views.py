@@ -19,6 +19,7 @@ from test_report import CONFIG, Draw, write_energy
 from broker.cli import main
 from broker.clock import FakeClock
 from broker.ledger import EarningsRecord, Ledger, SqliteLedger
+from broker.ledger.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from broker.ledger.postgres import PostgresLedger
 
 DAY = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # Berlin midnight, 25 November
@@ -203,8 +204,9 @@ def test_check_reads_the_shared_ledger_without_changing_it(
             main(["check", "-c", str(path)], FakeClock(NOW))  # other checks may fail here
         outputs.append(out.getvalue())
     assert "ok   ledger postgresql://broker@127.0.0.1" in outputs[0]
-    assert "(schema 1); this host writes as 'gpu-a'; 1 other host(s) in it" in outputs[0]
-    assert "(schema 0, will migrate to 1); this host writes as 'gpu-new'" in outputs[1]
+    latest = PG_SCHEMA_VERSION
+    assert f"(schema {latest}); this host writes as 'gpu-a'; 1 other host(s) in it" in outputs[0]
+    assert f"(schema 0, will migrate to {latest}); this host writes as 'gpu-new'" in outputs[1]
     fresh_url = fresh.read_text().split('database_url = "')[1].split('"')[0]
     with psycopg.connect(fresh_url) as conn:
         assert conn.execute("SELECT to_regclass('gpu_broker_schema')").fetchone() == (None,)
