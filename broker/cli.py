@@ -472,6 +472,10 @@ def cmd_check(
 
     if config.broker.api_exposed:
         warnings.append(_exposure_warning(config))
+    if config.eco.profile.enabled and config.gpus.backend != "fake" and os.geteuid() != 0:
+        from broker.eco.profile import HOW_TO_GRANT
+
+        warnings.append(f"eco.profile: enabled, but not running as root. {HOW_TO_GRANT}")
     try:
         token, why = config.broker.api_token_state()
         if token is None:

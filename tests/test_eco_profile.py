@@ -133,3 +133,23 @@ def test_bad_profile_keys_are_named(profile: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"eco": {"profile": profile}})
     assert says in str(caught.value)
+
+
+def test_check_warns_when_the_profile_cannot_work_without_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.cli import main
+
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\n[gpus]\nbackend = "auto"\n'
+        '[provider]\nkind = "paper"\n[eco.profile]\nenabled = true\n'
+    )
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    main(["check", "-c", str(cfg)], clock=FakeClock())
+    out = capsys.readouterr().out
+    assert "warn eco.profile: enabled, but not running as root" in out
+    assert "sudo nvidia-smi -pm 1" in out
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    main(["check", "-c", str(cfg)], clock=FakeClock())
+    assert "eco.profile" not in capsys.readouterr().out
