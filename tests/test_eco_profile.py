@@ -3,6 +3,8 @@ per situation and read back, given back at stop, after a crash, and refused with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -153,3 +155,24 @@ def test_check_warns_when_the_profile_cannot_work_without_root(
     monkeypatch.setattr("os.geteuid", lambda: 0)
     main(["check", "-c", str(cfg)], clock=FakeClock())
     assert "eco.profile" not in capsys.readouterr().out
+
+
+async def test_without_a_record_of_what_to_give_back_nothing_is_changed(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    backend = FakeBackend([FakeGpu.model_validate(card) for card in CARDS], clock)
+    sampler = GpuSampler(backend, clock)
+    await sampler.start()
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the state directory should be")
+    profile = PowerProfile(sampler, blocked, EcoProfile(enabled=True, local_watts=200))
+    task = asyncio.create_task(profile.run())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert profile.refused is not None and "cannot write" in profile.refused
+    assert [d.power_limit_w for d in await backend.devices()] == [300, 300]
+    assert not task.done()  # the loop waits on, the broker runs on
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

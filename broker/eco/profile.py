@@ -109,6 +109,10 @@ class PowerProfile(SchedulerHooks):
                     await self.apply(self._want)
                 except GpuError as err:  # the driver did not answer: try at the next change
                     log.warning("eco profile not applied: %s", err)
+                except OSError as err:
+                    # No record of what to give back, no change: off for this run.
+                    self.refused = f"cannot write {self._file}: {err}"
+                    log.error("eco profile off for this run: %s", self.refused)
             await self._wake.wait()
 
     def _target(self, dev: GpuDevice, situation: Situation, original: float | None) -> float | None:
