@@ -30,6 +30,7 @@ from aiohttp import web
 
 from broker.config import HOST_NAME, BrokerSection
 from broker.connlimit import CappedSite, ConnectionLimit
+from broker.eco.view import eco_view
 from broker.errors import BrokerError, ConfigError
 from broker.hosts import HostCheck
 from broker.ledger.base import StateInterval
@@ -83,6 +84,7 @@ class ApiServer:
         self.app.router.add_get("/api/timeline", self._timeline)
         self.app.router.add_get("/api/report", self._report)
         self.app.router.add_get("/api/local-use", self._local_use)
+        self.app.router.add_get("/api/eco", self._eco)
         self.app.router.add_post("/api/reclaim", self._guarded(self._reclaim))
         self.app.router.add_post("/api/pause", self._guarded(self._pause))
         self.app.router.add_post("/api/resume", self._guarded(self._resume))
@@ -237,6 +239,11 @@ class ApiServer:
                 "gpus": gpus,
             }
         )
+
+    async def _eco(self, request: web.Request) -> web.Response:
+        """Each card's idle draw and eco flags over the last `days` (default 7)."""
+        days = _int_query(request, "days", default=7, low=1, high=366)
+        return web.json_response(await eco_view(self._daemon, days))
 
     async def _report(self, request: web.Request) -> web.Response:
         """The report by day over the last `days` local days, today included."""

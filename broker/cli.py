@@ -205,6 +205,10 @@ def _parser() -> argparse.ArgumentParser:
         "eco", parents=[common], help="idle draw, P-state, persistence, power limit, flags"
     )
     eco.add_argument("--json", action="store_true", help="print the JSON object")
+    eco.add_argument(
+        "--days", type=_positive_days, default=7.0,
+        help="judge the idle samples the ledger holds for this many days (default 7)",
+    )  # fmt: skip
     eco.set_defaults(handler=cmd_eco)
 
     sizing = sub.add_parser(
@@ -458,31 +462,25 @@ def cmd_sizing(
 def cmd_eco(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
-    import json
-
     from broker.eco.now import eco_now
+    from broker.eco.text import eco_text
 
-    result = asyncio.run(eco_now(config, clock))
+    result = asyncio.run(eco_now(config, clock, days=args.days))
     if args.json:
-        out.print(json.dumps(result, indent=2), markup=False)
-        return 0
-    for gpu in result["gpus"]:
-        watts = "busy" if gpu["idle_watts"] is None else f"{gpu['idle_watts']:.0f} W idle"
-        persistence = {True: "on", False: "off", None: "?"}[gpu["persistence_mode"]]
-        out.print(
-            f"GPU {gpu['index']} {gpu['name']}: {watts}, P{gpu['pstate']}, "
-            f"persistence {persistence}, power limit {gpu['power_limit_w']} W",
-            markup=False,
-        )
-        for flag in gpu["flags"]:
-            out.print(
-                f"  ! {flag['cause']}: {flag['yearly_cost']:.2f} {result['currency']}/year, "
-                f"{flag['yearly_co2_kg']:.1f} kg CO2/year",
-                markup=False,
-            )
-        if not gpu["flags"]:
-            out.print("  ok", markup=False)
-    return 0
+        out.file.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.file.write(eco_text(result))
+    return EXIT_OK
+
+
+def _positive_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    if not 0 < days <= 366:
+        raise argparse.ArgumentTypeError(f"expected 0 < days <= 366, got {text}")
+    return days
 
 
 def cmd_check(
@@ -510,6 +508,10 @@ def cmd_check(
 
     if config.broker.api_exposed:
         warnings.append(_exposure_warning(config))
+    if config.eco.profile.enabled and config.gpus.backend != "fake" and os.geteuid() != 0:
+        from broker.eco.profile import HOW_TO_GRANT
+
+        warnings.append(f"eco.profile: enabled, but not running as root. {HOW_TO_GRANT}")
     try:
         token, why = config.broker.api_token_state()
         if token is None:

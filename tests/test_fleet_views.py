@@ -18,7 +18,7 @@ from test_report import CONFIG, Draw, write_energy
 
 from broker.cli import main
 from broker.clock import FakeClock
-from broker.ledger import EarningsRecord, Ledger, SqliteLedger
+from broker.ledger import EarningsRecord, IdleRecord, Ledger, SqliteLedger
 from broker.ledger.base import PriceRecord
 from broker.ledger.postgres import SCHEMA_VERSION as PG_SCHEMA
 from broker.ledger.postgres import PostgresLedger
@@ -161,6 +161,8 @@ def test_ledger_copy_moves_a_sqlite_history_once(pg_server: PgServer, tmp_path: 
             await write_host(local, 180.0, 7.0, 10)
             await local.compact_energy(DAY + timedelta(hours=12))  # some folded, some not
             await local.add_price(PriceRecord(DAY, "ask", 0.3))
+            await local.add_idle([IdleRecord("GPU-0", 0, DAY, DAY + timedelta(minutes=15), 900,
+                                              {35: 900}, {2: 900}, {0: 900}, {})])  # fmt: skip
         finally:
             await local.close()
 
@@ -177,10 +179,12 @@ def test_ledger_copy_moves_a_sqlite_history_once(pg_server: PgServer, tmp_path: 
     assert report(config) == before  # the shared ledger tells the same story
     with psycopg.connect(url) as conn:
         [(hosts,)] = conn.execute("SELECT array_agg(DISTINCT host) FROM energy").fetchall()
+        idle = conn.execute("SELECT host, samples, watts FROM gpu_idle").fetchall()
     assert hosts == ["gpu-old"]
     with psycopg.connect(url) as conn:
         prices = conn.execute("SELECT host, kind, price FROM prices").fetchall()
     assert prices == [("gpu-old", "ask", 0.3)]
+    assert idle == [("gpu-old", 900, '{"35": 900}')]  # copied once, though copied twice
 
 
 def test_ledger_copy_refuses_a_password_in_the_url(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from broker.ledger import (
     EarningsRecord,
     EnergyRecord,
     EnergyTotal,
+    IdleRecord,
     JournalEntry,
     ModelLoad,
     SqliteLedger,
@@ -391,6 +392,28 @@ async def test_model_loads_round_trip_by_range_service_and_host(store: Store) ->
     only = await ledger.model_loads(minutes(0), minutes(61), service="ollama")
     assert [r.model for r in only] == ["llama3:8b", "qwen:7b"]
     assert [r.gpus for r in await other.model_loads(minutes(0), minutes(60))] == [()]
+async def test_idle_statistics_round_trip_by_range_and_gpu(ledger: AnyLedger) -> None:
+    def slot(gpu: str, index: int, start: int) -> IdleRecord:
+        return IdleRecord(
+            gpu, index, minutes(start), minutes(start + 15), 900,
+            watts={35: 600, 36: 300}, pstates={2: 900}, memory_mb={310: 900},
+            processes={"/usr/bin/ollama": 450, "pid 77": 1},
+        )  # fmt: skip
+
+    await ledger.add_idle([slot("GPU-a", 0, 0), slot("GPU-b", 1, 0), slot("GPU-a", 0, 15)])
+    await ledger.add_idle([])
+    got = await ledger.idle(minutes(10), minutes(20))
+    assert [(r.gpu_uuid, r.start) for r in got] == [
+        ("GPU-a", minutes(0)), ("GPU-b", minutes(0)), ("GPU-a", minutes(15)),
+    ]  # fmt: skip
+    first = got[0]
+    assert (first.gpu_index, first.end, first.samples, first.host) == (0, minutes(15), 900, "box")
+    assert (first.watts, first.pstates, first.memory_mb) == ({35: 600, 36: 300}, {2: 900},
+                                                              {310: 900})  # fmt: skip
+    assert first.processes == {"/usr/bin/ollama": 450, "pid 77": 1}
+    only_b = await ledger.idle(minutes(0), minutes(60), gpu_uuid="GPU-b")
+    assert [r.gpu_index for r in only_b] == [1]
+    assert await ledger.idle(minutes(30), minutes(60)) == []
 
 
 def _demand_rows(store: Store) -> tuple[int, int]:

@@ -7,7 +7,8 @@ every timestamp in, so a store never reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
@@ -91,6 +92,25 @@ def energy_totals_of(
         EnergyTotal(span, state, joules, overhead, uuid or None, None if index < 0 else index)
         for (span, state, uuid, index), (joules, overhead) in sorted(sums.items())
     ]
+
+
+@dataclass(frozen=True)
+class IdleRecord:
+    """How one GPU idled over [start, end): each sample in which it did no work (utilisation
+    under `[gpus] idle_utilization_pct`) counted by its draw in whole watts, its P-state, its
+    memory in use in whole MB and the processes holding it. Counts rather than a mean, so a
+    median over any span of records is exact to the watt (`eco` judges median idle draw)."""
+
+    gpu_uuid: str
+    gpu_index: int
+    start: datetime
+    end: datetime
+    samples: int
+    watts: Mapping[int, int]
+    pstates: Mapping[int, int]
+    memory_mb: Mapping[int, int]
+    processes: Mapping[str, int]  # process name (or "pid N") -> samples it held the card
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -273,6 +293,14 @@ class Ledger(Protocol):
     ) -> list[ModelLoad]:
         """Loads of this host at a time in [start, end), ordered by time; only `service`'s
         when given."""
+    async def add_idle(self, records: Sequence[IdleRecord]) -> None:
+        """Append per-GPU idle statistics (one record per GPU and 15-minute slot)."""
+        ...
+
+    async def idle(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[IdleRecord]:
+        """Idle records of this host that overlap [start, end), ordered by start."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:
@@ -305,3 +333,16 @@ class Ledger(Protocol):
     ) -> list[JournalEntry]:
         """Entries of this host, oldest first."""
         ...
+
+
+def counts_json(counts: Mapping[Any, int]) -> str:
+    """An `IdleRecord` count map as the stores keep it: a JSON object, keys as strings."""
+    return json.dumps({str(k): v for k, v in counts.items()}, sort_keys=True)
+
+
+def int_counts(text: str) -> dict[int, int]:
+    return {int(k): int(v) for k, v in json.loads(text).items()}
+
+
+def str_counts(text: str) -> dict[str, int]:
+    return {str(k): int(v) for k, v in json.loads(text).items()}

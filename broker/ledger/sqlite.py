@@ -43,6 +43,7 @@ from broker.ledger.base import (
     EarningsSource,
     EnergyRecord,
     EnergyTotal,
+    IdleRecord,
     JournalEntry,
     JournalStatus,
     ModelLoad,
@@ -50,8 +51,11 @@ from broker.ledger.base import (
     PriceRecord,
     Scope,
     StateInterval,
+    counts_json,
     gpu_list,
     gpu_list_text,
+    int_counts,
+    str_counts,
 )
 
 T = TypeVar("T")
@@ -198,6 +202,25 @@ MIGRATIONS: list[Migration] = [
             peers INTEGER
         )""",
         "CREATE INDEX prices_by_time ON prices (host, ts)",
+    ),
+    # v7: how each GPU idles (eco advice over days): one row per GPU and 15-minute slot,
+    # each sample in which the GPU did no work counted by draw, P-state, memory and the
+    # processes holding it (JSON objects of counts; see broker.ledger.base.IdleRecord).
+    (
+        """CREATE TABLE gpu_idle (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            gpu_uuid TEXT NOT NULL,
+            gpu_index INTEGER NOT NULL,
+            start_ts REAL NOT NULL,
+            end_ts REAL NOT NULL,
+            samples INTEGER NOT NULL,
+            watts TEXT NOT NULL,
+            pstates TEXT NOT NULL,
+            memory_mb TEXT NOT NULL,
+            processes TEXT NOT NULL
+        )""",
+        "CREATE INDEX gpu_idle_by_time ON gpu_idle (host, start_ts)",
     ),
 ]
 
@@ -803,6 +826,42 @@ class SqliteLedger:
             PriceRecord(_dt_required(ts), cast(PriceKind, k), price, peers, host)
             for ts, k, price, peers, host in rows
         ]
+    # -- idle statistics ------------------------------------------------------------------
+
+    async def add_idle(self, records: Sequence[IdleRecord]) -> None:
+        if not records:
+            return
+        await self._call(
+            self._write_many,
+            "INSERT INTO gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, "
+            "watts, pstates, memory_mb, processes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (self._host, r.gpu_uuid, r.gpu_index, _ts(r.start), _ts(r.end), r.samples,
+                 counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
+                 counts_json(r.processes))
+                for r in records
+            ],
+        )  # fmt: skip
+
+    async def idle(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[IdleRecord]:
+        sql = (
+            "SELECT gpu_uuid, gpu_index, start_ts, end_ts, samples, watts, pstates, memory_mb, "
+            "processes, host FROM gpu_idle WHERE host = ? AND start_ts < ? AND end_ts > ?"
+        )
+        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        if gpu_uuid is not None:
+            sql += " AND gpu_uuid = ?"
+            params.append(gpu_uuid)
+        rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
+        return [
+            IdleRecord(
+                r[0], r[1], _dt_required(r[2]), _dt_required(r[3]), r[4], int_counts(r[5]),
+                int_counts(r[6]), int_counts(r[7]), str_counts(r[8]), r[9],
+            )
+            for r in rows
+        ]  # fmt: skip
 
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None

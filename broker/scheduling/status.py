@@ -18,6 +18,8 @@ from broker.scheduling.pool import PoolState, ProviderView
 if TYPE_CHECKING:
     from broker.clock import Clock
     from broker.config import Config
+    from broker.eco.history import IdleHistory
+    from broker.eco.profile import PowerProfile
     from broker.gpu.energy import EnergyAccountant
     from broker.gpu.idle import IdleDetector
     from broker.gpu.sampler import GpuSampler
@@ -114,5 +116,9 @@ class StatusSource(Protocol):
     def scheduler(self) -> PoolStatus: ...
     @property
     def metrics(self) -> BrokerMetrics | None: ...
+    @property
+    def idle_history(self) -> IdleHistory | None: ...
+    @property
+    def profile(self) -> PowerProfile | None: ...
 
     def status(self) -> dict[str, Any]: ...
