@@ -34,9 +34,16 @@ async def report_for_host(
     try:
         if host == "all":
             hosts = await ledger.hosts() or [ledger.host]
-            return await build_fleet_report(
-                ledger, hosts, config, since=since, until=until, now=now, by=by, gpu=gpu
-            )
+            # The energy sums are read on a second connection beside the rest (a year of a
+            # fleet: a second of the server's time).
+            energy_from = await open_ledger(config.broker)
+            try:
+                return await build_fleet_report(
+                    ledger, hosts, config, since=since, until=until, now=now, by=by, gpu=gpu,
+                    energy_from=energy_from,
+                )  # fmt: skip
+            finally:
+                await energy_from.close()
         view = ledger if host in (None, ledger.host) else await ledger.for_host(host)
         try:
             return await build_report(

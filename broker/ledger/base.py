@@ -185,6 +185,19 @@ class Ledger(Protocol):
         only those in `states` when given."""
         ...
 
+    async def state_intervals_by_host(
+        self,
+        hosts: Sequence[str],
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
+    ) -> dict[str, list[StateInterval]]:
+        """`state_intervals` of each of `hosts` of this store, by host, read at once (a
+        fleet report's); hosts with none are left out."""
+        ...
+
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None: ...
 
     async def energy(
@@ -201,6 +214,13 @@ class Ledger(Protocol):
         state (and UUID). `cuts` must increase. A record straddling a cut is shared in
         proportion to time, as `energy_totals_of` does; spans with no energy are left out.
         This is what reports read: the store sums, so a year stays fast."""
+        ...
+
+    async def energy_totals_by_host(
+        self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> dict[str, list[EnergyTotal]]:
+        """`energy_totals` of each of `hosts` of this store, by host, read at once (a fleet
+        report's); hosts with no energy are left out."""
         ...
 
     async def add_demand(self, records: Sequence[DemandRecord]) -> None:

@@ -403,11 +403,29 @@ class SqliteLedger:
         subject: str | None = None,
         states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
+        found = await self.state_intervals_by_host(
+            [self._host], start, end, scope, subject, states
+        )
+        return found.get(self._host, [])
+
+    async def state_intervals_by_host(
+        self,
+        hosts: Sequence[str],
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
+    ) -> dict[str, list[StateInterval]]:
+        """`state_intervals` of each of `hosts` in one query."""
+        if not hosts:
+            return {}
         sql = (
             "SELECT scope, subject, state, start_ts, end_ts, reason, host FROM state_intervals "
-            "WHERE host = ? AND start_ts < ? AND (end_ts IS NULL OR end_ts > ?)"
+            f"WHERE host IN ({', '.join('?' for _ in hosts)}) "
+            "AND start_ts < ? AND (end_ts IS NULL OR end_ts > ?)"
         )
-        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        params: list[Any] = [*hosts, _ts(end), _ts(start)]
         if scope is not None:
             sql += " AND scope = ?"
             params.append(scope)
@@ -417,19 +435,21 @@ class SqliteLedger:
         if states is not None:
             sql += f" AND state IN ({', '.join('?' for _ in states)})"
             params.extend(states)
-        rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
-        return [
-            StateInterval(
-                scope=r["scope"],
-                subject=r["subject"],
-                state=r["state"],
-                start=_dt_required(r["start_ts"]),
-                end=_dt(r["end_ts"]),
-                reason=r["reason"],
-                host=r["host"],
+        rows = await self._call(self._read, sql + " ORDER BY host, start_ts, id", params)
+        out: dict[str, list[StateInterval]] = {}
+        for r in rows:
+            out.setdefault(r["host"], []).append(
+                StateInterval(
+                    scope=r["scope"],
+                    subject=r["subject"],
+                    state=r["state"],
+                    start=_dt_required(r["start_ts"]),
+                    end=_dt(r["end_ts"]),
+                    reason=r["reason"],
+                    host=r["host"],
+                )
             )
-            for r in rows
-        ]
+        return out
 
     # -- energy ---------------------------------------------------------------------------
 
@@ -593,9 +613,25 @@ class SqliteLedger:
             raise ValueError("energy_totals: the cuts must increase")
         if len(bounds) < 2:
             return []
-        return await self._call(self._energy_totals, bounds, gpu_index)
+        return await self._call(self._energy_totals, self._host, bounds, gpu_index)
 
-    def _energy_totals(self, bounds: list[float], gpu_index: int | None) -> list[EnergyTotal]:
+    async def energy_totals_by_host(
+        self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> dict[str, list[EnergyTotal]]:
+        """`energy_totals` of each of `hosts` (one file rarely holds more than one)."""
+        bounds = [_ts(t) for t in cuts]
+        if any(b <= a for a, b in pairwise(bounds)):
+            raise ValueError("energy_totals: the cuts must increase")
+        out: dict[str, list[EnergyTotal]] = {}
+        for host in hosts if len(bounds) >= 2 else ():
+            totals = await self._call(self._energy_totals, host, bounds, gpu_index)
+            if totals:
+                out[host] = totals
+        return out
+
+    def _energy_totals(
+        self, host: str, bounds: list[float], gpu_index: int | None
+    ) -> list[EnergyTotal]:
         # A record can only reach into a span if it ends less than the longest record's
         # length after the span's end (and starts less than that before its start): that
         # bound lets each span be read as one index range. Slot sums are never longer than
@@ -603,7 +639,7 @@ class SqliteLedger:
         [(longest,)] = self._read(
             "SELECT MAX(end_ts - start_ts) FROM energy "
             "WHERE host = ? AND slot IS NULL AND end_ts >= ?",
-            (self._host, bounds[0]),
+            (host, bounds[0]),
         )
         raw_reach = float(longest or 0.0)
         reach = max(raw_reach, float(ROLLUP_SECONDS))
@@ -638,7 +674,7 @@ class SqliteLedger:
                 f"AND {inside('e')} "
                 "GROUP BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
                 "ORDER BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
-                (cuts, self._host, gpu_index, reach),
+                (cuts, host, gpu_index, reach),
             )
             return [EnergyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
         # The machine: records as written (by their end, in the partial index of them) and
@@ -658,7 +694,7 @@ class SqliteLedger:
             f"WHERE m.host = ? AND m.slot >= CAST(s.a / {ROLLUP_SECONDS} AS INTEGER) "
             f"AND m.slot <= CAST(s.b / {ROLLUP_SECONDS} AS INTEGER) AND {inside('m')}"
             ") GROUP BY i, pool_state ORDER BY i, pool_state",
-            (cuts, self._host, raw_reach, self._host),
+            (cuts, host, raw_reach, host),
         )
         return [EnergyTotal(r[0], r[1], r[2], r[3]) for r in rows]
 

@@ -56,7 +56,14 @@ from zoneinfo import ZoneInfo
 
 from broker.config import Config
 from broker.errors import BrokerError
-from broker.ledger.base import EarningsSource, Ledger, StateInterval
+from broker.ledger.base import (
+    EarningsRecord,
+    EarningsSource,
+    EnergyTotal,
+    JournalEntry,
+    Ledger,
+    StateInterval,
+)
 from broker.report.periods import By, Period, periods
 from broker.scheduling.tariffs import Rate, TariffSchedule
 
@@ -278,6 +285,15 @@ def _price_gpu(config: Config) -> float:
     return 0.0 if price is None else _to_currency(price, "USD", config)
 
 
+DAY_SECONDS = 86_400.0
+_EPOCH = date(1970, 1, 1).toordinal()
+
+
+def _epoch_day(day: date) -> int:
+    """A UTC day as days since 1970-01-01 (a UTC timestamp // 86 400)."""
+    return day.toordinal() - _EPOCH
+
+
 def _clip(interval: StateInterval, start: datetime, end: datetime, now: datetime) -> tuple[
     datetime, datetime
 ] | None:
@@ -292,20 +308,145 @@ async def idle_baseline_watts(
     """The GPUs' (or GPU `gpu`'s) mean draw in watts while the pool was IDLE or LISTED in
     [start, end): their joules under those pool states over the pool's seconds in them
     (host overhead left out). 0 when the pool spent no time there."""
+    return _baseline_watts(
+        await ledger.state_intervals(start, end, scope="pool"),
+        await ledger.energy_totals([start, end], gpu_index=gpu),
+        start,
+        end,
+        now,
+    )
+
+
+def _baseline_watts(
+    pool: Sequence[StateInterval],
+    energy: Sequence[EnergyTotal],
+    start: datetime,
+    end: datetime,
+    now: datetime,
+) -> float:
     seconds = 0.0
-    for interval in await ledger.state_intervals(start, end, scope="pool"):
+    for interval in pool:
         if interval.state.upper() in BASELINE_STATES:
             span = _clip(interval, start, end, now)
             if span is not None:
                 seconds += (span[1] - span[0]).total_seconds()
     if seconds <= 0:
         return 0.0
-    joules = sum(
-        part.joules
-        for part in await ledger.energy_totals([start, end], gpu_index=gpu)
-        if part.pool_state.upper() in BASELINE_STATES
-    )
+    joules = sum(part.joules for part in energy if part.pool_state.upper() in BASELINE_STATES)
     return joules / seconds
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """What a report covers, worked out from the config alone (periods, tariff slices, the
+    days and the baseline window to read): the same for every host of a fleet, so a fleet
+    report makes it once."""
+
+    since: datetime
+    end: datetime
+    now: datetime
+    by: By
+    gpu: int | None
+    spans: list[Period]
+    slices: _Slices
+    day0: datetime  # whole UTC days around the range: a provider day's earnings are shared
+    day_end: datetime  # by the rented hours of that whole day
+    baseline_start: datetime  # the idle baseline is measured over [baseline_start, end)
+
+    @property
+    def first_day(self) -> date:
+        return self.day0.date()
+
+    @property
+    def last_day(self) -> date:
+        return (self.day_end - timedelta(days=1)).date()
+
+    @property
+    def baseline_in_spans(self) -> bool:
+        """The baseline window is the report's own range: its energy is the spans' sum."""
+        return self.baseline_start == self.since
+
+
+def plan_report(
+    config: Config,
+    *,
+    since: datetime,
+    until: datetime,
+    now: datetime,
+    by: By = "day",
+    gpu: int | None = None,
+) -> ReportPlan:
+    """Raises `ValueError` for an empty range."""
+    tz = config.broker.tz
+    since, until, now = (t.astimezone(UTC) for t in (since, until, now))
+    end = min(until, now)
+    if since >= end:
+        raise ValueError(f"the report's start ({since}) is not before its end ({end})")
+    spans = periods(since, end, by, tz)
+    slices = _Slices(since, end, spans, TariffSchedule.from_config(config.energy, tz))
+    first_day = since.astimezone(UTC).date()
+    last_day = (end - timedelta(microseconds=1)).astimezone(UTC).date()
+    return ReportPlan(
+        since=since,
+        end=end,
+        now=now,
+        by=by,
+        gpu=gpu,
+        spans=spans,
+        slices=slices,
+        day0=datetime.combine(first_day, time(), UTC),
+        day_end=datetime.combine(last_day + timedelta(days=1), time(), UTC),
+        baseline_start=min(since, end - BASELINE_WINDOW),
+    )
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """One host's rows a report is made of, as `read_inputs` reads them for a plan."""
+
+    energy: Sequence[EnergyTotal]  # per slice of plan.slices.cuts
+    baseline_energy: Sequence[EnergyTotal]  # over [plan.baseline_start, plan.end)
+    # The pool's intervals over [min(day0, baseline_start), day_end) ...
+    pool: Sequence[StateInterval]
+    # ... and the GPUs' over [day0, day_end): only the rented ones for the whole machine
+    # (a year of 8 GPUs is some 20 000 intervals; the rented ones are a fifth of that).
+    gpus: Sequence[StateInterval]
+    earnings: Sequence[EarningsRecord]  # days first_day..last_day
+    notes: Sequence[JournalEntry]  # held and rejected requests since plan.since
+
+
+def pool_window(plan: ReportPlan) -> tuple[datetime, datetime]:
+    """The range of the pool intervals a report reads."""
+    return min(plan.day0, plan.baseline_start), plan.day_end
+
+
+def gpu_states(plan: ReportPlan) -> Sequence[str] | None:
+    """The GPU states a report reads (None: all)."""
+    return RENTED_STATES if plan.gpu is None else None
+
+
+async def read_inputs(ledger: Ledger, plan: ReportPlan) -> ReportInputs:
+    energy = await ledger.energy_totals(plan.slices.cuts, gpu_index=plan.gpu)
+    baseline = (
+        energy
+        if plan.baseline_in_spans
+        else await ledger.energy_totals([plan.baseline_start, plan.end], gpu_index=plan.gpu)
+    )
+    return ReportInputs(
+        energy=energy,
+        baseline_energy=baseline,
+        pool=await ledger.state_intervals(*pool_window(plan), scope="pool"),
+        gpus=await ledger.state_intervals(
+            plan.day0, plan.day_end, scope="gpu", states=gpu_states(plan)
+        ),
+        earnings=await ledger.earnings(plan.first_day, plan.last_day),
+        notes=await read_notes(ledger, plan),
+    )
+
+
+async def read_notes(ledger: Ledger, plan: ReportPlan) -> list[JournalEntry]:
+    """The held and rejected requests a report counts."""
+    return await ledger.journal_entries(since=plan.since, status="note", kinds=[HELD, REJECTED])
 
 
 async def build_report(
@@ -321,20 +462,21 @@ async def build_report(
     """Rows per period over [since, min(until, now)): the whole machine (`gpu` None) or
     one GPU by index. Raises `ValueError` for an empty range, `ReportError` for earnings in
     a currency that cannot be converted."""
-    tz = config.broker.tz
-    since, until, now = (t.astimezone(UTC) for t in (since, until, now))
-    end = min(until, now)
-    if since >= end:
-        raise ValueError(f"the report's start ({since}) is not before its end ({end})")
-    spans = periods(since, end, by, tz)
-    slices = _Slices(since, end, spans, TariffSchedule.from_config(config.energy, tz))
+    plan = plan_report(config, since=since, until=until, now=now, by=by, gpu=gpu)
+    return compute_report(plan, await read_inputs(ledger, plan), config)
+
+
+def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Report:
+    """The report of one host's rows: no I/O."""
+    since, end, now, gpu = plan.since, plan.end, plan.now, plan.gpu
+    spans, slices = plan.spans, plan.slices
     accs = [_Acc() for _ in spans]
 
     # -- energy, its cost and carbon: summed by the store per slice and pool state (and
     # UUID, for one GPU: its intervals are found by the UUIDs its index had).
     uuids: set[str] = set()
     rented_joules: dict[int, float] = defaultdict(float)  # GPU draw while rented, by slice
-    for part in await ledger.energy_totals(slices.cuts, gpu_index=gpu):
+    for part in inputs.energy:
         if part.gpu_uuid is not None:
             uuids.add(part.gpu_uuid)
         acc = accs[slices.period[part.span]]
@@ -349,22 +491,13 @@ async def build_report(
             acc.co2 += kwh * rate.carbon_g_per_kwh / 1000.0
 
     # -- hours. Intervals are read over whole UTC days around the range, because the
-    # earnings of a provider day are shared by the rented hours of that whole day.
-    first_day = since.astimezone(UTC).date()
-    last_day = (end - timedelta(microseconds=1)).astimezone(UTC).date()
-    day0 = datetime.combine(first_day, time(), UTC)
-    day_end = datetime.combine(last_day + timedelta(days=1), time(), UTC)
-    if gpu is None:
-        # The pool's intervals, and of the GPUs' only the rented ones (a year of 8 GPUs is
-        # some 20 000 intervals; the rented ones are a fifth of that).
-        own = await ledger.state_intervals(day0, day_end, scope="pool")
-        gpu_intervals = await ledger.state_intervals(
-            day0, day_end, scope="gpu", states=RENTED_STATES
-        )
-    else:
-        gpu_intervals = await ledger.state_intervals(day0, day_end, scope="gpu")
-        own = [i for i in gpu_intervals if i.subject in uuids]
-    for interval in own:
+    # earnings of a provider day are shared by the rented hours of that whole day (the
+    # pool's reach back to the baseline window too: clipping to the range leaves those out).
+    gpu_intervals = inputs.gpus
+    rented_s: dict[int, float] = defaultdict(float)  # the pool's seconds rented, by slice
+    for interval in inputs.pool if gpu is None else [
+        i for i in gpu_intervals if i.subject in uuids
+    ]:  # fmt: skip
         bucket = bucket_of(interval.state)
         if bucket is None:
             continue
@@ -372,76 +505,76 @@ async def build_report(
         if span is not None:
             for i, seconds in slices.pieces(*span):
                 accs[slices.period[i]].hours[bucket] += seconds
+                if bucket == "rented" and gpu is None:
+                    rented_s[i] += seconds
 
     # -- extra energy: the GPUs' draw while rented above their idle baseline
-    pool_intervals = own if gpu is None else await ledger.state_intervals(
-        day0, day_end, scope="pool"
+    baseline_w = _baseline_watts(
+        inputs.pool, inputs.baseline_energy, plan.baseline_start, end, now
     )
-    baseline_w = await idle_baseline_watts(ledger, min(since, end - BASELINE_WINDOW), end,
-                                           now, gpu)  # fmt: skip
-    rented_s: dict[int, float] = defaultdict(float)  # the pool's seconds rented, by slice
-    for interval in pool_intervals:
-        if bucket_of(interval.state) == "rented" and (
-            span := _clip(interval, since, end, now)
-        ) is not None:
-            for i, seconds in slices.pieces(*span):
-                rented_s[i] += seconds
+    if gpu is not None:  # the pool's rented seconds, not the GPU's own
+        for interval in inputs.pool:
+            if bucket_of(interval.state) == "rented" and (
+                span := _clip(interval, since, end, now)
+            ) is not None:
+                for i, seconds in slices.pieces(*span):
+                    rented_s[i] += seconds
     for i in set(rented_joules) | set(rented_s):
         extra_kwh = max(0.0, rented_joules[i] - baseline_w * rented_s[i]) / JOULES_PER_KWH
         accs[slices.period[i]].extra_cost += extra_kwh * slices.rate[i].price_per_kwh
 
-    # -- rented GPU-hours, per slice and GPU, and per whole UTC day for sharing earnings.
+    # -- rented GPU-hours: this report's GPUs' per slice, and every GPU's per whole UTC
+    # day (by days since the epoch) for sharing earnings.
     all_gpus = {i.subject for i in gpu_intervals}
-    rented: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    rented_day: dict[date, float] = defaultdict(float)
+    mine: dict[int, float] = defaultdict(float)
+    rented_day: dict[int, float] = defaultdict(float)
+    day0, day_end, now_ts = plan.day0.timestamp(), plan.day_end.timestamp(), now.timestamp()
     for interval in gpu_intervals:
         if bucket_of(interval.state) != "rented":
             continue
-        whole = _clip(interval, day0, day_end, now)
-        if whole is None:
-            continue
-        a, b = whole
+        a = max(interval.start.timestamp(), day0)
+        b = min(interval.end.timestamp() if interval.end else now_ts, now_ts, day_end)
         while a < b:
-            midnight = datetime.combine(a.date() + timedelta(days=1), time(), UTC)
-            rented_day[a.date()] += (min(b, midnight) - a).total_seconds()
+            k = int(a // DAY_SECONDS)
+            midnight = (k + 1) * DAY_SECONDS
+            rented_day[k] += min(b, midnight) - a
             a = midnight
+        if gpu is not None and interval.subject not in uuids:
+            continue
         span = _clip(interval, since, end, now)
         if span is not None:
             for i, seconds in slices.pieces(*span):
-                rented[i][interval.subject] += seconds
-    for i, by_gpu in rented.items():
-        acc = accs[slices.period[i]]
-        for subject, seconds in by_gpu.items():
-            if gpu is None or subject in uuids:
-                acc.rented_gpu_s += seconds
+                mine[i] += seconds
+    for i, seconds in mine.items():
+        accs[slices.period[i]].rented_gpu_s += seconds
 
     # -- earnings
     reported: dict[date, tuple[float, bool]] = {}
-    for record in await ledger.earnings(first_day, last_day):
+    for record in inputs.earnings:
         amount, all_provider = reported.get(record.day, (0.0, True))
         reported[record.day] = (
             amount + _to_currency(record.amount, record.currency, config),
             all_provider and record.source == "provider",
         )
     price = _price_gpu(config)
-    for i, by_gpu in rented.items():
+    for i, seconds in mine.items():
         acc = accs[slices.period[i]]
         day = slices.day[i]
-        mine = sum(s for subject, s in by_gpu.items() if gpu is None or subject in uuids)
-        if mine <= 0:
+        if seconds <= 0:
             continue
         if day in reported:
             amount, from_provider = reported[day]
-            if rented_day[day] > 0:
-                acc.earnings += amount * mine / rented_day[day]
+            whole_day = rented_day[_epoch_day(day)]
+            if whole_day > 0:
+                acc.earnings += amount * seconds / whole_day
                 acc.provider_figure |= from_provider
                 acc.estimated |= not from_provider
         else:
-            acc.earnings += price * mine / 3600.0
+            acc.earnings += price * seconds / 3600.0
             acc.estimated = True
     for day, (amount, from_provider) in reported.items():
         noon = datetime.combine(day, time(12), UTC)
-        if rented_day[day] > 0 or not since <= noon < end:
+        if rented_day[_epoch_day(day)] > 0 or not since <= noon < end:
             continue
         acc = accs[bisect.bisect_right([p.start for p in spans], noon) - 1]
         if gpu is not None:
@@ -453,7 +586,7 @@ async def build_report(
     # -- held and rejected local requests
     gpus_of = {s.name: s.gpus for s in config.services}
     starts = [p.start for p in spans]
-    for note in await ledger.journal_entries(since=since, status="note", kinds=[HELD, REJECTED]):
+    for note in inputs.notes:
         if note.at >= end:
             continue
         if gpu is not None:
@@ -475,7 +608,7 @@ async def build_report(
         timezone=config.broker.timezone,
         start=since,
         end=end,
-        by=by,
+        by=plan.by,
         gpu=gpu,
         rows=rows,
         totals=total.row("total", since, end, gpu),
