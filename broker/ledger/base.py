@@ -152,6 +152,12 @@ class Ledger(Protocol):
     @property
     def host(self) -> str: ...
 
+    @property
+    def reachable(self) -> bool:
+        """False while the store is known to be unreachable (a shared database that went
+        away): writes wait in the spool, and nothing is listed (SPEC invariant 4)."""
+        ...
+
     async def close(self) -> None: ...
 
     async def hosts(self) -> list[str]:

@@ -29,11 +29,11 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 
@@ -51,7 +51,7 @@ from broker.ledger.base import (
     Scope,
     StateInterval,
 )
-from broker.ledger.spool import Kind, Spool
+from broker.ledger.spool import Completion, Kind, Spool, Spooled, StateChange
 from broker.ledger.sqlite import (
     COMPACT_BATCH,
     DEMAND_BUCKET_SECONDS,
@@ -61,6 +61,8 @@ from broker.ledger.sqlite import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The first key of every advisory lock the broker takes ("gpub"); the second is the host's.
 LOCK_CLASS = 0x67707562
@@ -454,6 +456,12 @@ class PostgresLedger:
     def host(self) -> str:
         return self._host
 
+    @property
+    def reachable(self) -> bool:
+        """False from a lost connection until one is made again (at most every
+        RECONNECT_SECONDS, by the next call)."""
+        return not self._s.down
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -531,33 +539,53 @@ class PostgresLedger:
     async def record_state(
         self, scope: Scope, subject: str, state: str, at: datetime, reason: str = ""
     ) -> None:
-        ts = _ts(at)
-        await self._write(
+        change = StateChange(scope, subject, state, at, reason)
+
+        async def write() -> int:
+            await self._write_state(change)
+            return 1
+
+        await self._or_spool("state", [change], write, lose_when_full=True)
+
+    async def _write_state(self, change: StateChange) -> int:
+        """Close the interval in force for (scope, subject), or all (scope None), at the
+        change's time, and open its state; returns how many were closed."""
+        ts = _ts(change.at)
+        if change.scope is None:
+            [count] = await self._write(
+                [
+                    (
+                        "UPDATE state_intervals SET end_ts = GREATEST(start_ts, %s) "
+                        "WHERE host = %s AND end_ts IS NULL",
+                        (ts, self._host),
+                    )
+                ]
+            )
+            return count
+        [count, _] = await self._write(
             [
                 (
                     "UPDATE state_intervals SET end_ts = GREATEST(start_ts, %s) "
                     "WHERE host = %s AND scope = %s AND subject = %s AND end_ts IS NULL",
-                    (ts, self._host, scope, subject),
+                    (ts, self._host, change.scope, change.subject),
                 ),
                 (
                     "INSERT INTO state_intervals (host, scope, subject, state, start_ts, reason) "
                     "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (self._host, scope, subject, state, ts, reason),
+                    (self._host, change.scope, change.subject, change.state, ts, change.reason),
                 ),
             ]
         )
+        return count
 
     async def close_states(self, at: datetime) -> int:
-        [count] = await self._write(
-            [
-                (
-                    "UPDATE state_intervals SET end_ts = GREATEST(start_ts, %s) "
-                    "WHERE host = %s AND end_ts IS NULL",
-                    (_ts(at), self._host),
-                )
-            ]
+        """How many intervals were closed (0 when the database is away and the closing
+        waits in the spool)."""
+        change = StateChange(None, "", "", at)
+        closed = await self._or_spool(
+            "close_states", [change], lambda: self._write_state(change), lose_when_full=True
         )
-        return count
+        return closed or 0
 
     async def state_intervals(
         self,
@@ -616,44 +644,82 @@ class PostgresLedger:
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None:
         if not records:
             return
-        if not await self._replay():
-            await self._spooled("energy", records)
-            return
-        try:
-            await self._insert_energy(records)
-        except LedgerError:
-            if self._spool is None or not self._s.down:
-                raise
-            await self._spooled("energy", records)
-            return
-        await self._fold_energy(records)
 
-    async def _spooled(self, kind: Kind, records: Sequence[Any]) -> None:
-        """Keep `records` in the spool (LedgerError if there is none, or it is full)."""
+        async def write() -> bool:
+            await self._insert_energy(records)
+            return True
+
+        if await self._or_spool("energy", records, write):
+            await self._fold_energy(records)
+
+    async def _or_spool(
+        self,
+        kind: Kind,
+        records: Sequence[Spooled],
+        write: Callable[[], Awaitable[T]],
+        *,
+        lose_when_full: bool = False,
+    ) -> T | None:
+        """`write()` now; or, with a spool, while the database is away (or older rows still
+        wait in the spool, so the order holds), keep `records` there and return None.
+
+        A full spool raises LedgerError (energy and demand stay in the caller's memory);
+        with `lose_when_full` the records are dropped instead, with an error in the log."""
         if self._spool is None:
-            raise LedgerError("the ledger database is unreachable")
-        await self._spool.put(kind, records)
+            return await write()
+        if await self._replay():
+            try:
+                return await write()
+            except LedgerError:
+                if not self._s.down:
+                    raise
+        try:
+            await self._spool.put(kind, records)
+        except LedgerError as err:
+            if not lose_when_full:
+                raise
+            log.error("lost %d ledger row(s) (%s): %s", len(records), kind, err)
+        return None
 
     async def _replay(self) -> bool:
-        """Write what the spool holds; false while the database is still away (or no
-        spool row could be written), true when the spool is empty."""
+        """Write what the spool holds, oldest first; false while the database is still
+        away, true when the spool is empty. Rows the database refuses (not for being away)
+        are dropped with an error in the log, so one bad row cannot hold back the rest."""
         spool = self._spool
         if spool is not None and spool.pending and self._s.waiting():
             return False  # not yet time to try the database again
         while spool is not None and spool.pending:
-            ids, energy, demand = await spool.take()
-            try:
-                if energy:
-                    await self._insert_energy(energy)
-                if demand:
-                    await self._insert_demand(demand)
-            except LedgerError as err:
-                if not self._s.down:
-                    log.error("spooled ledger rows refused by the database: %s", err)
-                return False
-            await spool.done(ids)
-            log.info("wrote %d spooled ledger rows", len(ids))
+            rows = await spool.take()
+            written: list[int] = []
+            for group in _runs(rows):
+                try:
+                    await self._write_spooled(group)
+                except LedgerError as err:
+                    if self._s.down:
+                        await spool.done(written)
+                        return False
+                    log.error("spooled ledger rows refused by the database, dropped: %s", err)
+                written.extend(row_id for row_id, _, _ in group)
+            await spool.done(written)
+            log.info("wrote %d spooled ledger rows", len(written))
         return True
+
+    async def _write_spooled(self, group: Sequence[tuple[int, Kind, Spooled]]) -> None:
+        """One run of spooled rows: a batch of energy or demand, or one other row."""
+        kind = group[0][1]
+        records = [record for _, _, record in group]
+        if kind == "energy":
+            await self._insert_energy(cast(list[EnergyRecord], records))
+        elif kind == "demand":
+            await self._insert_demand(cast(list[DemandRecord], records))
+        elif kind in ("state", "close_states"):
+            await self._write_state(cast(StateChange, records[0]))
+        elif kind == "note":
+            await self._insert_journal(cast(JournalEntry, records[0]))
+        elif kind == "complete":
+            done = cast(Completion, records[0])
+            if not await self._write_complete(done):
+                log.warning("journal entry %d was no longer an open intent", done.entry_id)
 
     async def _insert_energy(self, records: Sequence[EnergyRecord]) -> None:
         await self._write_many(
@@ -910,17 +976,13 @@ class PostgresLedger:
     async def add_demand(self, records: Sequence[DemandRecord]) -> None:
         if not records:
             return
-        if not await self._replay():
-            await self._spooled("demand", records)
-            return
-        try:
+
+        async def write() -> bool:
             await self._insert_demand(records)
-        except LedgerError:
-            if self._spool is None or not self._s.down:
-                raise
-            await self._spooled("demand", records)
-            return
-        await self._fold_demand(records)
+            return True
+
+        if await self._or_spool("demand", records, write):
+            await self._fold_demand(records)
 
     async def _insert_demand(self, records: Sequence[DemandRecord]) -> None:
         await self._write_many(
@@ -1086,6 +1148,16 @@ class PostgresLedger:
     # -- journal --------------------------------------------------------------------------
 
     async def journal(self, entry: JournalEntry) -> int:
+        """The entry's id. An intent is written now or not at all (LedgerError); a note is
+        kept in the spool while the database is away, its id then 0."""
+        if entry.status != "note":
+            return await self._insert_journal(entry)
+        entry_id = await self._or_spool(
+            "note", [entry], lambda: self._insert_journal(entry), lose_when_full=True
+        )
+        return entry_id or 0
+
+    async def _insert_journal(self, entry: JournalEntry) -> int:
         self._check_open()
         async with self._s.use() as conn:
             try:
@@ -1110,19 +1182,27 @@ class PostgresLedger:
     async def complete(
         self, entry_id: int, status: JournalStatus, at: datetime, outcome: str = ""
     ) -> None:
+        """Kept in the spool while the database is away, like a note."""
         if status not in ("done", "failed"):
             raise ValueError("an intent is completed as 'done' or 'failed'")
+        done = Completion(entry_id, status, at, outcome)
+        if await self._or_spool(
+            "complete", [done], lambda: self._write_complete(done), lose_when_full=True
+        ) is False:  # fmt: skip
+            raise LedgerError(f"journal entry {entry_id} is not an open intent")
+
+    async def _write_complete(self, done: Completion) -> bool:
+        """False when the entry is not an open intent of this host."""
         [count] = await self._write(
             [
                 (
                     "UPDATE journal SET status = %s, outcome = %s, outcome_ts = %s "
                     "WHERE id = %s AND host = %s AND status = 'intent'",
-                    (status, outcome, _ts(at), entry_id, self._host),
+                    (done.status, done.outcome, _ts(done.at), done.entry_id, self._host),
                 )
             ]
         )
-        if count != 1:
-            raise LedgerError(f"journal entry {entry_id} is not an open intent")
+        return count == 1
 
     async def journal_entries(
         self,
@@ -1159,6 +1239,19 @@ class PostgresLedger:
             )
             for r in rows
         ]
+
+
+def _runs(
+    rows: Sequence[tuple[int, Kind, Spooled]],
+) -> list[list[tuple[int, Kind, Spooled]]]:
+    """Spooled rows in order, consecutive energy (or demand) rows together as one batch."""
+    runs: list[list[tuple[int, Kind, Spooled]]] = []
+    for row in rows:
+        if runs and row[1] == runs[-1][0][1] and row[1] in ("energy", "demand"):
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
 
 
 def _slot_sums(rows: Sequence[tuple[Any, ...]]) -> dict[tuple[str, int, str, int], list[Any]]:

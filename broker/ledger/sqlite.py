@@ -256,6 +256,10 @@ class SqliteLedger:
     def host(self) -> str:
         return self._host
 
+    @property
+    def reachable(self) -> bool:
+        return True  # a local file: a failing write is an error, not an outage
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._call(self._disconnect)

@@ -258,6 +258,7 @@ class DecisionLoop:
             can_list=caps.can_list,
             can_displace=caps.can_displace_interruptible,
             quiet_until=quiet,
+            can_journal=self.actions.journal.ledger.reachable,
         )
 
     def _learn_requests(self, now: datetime) -> None:

@@ -84,6 +84,9 @@ class Observation:
     # With policy.demand_risk: until when a local request stays unlikely by the team's
     # weekly rhythm (rhythm.py); offers end there. None: no opinion (not learned yet).
     quiet_until: datetime | None = None
+    # The ledger can journal a listing's intent (a shared database may be away). False:
+    # no listing is started (invariant 4), so the services are not drained for nothing.
+    can_journal: bool = True
 
 
 # -- actions ------------------------------------------------------------------------------
@@ -269,6 +272,8 @@ class PoolMachine:
             return "local requests"
         if obs.gpus_idle is not True:
             return "GPUs busy"
+        if not obs.can_journal:
+            return "the ledger cannot journal a listing (its database is unreachable)"
         if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
             left = timedelta(seconds=self.local_hold_until - obs.monotonic)
             return f"local hold after a reclaim ({describe_duration(left)} left)"
