@@ -378,6 +378,7 @@ class PostgresLedger:
     ) -> None:
         self._s = session
         self._spool = spool
+        self._replaying = asyncio.Lock()
         self._owns_session = owns_session
         self._host = host
         self._version = version
@@ -686,9 +687,17 @@ class PostgresLedger:
         away, true when the spool is empty. Rows the database refuses (not for being away)
         are dropped with an error in the log, so one bad row cannot hold back the rest."""
         spool = self._spool
-        if spool is not None and spool.pending and self._s.waiting():
+        if spool is None or not spool.pending:
+            return True
+        if self._s.waiting():
             return False  # not yet time to try the database again
-        while spool is not None and spool.pending:
+        # One replay at a time: the energy, demand and scheduler's writes all come here,
+        # and two taking the same rows would write them twice.
+        async with self._replaying:
+            return await self._replay_spool(spool)
+
+    async def _replay_spool(self, spool: Spool) -> bool:
+        while spool.pending:
             rows = await spool.take()
             written: list[int] = []
             for group in _runs(rows):
