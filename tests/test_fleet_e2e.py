@@ -193,6 +193,7 @@ def cli_report(config: Path, since: str, now: datetime, *args: str) -> dict[str,
     return result
 
 
+@pytest.mark.timeout(600)  # a day of two brokers: about a minute on an idle box
 async def test_two_brokers_share_one_database_for_a_day_and_its_outage(
     clock: FakeClock,
     tmp_path: Path,

@@ -26,8 +26,8 @@ from broker.ledger import (
     SqliteLedger,
     energy_totals_of,
 )
+from broker.ledger.folding import DEMAND_RAW_RETENTION
 from broker.ledger.postgres import PostgresLedger
-from broker.ledger.sqlite import DEMAND_RAW_RETENTION
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
 

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
 Scope = Literal["pool", "gpu"]
 JournalStatus = Literal["intent", "done", "failed", "note"]
 EarningsSource = Literal["provider", "estimate"]
 DemandOutcome = Literal["passed", "held", "refused"]
+
+
+# How both stores keep times: epoch seconds, taken from aware datetimes only.
+
+
+def epoch(t: datetime) -> float:
+    if t.tzinfo is None:
+        raise ValueError("the ledger takes timezone-aware datetimes only")
+    return t.timestamp()
+
+
+def utc_or_none(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -50,15 +49,24 @@ from broker.ledger.base import (
     JournalStatus,
     Scope,
     StateInterval,
+    epoch,
+    utc,
+    utc_or_none,
 )
-from broker.ledger.spool import Completion, Kind, Spool, Spooled, StateChange
-from broker.ledger.sqlite import (
+from broker.ledger.folding import (
     COMPACT_BATCH,
     DEMAND_BUCKET_SECONDS,
-    DEMAND_RAW_RETENTION,
-    RAW_RETENTION,
     ROLLUP_SECONDS,
+    demand_cutoff,
+    demand_sums,
+    energy_cutoff,
+    floor_to,
+    inside_sql,
+    machine_sums,
+    share_sql,
+    slot_sums,
 )
+from broker.ledger.spool import Completion, Kind, Spool, Spooled, StateChange
 
 log = logging.getLogger(__name__)
 
@@ -162,18 +170,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
-def _ts(t: datetime) -> float:
-    if t.tzinfo is None:
-        raise ValueError("the ledger takes timezone-aware datetimes only")
-    return t.timestamp()
-
-
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
-
-
-def _dt_required(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 def redact(conninfo: str) -> str:
@@ -551,7 +547,7 @@ class PostgresLedger:
     async def _write_state(self, change: StateChange) -> int:
         """Close the interval in force for (scope, subject), or all (scope None), at the
         change's time, and open its state; returns how many were closed."""
-        ts = _ts(change.at)
+        ts = epoch(change.at)
         if change.scope is None:
             [count] = await self._write(
                 [
@@ -615,7 +611,7 @@ class PostgresLedger:
             "SELECT scope, subject, state, start_ts, end_ts, reason, host FROM state_intervals "
             "WHERE host = ANY(%s) AND start_ts < %s AND (end_ts IS NULL OR end_ts > %s)"
         )
-        params: list[Any] = [list(hosts), _ts(end), _ts(start)]
+        params: list[Any] = [list(hosts), epoch(end), epoch(start)]
         if scope is not None:
             sql += " AND scope = %s"
             params.append(scope)
@@ -632,8 +628,8 @@ class PostgresLedger:
                     scope=cast(Scope, r[0]),
                     subject=r[1],
                     state=r[2],
-                    start=_dt_required(r[3]),
-                    end=_dt(r[4]),
+                    start=utc(r[3]),
+                    end=utc_or_none(r[4]),
                     reason=r[5],
                     host=r[6],
                 )
@@ -740,8 +736,8 @@ class PostgresLedger:
                     r.gpu_uuid,
                     r.gpu_index,
                     r.pool_state,
-                    _ts(r.start),
-                    _ts(r.end),
+                    epoch(r.start),
+                    epoch(r.end),
                     r.joules,
                     r.overhead_joules,
                     r.method,
@@ -751,8 +747,8 @@ class PostgresLedger:
         )
 
     async def _fold_energy(self, records: Sequence[EnergyRecord]) -> None:
-        newest = max(_ts(r.end) for r in records)
-        cutoff = math.floor((newest - RAW_RETENTION) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        newest = max(epoch(r.end) for r in records)
+        cutoff = energy_cutoff(newest)
         if self._compacted_to is not None and cutoff <= self._compacted_to:
             return
         try:
@@ -767,7 +763,7 @@ class PostgresLedger:
     async def compact_energy(self, before: datetime) -> int:
         """Fold every record as written that ends by `before` (rounded down to a slot) now.
         Returns how many."""
-        cutoff = math.floor(_ts(before) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        cutoff = floor_to(epoch(before), ROLLUP_SECONDS)
         total = 0
         while True:
             folded = await self._compact(cutoff, COMPACT_BATCH)
@@ -792,7 +788,7 @@ class PostgresLedger:
                     rows = await cur.fetchall()
                     if not rows:
                         return 0
-                    sums = _slot_sums(rows)
+                    sums = slot_sums(rows)
                     await cur.executemany(
                         b"INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, "
                         b"end_ts, joules, overhead_joules, method, slot) "
@@ -812,16 +808,7 @@ class PostgresLedger:
                             )
                         ],
                     )
-                    machine: dict[tuple[int, str], list[float]] = {}
-                    for (_, _, state, slot), (a, b, joules, overhead, _) in sums.items():
-                        acc = machine.get((slot, state))
-                        if acc is None:
-                            machine[(slot, state)] = [a, b, joules, overhead]
-                        else:
-                            acc[0] = min(acc[0], a)
-                            acc[1] = max(acc[1], b)
-                            acc[2] += joules
-                            acc[3] += overhead
+                    machine = machine_sums(sums)
                     await cur.executemany(
                         b"INSERT INTO energy_slots (host, slot, pool_state, start_ts, end_ts, "
                         b"joules, overhead_joules) VALUES (%s, %s, %s, %s, %s, %s, %s) "
@@ -850,7 +837,7 @@ class PostgresLedger:
             "SELECT gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, overhead_joules, "
             "method, host FROM energy WHERE host = %s AND start_ts < %s AND end_ts > %s"
         )
-        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        params: list[Any] = [self._host, epoch(end), epoch(start)]
         if gpu_uuid is not None:
             sql += " AND gpu_uuid = %s"
             params.append(gpu_uuid)
@@ -860,8 +847,8 @@ class PostgresLedger:
                 gpu_uuid=r[0],
                 gpu_index=r[1],
                 pool_state=r[2],
-                start=_dt_required(r[3]),
-                end=_dt_required(r[4]),
+                start=utc(r[3]),
+                end=utc(r[4]),
                 joules=r[5],
                 overhead_joules=r[6],
                 method=r[7],
@@ -880,7 +867,7 @@ class PostgresLedger:
         self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> dict[str, list[EnergyTotal]]:
         """`energy_totals` of each of `hosts` in one query (a fleet report's energy)."""
-        bounds = [_ts(t) for t in cuts]
+        bounds = [epoch(t) for t in cuts]
         if any(b <= a for a, b in pairwise(bounds)):
             raise ValueError("energy_totals: the cuts must increase")
         if len(bounds) < 2 or not hosts:
@@ -902,17 +889,9 @@ class PostgresLedger:
         )
 
         def share(t: str) -> str:
-            return (
-                f"(CASE WHEN {t}.end_ts > {t}.start_ts THEN "
-                f"(LEAST({t}.end_ts, s.b) - GREATEST({t}.start_ts, s.a)) "
-                f"/ ({t}.end_ts - {t}.start_ts) ELSE 1.0 END)"
-            )
+            return share_sql(t, "LEAST", "GREATEST")
 
-        def inside(t: str) -> str:
-            return (
-                f"{t}.start_ts < s.b AND ({t}.end_ts > s.a "
-                f"OR ({t}.end_ts <= {t}.start_ts AND {t}.start_ts >= s.a))"
-            )
+        inside = inside_sql
 
         out: dict[str, list[EnergyTotal]] = {}
         if gpu_index is not None:
@@ -998,18 +977,15 @@ class PostgresLedger:
             "INSERT INTO demand (host, service, arrival_ts, duration_s, outcome, held_s, count) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
             [
-                (self._host, r.service, _ts(r.arrival), r.duration_s, r.outcome, r.held_s,
+                (self._host, r.service, epoch(r.arrival), r.duration_s, r.outcome, r.held_s,
                  r.count)
                 for r in records
             ],
         )  # fmt: skip
 
     async def _fold_demand(self, records: Sequence[DemandRecord]) -> None:
-        newest = max(_ts(r.arrival) for r in records)
-        cutoff = (
-            math.floor((newest - DEMAND_RAW_RETENTION) / DEMAND_BUCKET_SECONDS)
-            * DEMAND_BUCKET_SECONDS
-        )
+        newest = max(epoch(r.arrival) for r in records)
+        cutoff = demand_cutoff(newest)
         if self._demand_compacted_to is not None and cutoff <= self._demand_compacted_to:
             return
         try:
@@ -1021,7 +997,7 @@ class PostgresLedger:
             self._demand_compacted_to = cutoff
 
     async def compact_demand(self, before: datetime) -> int:
-        cutoff = math.floor(_ts(before) / DEMAND_BUCKET_SECONDS) * DEMAND_BUCKET_SECONDS
+        cutoff = floor_to(epoch(before), DEMAND_BUCKET_SECONDS)
         total = 0
         while True:
             folded = await self._compact_demand(cutoff, COMPACT_BATCH)
@@ -1043,17 +1019,7 @@ class PostgresLedger:
                     rows = await cur.fetchall()
                     if not rows:
                         return 0
-                    sums: dict[tuple[str, str, int], list[Any]] = {}
-                    for _, service, outcome, arrival, duration, held, count in rows:
-                        key = (service, outcome, math.floor(arrival / DEMAND_BUCKET_SECONDS))
-                        acc = sums.get(key)
-                        if acc is None:
-                            sums[key] = [arrival, duration, held, count]
-                        else:
-                            acc[0] = min(acc[0], arrival)
-                            acc[1] += duration
-                            acc[2] += held
-                            acc[3] += count
+                    sums = demand_sums(rows)
                     await cur.executemany(
                         b"INSERT INTO demand (host, service, outcome, bucket, arrival_ts, "
                         b"duration_s, held_s, count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
@@ -1084,14 +1050,14 @@ class PostgresLedger:
             "SELECT service, arrival_ts, duration_s, outcome, held_s, count, host FROM demand "
             "WHERE host = %s AND arrival_ts >= %s AND arrival_ts < %s"
         )
-        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
         if service is not None:
             sql += " AND service = %s"
             params.append(service)
         rows = await self._read(sql + " ORDER BY arrival_ts, id", params)
         return [
             DemandRecord(
-                service, _dt_required(arrival), duration, cast(DemandOutcome, outcome), held,
+                service, utc(arrival), duration, cast(DemandOutcome, outcome), held,
                 count, host,
             )
             for service, arrival, duration, outcome, held, count, host in rows
@@ -1123,7 +1089,7 @@ class PostgresLedger:
                         r.amount,
                         r.currency,
                         r.source,
-                        _ts(r.updated),
+                        epoch(r.updated),
                         json.dumps(r.detail, sort_keys=True),
                     ),
                 )
@@ -1147,7 +1113,7 @@ class PostgresLedger:
                 amount=r[3],
                 currency=r[4],
                 source=cast(EarningsSource, r[5]),
-                updated=_dt_required(r[6]),
+                updated=utc(r[6]),
                 detail=json.loads(r[7]),
                 host=r[8],
             )
@@ -1175,7 +1141,7 @@ class PostgresLedger:
                     b"VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                     (
                         self._host,
-                        _ts(entry.at),
+                        epoch(entry.at),
                         entry.kind,
                         entry.subject,
                         entry.status,
@@ -1207,7 +1173,7 @@ class PostgresLedger:
                 (
                     "UPDATE journal SET status = %s, outcome = %s, outcome_ts = %s "
                     "WHERE id = %s AND host = %s AND status = 'intent'",
-                    (done.status, done.outcome, _ts(done.at), done.entry_id, self._host),
+                    (done.status, done.outcome, epoch(done.at), done.entry_id, self._host),
                 )
             ]
         )
@@ -1226,7 +1192,7 @@ class PostgresLedger:
         params: list[Any] = [self._host]
         if since is not None:
             sql += " AND ts >= %s"
-            params.append(_ts(since))
+            params.append(epoch(since))
         if status is not None:
             sql += " AND status = %s"
             params.append(status)
@@ -1237,13 +1203,13 @@ class PostgresLedger:
         return [
             JournalEntry(
                 id=r[0],
-                at=_dt_required(r[1]),
+                at=utc(r[1]),
                 kind=r[2],
                 subject=r[3],
                 status=r[4],
                 payload=json.loads(r[5]),
                 outcome=r[6],
-                outcome_at=_dt(r[7]),
+                outcome_at=utc_or_none(r[7]),
                 host=r[8],
             )
             for r in rows
@@ -1261,35 +1227,6 @@ def _runs(
         else:
             runs.append([row])
     return runs
-
-
-def _slot_sums(rows: Sequence[tuple[Any, ...]]) -> dict[tuple[str, int, str, int], list[Any]]:
-    """Records as written, by GPU, pool state and slot: [start, end, joules, overhead,
-    method], a record spanning slots shared by time (as SqliteLedger._compact does)."""
-    sums: dict[tuple[str, int, str, int], list[Any]] = {}
-    for _, uuid, index, state, start, end, joules, overhead, method in rows:
-        first = math.floor(start / ROLLUP_SECONDS)
-        last = max(first, math.ceil(end / ROLLUP_SECONDS) - 1)
-        for slot in range(first, last + 1):
-            a = max(start, slot * ROLLUP_SECONDS)
-            b = min(end, (slot + 1) * ROLLUP_SECONDS)
-            if end > start:
-                if b <= a:
-                    continue
-                share = (b - a) / (end - start)
-            else:
-                share = 1.0
-            acc = sums.get((uuid, index, state, slot))
-            if acc is None:
-                sums[(uuid, index, state, slot)] = [a, b, joules * share, overhead * share, method]
-            else:
-                acc[0] = min(acc[0], a)
-                acc[1] = max(acc[1], b)
-                acc[2] += joules * share
-                acc[3] += overhead * share
-                if acc[4] != method:
-                    acc[4] = "mixed"
-    return sums
 
 
 async def _lock_holder(conn: Conn, host: str) -> str:
