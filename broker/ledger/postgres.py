@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -622,18 +622,16 @@ class PostgresLedger:
             sql += " AND state = ANY(%s)"
             params.append(list(states))
         out: dict[str, list[StateInterval]] = {}
-        for r in await self._read(sql + " ORDER BY host, start_ts, id", params):
-            out.setdefault(r[6], []).append(
+        stamp, zone = datetime.fromtimestamp, UTC  # a year of a fleet is 100 000 rows
+        for scope_, subject_, state, start_ts, end_ts, reason, host in await self._read(
+            sql + " ORDER BY host, start_ts, id", params
+        ):
+            out.setdefault(host, []).append(
                 StateInterval(
-                    scope=cast(Scope, r[0]),
-                    subject=r[1],
-                    state=r[2],
-                    start=utc(r[3]),
-                    end=utc_or_none(r[4]),
-                    reason=r[5],
-                    host=r[6],
+                    cast(Scope, scope_), subject_, state, stamp(start_ts, zone),
+                    None if end_ts is None else stamp(end_ts, zone), reason, host,
                 )
-            )
+            )  # fmt: skip
         return out
 
     # -- energy ---------------------------------------------------------------------------
@@ -923,7 +921,9 @@ class PostgresLedger:
             "FROM unnest(%s::int[], %s::float8[], %s::float8[]) AS t (i, a, b)), "
             "w (i, a, b) AS (SELECT i, a, b "
             "FROM unnest(%s::int[], %s::float8[], %s::float8[]) AS t (i, a, b)) "
+            # (a span can have both records as written and slot sums: the day being folded)
             "SELECT host, i, pool_state, SUM(j), SUM(o) FROM ("
+            "SELECT host, i, pool_state, SUM(j) AS j, SUM(o) AS o FROM ("
             f"SELECT e.host AS host, s.i AS i, e.pool_state AS pool_state, "
             f"{share('e')} * e.joules AS j, {share('e')} * e.overhead_joules AS o "
             "FROM s JOIN energy AS e ON e.host = ANY(%s) AND e.slot IS NULL "
@@ -942,20 +942,15 @@ class PostgresLedger:
             "FROM s JOIN energy_slots AS m ON s.i = ANY(%s) AND m.host = ANY(%s) "
             f"AND m.slot >= floor(s.a / {ROLLUP_SECONDS})::bigint "
             f"AND m.slot <= floor(s.b / {ROLLUP_SECONDS})::bigint AND {inside('m')} "
-            "GROUP BY m.host, s.i, m.pool_state",
+            "GROUP BY m.host, s.i, m.pool_state"
+            ') AS v GROUP BY host, i, pool_state ORDER BY host, i, pool_state COLLATE "C"',
             (
                 list(range(len(starts))), starts, ends,
                 aligned, [starts[k] for k in aligned], [ends[k] for k in aligned],
                 names, raw_reach, names, ragged, names,
             ),
         )  # fmt: skip
-        # A span can have both (the day the records are folded): added here.
-        sums: dict[tuple[str, int, str], list[float]] = {}
         for host, i, state, joules, overhead in rows:
-            acc = sums.setdefault((host, i, state), [0.0, 0.0])
-            acc[0] += joules
-            acc[1] += overhead
-        for (host, i, state), (joules, overhead) in sorted(sums.items()):
             out.setdefault(host, []).append(EnergyTotal(i, state, joules, overhead))
         return out
 

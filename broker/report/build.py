@@ -253,9 +253,8 @@ class _Slices:
             self.rate.append(segments[bisect.bisect_right(segment_starts, a) - 1].rate)
             self.day.append(a.astimezone(UTC).date())
 
-    def pieces(self, start: datetime, end: datetime) -> list[tuple[int, float]]:
-        """(slice, seconds) of [start, end) within the slices."""
-        a, b = start.timestamp(), end.timestamp()
+    def pieces(self, a: float, b: float) -> list[tuple[int, float]]:
+        """(slice, seconds) of [a, b) (epoch seconds) within the slices."""
         out: list[tuple[int, float]] = []
         i = max(0, bisect.bisect_right(self._starts, a) - 1)
         while i < len(self._starts) - 1 and self._starts[i] < b:
@@ -294,12 +293,11 @@ def _epoch_day(day: date) -> int:
     return day.toordinal() - _EPOCH
 
 
-def _clip(interval: StateInterval, start: datetime, end: datetime, now: datetime) -> tuple[
-    datetime, datetime
-] | None:
-    a = max(interval.start, start)
-    b = min(interval.end or now, now, end)
-    return (a, b) if b > a else None
+def _span(interval: StateInterval, a: float, b: float, now: float) -> tuple[float, float] | None:
+    """The part of `interval` in [a, b) as epoch seconds (an open one runs to `now`)."""
+    x = max(interval.start.timestamp(), a)
+    y = min(now if interval.end is None else interval.end.timestamp(), now, b)
+    return (x, y) if y > x else None
 
 
 async def idle_baseline_watts(
@@ -325,11 +323,12 @@ def _baseline_watts(
     now: datetime,
 ) -> float:
     seconds = 0.0
+    a, b, now_ts = start.timestamp(), end.timestamp(), now.timestamp()
     for interval in pool:
         if interval.state.upper() in BASELINE_STATES:
-            span = _clip(interval, start, end, now)
+            span = _span(interval, a, b, now_ts)
             if span is not None:
-                seconds += (span[1] - span[0]).total_seconds()
+                seconds += span[1] - span[0]
     if seconds <= 0:
         return 0.0
     joules = sum(part.joules for part in energy if part.pool_state.upper() in BASELINE_STATES)
@@ -469,6 +468,7 @@ async def build_report(
 def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Report:
     """The report of one host's rows: no I/O."""
     since, end, now, gpu = plan.since, plan.end, plan.now, plan.gpu
+    since_ts, end_ts, now_ts = since.timestamp(), end.timestamp(), now.timestamp()
     spans, slices = plan.spans, plan.slices
     accs = [_Acc() for _ in spans]
 
@@ -501,7 +501,7 @@ def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Re
         bucket = bucket_of(interval.state)
         if bucket is None:
             continue
-        span = _clip(interval, since, end, now)
+        span = _span(interval, since_ts, end_ts, now_ts)
         if span is not None:
             for i, seconds in slices.pieces(*span):
                 accs[slices.period[i]].hours[bucket] += seconds
@@ -515,7 +515,7 @@ def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Re
     if gpu is not None:  # the pool's rented seconds, not the GPU's own
         for interval in inputs.pool:
             if bucket_of(interval.state) == "rented" and (
-                span := _clip(interval, since, end, now)
+                span := _span(interval, since_ts, end_ts, now_ts)
             ) is not None:
                 for i, seconds in slices.pieces(*span):
                     rented_s[i] += seconds
@@ -528,7 +528,7 @@ def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Re
     all_gpus = {i.subject for i in gpu_intervals}
     mine: dict[int, float] = defaultdict(float)
     rented_day: dict[int, float] = defaultdict(float)
-    day0, day_end, now_ts = plan.day0.timestamp(), plan.day_end.timestamp(), now.timestamp()
+    day0, day_end = plan.day0.timestamp(), plan.day_end.timestamp()
     for interval in gpu_intervals:
         if bucket_of(interval.state) != "rented":
             continue
@@ -541,7 +541,7 @@ def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Re
             a = midnight
         if gpu is not None and interval.subject not in uuids:
             continue
-        span = _clip(interval, since, end, now)
+        span = _span(interval, since_ts, end_ts, now_ts)
         if span is not None:
             for i, seconds in slices.pieces(*span):
                 mine[i] += seconds
