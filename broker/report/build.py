@@ -300,21 +300,6 @@ def _span(interval: StateInterval, a: float, b: float, now: float) -> tuple[floa
     return (x, y) if y > x else None
 
 
-async def idle_baseline_watts(
-    ledger: Ledger, start: datetime, end: datetime, now: datetime, gpu: int | None = None
-) -> float:
-    """The GPUs' (or GPU `gpu`'s) mean draw in watts while the pool was IDLE or LISTED in
-    [start, end): their joules under those pool states over the pool's seconds in them
-    (host overhead left out). 0 when the pool spent no time there."""
-    return _baseline_watts(
-        await ledger.state_intervals(start, end, scope="pool"),
-        await ledger.energy_totals([start, end], gpu_index=gpu),
-        start,
-        end,
-        now,
-    )
-
-
 def _baseline_watts(
     pool: Sequence[StateInterval],
     energy: Sequence[EnergyTotal],
@@ -322,6 +307,9 @@ def _baseline_watts(
     end: datetime,
     now: datetime,
 ) -> float:
+    """The GPUs' (or one GPU's) mean draw in watts while the pool was IDLE or LISTED in
+    [start, end): their joules under those pool states (`energy`, over that window) over
+    the pool's seconds in them, host overhead left out. 0 when the pool spent no time there."""
     seconds = 0.0
     a, b, now_ts = start.timestamp(), end.timestamp(), now.timestamp()
     for interval in pool:
