@@ -29,8 +29,8 @@ from broker.ledger import (
     energy_totals_of,
 )
 from broker.ledger.base import PriceRecord
+from broker.ledger.folding import DEMAND_RAW_RETENTION
 from broker.ledger.postgres import PostgresLedger
-from broker.ledger.sqlite import DEMAND_RAW_RETENTION
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
 
@@ -483,3 +483,34 @@ async def test_a_late_request_joins_its_folded_bucket(store: Store, ledger: AnyL
     assert _demand_rows(store) == (0, 1)
     [row] = await ledger.demand(minutes(0), minutes(60))
     assert (row.arrival, row.count, row.duration_s) == (minutes(1), 2, 15.0)
+
+
+async def test_reads_by_host_are_each_hosts_own_reads(store: Store) -> None:
+    """What a fleet report reads at once for all hosts is what each host reads alone."""
+    a, b = await store.open("a"), await store.open("b")
+    end = T0 + timedelta(days=3)
+    for ledger, watts, states in ((a, 100.0, ("LOCAL", "LISTED")), (b, 40.0, ("RENTED",))):
+        changes = [(T0 + timedelta(hours=7 * k), s) for k, s in enumerate(states * 8)]
+        changes = [c for c in changes if c[0] < end]
+        for at, state in changes:
+            await ledger.record_state("pool", "default", state, at)
+            await ledger.record_state("gpu", "GPU-0", state.lower(), at)
+        lowered = [(at, state.lower()) for at, state in changes]
+        await ledger.add_energy(_minute_records("GPU-0", 0, lowered, end, watts))
+        await ledger.add_energy(_minute_records("GPU-1", 1, lowered, end, watts))
+    cuts = [T0 + timedelta(hours=5 * k) for k in range(15)]
+    for gpu in (None, 1):
+        together = await a.energy_totals_by_host(["a", "b", "nobody"], cuts, gpu)
+        assert sorted(together) == ["a", "b"]
+        for ledger in (a, b):
+            alone = await ledger.energy_totals(cuts, gpu_index=gpu)
+            assert [(t.span, t.pool_state, t.gpu_uuid) for t in together[ledger.host]] == [
+                (t.span, t.pool_state, t.gpu_uuid) for t in alone
+            ]
+            assert _flat(together[ledger.host]) == pytest.approx(_flat(alone))
+    intervals = await b.state_intervals_by_host(["a", "b"], T0, end, scope="pool",
+                                                states=["RENTED", "LISTED"])  # fmt: skip
+    assert intervals["a"] == await a.state_intervals(T0, end, "pool", states=["RENTED", "LISTED"])
+    assert intervals["b"] == await b.state_intervals(T0, end, "pool", states=["RENTED", "LISTED"])
+    assert [i.state for i in intervals["a"]] == ["LISTED"] * 5  # at 7, 21, 35, 49 and 63 h
+    assert await a.state_intervals_by_host([], T0, end) == {}

@@ -10,13 +10,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
 Scope = Literal["pool", "gpu"]
 JournalStatus = Literal["intent", "done", "failed", "note"]
 EarningsSource = Literal["provider", "estimate"]
 DemandOutcome = Literal["passed", "held", "refused"]
+
+
+# How both stores keep times: epoch seconds, taken from aware datetimes only.
+
+
+def epoch(t: datetime) -> float:
+    if t.tzinfo is None:
+        raise ValueError("the ledger takes timezone-aware datetimes only")
+    return t.timestamp()
+
+
+def utc_or_none(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,12 @@ class Ledger(Protocol):
     @property
     def host(self) -> str: ...
 
+    @property
+    def reachable(self) -> bool:
+        """False while the store is known to be unreachable (a shared database that went
+        away): writes wait in the spool, and nothing is listed (SPEC invariant 4)."""
+        ...
+
     async def close(self) -> None: ...
 
     async def hosts(self) -> list[str]:
@@ -243,6 +266,19 @@ class Ledger(Protocol):
         only those in `states` when given."""
         ...
 
+    async def state_intervals_by_host(
+        self,
+        hosts: Sequence[str],
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
+    ) -> dict[str, list[StateInterval]]:
+        """`state_intervals` of each of `hosts` of this store, by host, read at once (a
+        fleet report's); hosts with none are left out."""
+        ...
+
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None: ...
 
     async def energy(
@@ -259,6 +295,13 @@ class Ledger(Protocol):
         state (and UUID). `cuts` must increase. A record straddling a cut is shared in
         proportion to time, as `energy_totals_of` does; spans with no energy are left out.
         This is what reports read: the store sums, so a year stays fast."""
+        ...
+
+    async def energy_totals_by_host(
+        self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> dict[str, list[EnergyTotal]]:
+        """`energy_totals` of each of `hosts` of this store, by host, read at once (a fleet
+        report's); hosts with no energy are left out."""
         ...
 
     async def add_demand(self, records: Sequence[DemandRecord]) -> None:

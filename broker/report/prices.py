@@ -4,12 +4,13 @@ the broker read over the same period (price_gpu = "market"; broker/pricing/)."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from broker.errors import LedgerError
-from broker.ledger.base import Ledger
+from broker.ledger.base import Ledger, PriceRecord
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,23 @@ class PriceSummary:
         )
 
 
-async def price_summary(
-    ledger: Ledger,
-    start: datetime,
-    end: datetime,
+async def read_prices(ledger: Ledger, start: datetime, end: datetime) -> list[PriceRecord]:
+    """The prices a report summarises; none from a ledger that keeps none (an older
+    ledger, a test double) or cannot be read now."""
+    try:
+        return await ledger.prices(start, end)
+    except (LedgerError, NotImplementedError, AttributeError):
+        return []
+
+
+def price_summary(
+    records: Sequence[PriceRecord],
     *,
     earnings: float,
     rented_gpu_hours: float,
     usd_per_currency: float,
 ) -> PriceSummary | None:
-    """None when the ledger keeps no prices (an older ledger, a test double) or none were
-    recorded in the period."""
-    try:
-        records = await ledger.prices(start, end)
-    except (LedgerError, NotImplementedError, AttributeError):
-        return None
+    """None when no prices were recorded in the period."""
     if not records:
         return None
     markets = [r.price for r in records if r.kind == "market"]

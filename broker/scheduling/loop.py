@@ -264,6 +264,7 @@ class DecisionLoop:
             can_displace=caps.can_displace_interruptible,
             quiet_until=quiet,
             market_blocked=self.actions.pricing.blocker() if self.actions.pricing else None,
+            can_journal=self.actions.journal.ledger.reachable,
         )
 
     def _learn_requests(self, now: datetime) -> None:

@@ -87,6 +87,9 @@ class Observation:
     # price_gpu = "market": why the market forbids a listing now (its median below the
     # power cost, or no ask yet; broker/pricing/). A listed, unrented offer is withdrawn.
     market_blocked: str | None = None
+    # The ledger can journal a listing's intent (a shared database may be away). False:
+    # no listing is started (invariant 4), so the services are not drained for nothing.
+    can_journal: bool = True
 
 
 # -- actions ------------------------------------------------------------------------------
@@ -274,6 +277,8 @@ class PoolMachine:
             return "GPUs busy"
         if obs.market_blocked:
             return obs.market_blocked
+        if not obs.can_journal:
+            return "the ledger cannot journal a listing (its database is unreachable)"
         if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
             left = timedelta(seconds=self.local_hold_until - obs.monotonic)
             return f"local hold after a reclaim ({describe_duration(left)} left)"

@@ -111,13 +111,18 @@ def rig_config(
 
 class Rig:
     def __init__(
-        self, clock: FakeClock, config: Config, ollama: FakeOllama, vast: FakeVast | None
+        self,
+        clock: FakeClock,
+        config: Config,
+        ollama: FakeOllama,
+        vast: FakeVast | None,
+        host: str = "rig",
     ) -> None:
         self.clock = clock
         self.config = config
         self.ollama = ollama
         self.vast = vast
-        self.daemon = Daemon(config, clock, host="rig")
+        self.daemon = Daemon(config, clock, host=host)
 
     @property
     def state(self) -> PoolState:
