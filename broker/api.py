@@ -30,13 +30,16 @@ from aiohttp import web
 
 from broker.config import HOST_NAME, BrokerSection
 from broker.connlimit import CappedSite, ConnectionLimit
-from broker.errors import BrokerError, ConfigError
+from broker.eco.view import eco_view
+from broker.errors import BrokerError, ConfigError, LedgerError
 from broker.hosts import HostCheck
 from broker.ledger.base import StateInterval
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
 from broker.report.fleet import build_fleet_report
+from broker.report.fleet_status import fleet_status
 from broker.scheduling.status import POOL
+from broker.sizing.heatmap import local_use_week
 from broker.units import parse_hostport
 
 if TYPE_CHECKING:
@@ -81,6 +84,9 @@ class ApiServer:
         self.app.router.add_get("/api/status", self._status)
         self.app.router.add_get("/api/timeline", self._timeline)
         self.app.router.add_get("/api/report", self._report)
+        self.app.router.add_get("/api/local-use", self._local_use)
+        self.app.router.add_get("/api/eco", self._eco)
+        self.app.router.add_get("/api/fleet", self._fleet)
         self.app.router.add_post("/api/reclaim", self._guarded(self._reclaim))
         self.app.router.add_post("/api/pause", self._guarded(self._pause))
         self.app.router.add_post("/api/resume", self._guarded(self._resume))
@@ -236,6 +242,11 @@ class ApiServer:
             }
         )
 
+    async def _eco(self, request: web.Request) -> web.Response:
+        """Each card's idle draw and eco flags over the last `days` (default 7)."""
+        days = _int_query(request, "days", default=7, low=1, high=366)
+        return web.json_response(await eco_view(self._daemon, days))
+
     async def _report(self, request: web.Request) -> web.Response:
         """The report by day over the last `days` local days, today included."""
         days = _int_query(request, "days", default=14, low=1, high=366)
@@ -273,6 +284,43 @@ class ApiServer:
         except ReportError as err:
             return web.json_response({"error": str(err)}, status=500)
         return web.json_response(report.to_json())
+
+    async def _local_use(self, request: web.Request) -> web.Response:
+        """The week heat map of local use over the last `days` (docs/api.md)."""
+        days = _int_query(request, "days", default=28, low=1, high=366)
+        ledger = self._daemon.ledger
+        if ledger is None:
+            return web.json_response({"error": "the broker is not started"}, status=503)
+        now = self._daemon.clock.now()
+        tz = self._daemon.config.broker.tz
+        return web.json_response(
+            await local_use_week(ledger, tz, now - timedelta(days=days), now)
+        )
+
+    async def _fleet(self, request: web.Request) -> web.Response:
+        """Every host's last known state and today's figures, when the ledger is shared
+        (`shared` false and no hosts otherwise): the dashboard's fleet table."""
+        ledger = self._daemon.ledger
+        if ledger is None:
+            return web.json_response({"error": "the broker is not started"}, status=503)
+        config = self._daemon.config
+        if config.broker.database_url is None:
+            return web.json_response({"shared": False, "hosts": []})
+        now = self._daemon.clock.now()
+        try:
+            hosts = await fleet_status(ledger, config, now)
+        except ReportError as err:
+            return web.json_response({"error": str(err)}, status=500)
+        except LedgerError as err:  # the shared database is away
+            return web.json_response({"error": str(err)}, status=503)
+        return web.json_response(
+            {
+                "shared": True,
+                "currency": config.energy.currency,
+                "this_host": ledger.host,
+                "hosts": [h.to_json(now) for h in hosts],
+            }
+        )
 
     def _guarded(self, handler: Handler) -> Handler:
         async def check(request: web.Request) -> web.StreamResponse:

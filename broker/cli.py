@@ -52,6 +52,8 @@ from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
 from broker.simulation.command import run_simulate
 from broker.simulation.inputs import InputError
+from broker.sizing.command import SizingUsageError, run_sizing
+from broker.sizing.command import share as sizing_share
 from broker.units import describe_duration
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -203,7 +205,34 @@ def _parser() -> argparse.ArgumentParser:
         "eco", parents=[common], help="idle draw, P-state, persistence, power limit, flags"
     )
     eco.add_argument("--json", action="store_true", help="print the JSON object")
+    eco.add_argument(
+        "--days", type=_positive_days, default=7.0,
+        help="judge the idle samples the ledger holds for this many days (default 7)",
+    )  # fmt: skip
     eco.set_defaults(handler=cmd_eco)
+
+    sizing = sub.add_parser(
+        "sizing",
+        parents=[common],
+        help="how many GPUs the measured demand needs; suggested windows",
+        description="From the ledger: per service requests per hour of the week, busy GPUs, "
+        "waits and model reloads; the GPUs the demand needs beside the rule of thumb for "
+        "broker.team_size; and [[windows]] covering the hours the team never used. "
+        "See docs/sizing.md.",
+    )
+    sizing.add_argument(
+        "--since", type=_when, metavar="D", help="first day or moment (default: 28 days ago)"
+    )
+    sizing.add_argument(
+        "--until", type=_when, metavar="D", help="last day, included, or moment; default: now"
+    )
+    sizing.add_argument("--json", action="store_true", help="print the JSON object")
+    sizing.add_argument(
+        "--max-use-share", type=sizing_share, default=0.0, metavar="S",
+        help="suggest windows over hours used in at most this share of the weeks "
+        "(default 0: hours never used)",
+    )  # fmt: skip
+    sizing.set_defaults(handler=cmd_sizing)
 
     check = sub.add_parser(
         "check", parents=[common], help="validate the config and what it points to"
@@ -416,37 +445,42 @@ def cmd_simulate(
         return EXIT_USAGE
 
 
+def cmd_sizing(
+    args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
+) -> int:
+    try:
+        return run_sizing(args, config, clock.now(), out)
+    except SizingUsageError as error:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"gpu-broker sizing: {error}", markup=False)
+        return EXIT_USAGE
+
+
 # -- check --------------------------------------------------------------------------------
 
 
 def cmd_eco(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
-    import json
-
     from broker.eco.now import eco_now
+    from broker.eco.text import eco_text
 
-    result = asyncio.run(eco_now(config, clock))
+    result = asyncio.run(eco_now(config, clock, days=args.days))
     if args.json:
-        out.print(json.dumps(result, indent=2), markup=False)
-        return 0
-    for gpu in result["gpus"]:
-        watts = "busy" if gpu["idle_watts"] is None else f"{gpu['idle_watts']:.0f} W idle"
-        persistence = {True: "on", False: "off", None: "?"}[gpu["persistence_mode"]]
-        out.print(
-            f"GPU {gpu['index']} {gpu['name']}: {watts}, P{gpu['pstate']}, "
-            f"persistence {persistence}, power limit {gpu['power_limit_w']} W",
-            markup=False,
-        )
-        for flag in gpu["flags"]:
-            out.print(
-                f"  ! {flag['cause']}: {flag['yearly_cost']:.2f} {result['currency']}/year, "
-                f"{flag['yearly_co2_kg']:.1f} kg CO2/year",
-                markup=False,
-            )
-        if not gpu["flags"]:
-            out.print("  ok", markup=False)
-    return 0
+        out.file.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.file.write(eco_text(result))
+    return EXIT_OK
+
+
+def _positive_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    if not 0 < days <= 366:
+        raise argparse.ArgumentTypeError(f"expected 0 < days <= 366, got {text}")
+    return days
 
 
 def cmd_check(
@@ -474,6 +508,10 @@ def cmd_check(
 
     if config.broker.api_exposed:
         warnings.append(_exposure_warning(config))
+    if config.eco.profile.enabled and config.gpus.backend != "fake" and os.geteuid() != 0:
+        from broker.eco.profile import HOW_TO_GRANT
+
+        warnings.append(f"eco.profile: enabled, but not running as root. {HOW_TO_GRANT}")
     try:
         token, why = config.broker.api_token_state()
         if token is None:

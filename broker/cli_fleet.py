@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -17,12 +16,10 @@ from broker.clock import Clock
 from broker.config import BrokerSection, Config, check_database_url
 from broker.errors import BrokerError
 from broker.instance_lock import InstanceLock
-from broker.ledger import Ledger, ledger_path, open_ledger
+from broker.ledger import ledger_path, open_ledger
 from broker.report import Report, build_report
 from broker.report.fleet import FleetReport, build_fleet_report
-
-# A host not heard from for this long is shown as silent in `status --fleet`.
-SILENT_AFTER = timedelta(minutes=5)
+from broker.report.fleet_status import HostStatus, fleet_status
 
 
 async def report_for_host(
@@ -34,9 +31,16 @@ async def report_for_host(
     try:
         if host == "all":
             hosts = await ledger.hosts() or [ledger.host]
-            return await build_fleet_report(
-                ledger, hosts, config, since=since, until=until, now=now, by=by, gpu=gpu
-            )
+            # The energy sums are read on a second connection beside the rest (a year of a
+            # fleet: a second of the server's time).
+            energy_from = await open_ledger(config.broker)
+            try:
+                return await build_fleet_report(
+                    ledger, hosts, config, since=since, until=until, now=now, by=by, gpu=gpu,
+                    energy_from=energy_from,
+                )  # fmt: skip
+            finally:
+                await energy_from.close()
         view = ledger if host in (None, ledger.host) else await ledger.for_host(host)
         try:
             return await build_report(
@@ -49,72 +53,6 @@ async def report_for_host(
         await ledger.close()
 
 
-@dataclass(frozen=True)
-class HostStatus:
-    host: str
-    state: str  # the pool's state in force, or the last one ("" if none)
-    since: datetime | None
-    gpus: int  # GPUs with a state in force
-    last_seen: datetime | None  # the newest row the host wrote
-    earned: float  # today, local time
-    energy_cost: float
-    net: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "state": self.state,
-            "since": self.since.isoformat() if self.since else None,
-            "gpus": self.gpus,
-            "last_seen": self.last_seen.isoformat() if self.last_seen else None,
-            "earned_today": round(self.earned, 6),
-            "energy_cost_today": round(self.energy_cost, 6),
-            "net_today": round(self.net, 6),
-        }
-
-
-async def fleet_status(ledger: Ledger, config: Config, now: datetime) -> list[HostStatus]:
-    """Every host's last known state, from the ledger alone (no host is asked)."""
-    tz = config.broker.tz
-    midnight = datetime.combine(now.astimezone(tz).date(), time(0), tzinfo=tz)
-    hosts = await ledger.hosts()
-    out: list[HostStatus] = []
-    for host in hosts:
-        view = ledger if host == ledger.host else await ledger.for_host(host)
-        try:
-            # a year back is as far as a silent host's last state is looked for
-            far = now - timedelta(days=366)
-            pool = await view.state_intervals(far, now + timedelta(seconds=1), scope="pool")
-            gpus = await view.state_intervals(now, now + timedelta(seconds=1), scope="gpu")
-            recent = await view.energy(now - timedelta(days=1), now + timedelta(seconds=1))
-            last = pool[-1] if pool else None
-            seen = [t for t in (
-                last.end or last.start if last else None,
-                recent[-1].end if recent else None,
-            ) if t is not None]  # fmt: skip
-            today = (
-                await build_report(view, config, since=midnight, until=now, now=now)
-                if now > midnight
-                else None
-            )
-        finally:
-            if view is not ledger:
-                await view.close()
-        out.append(
-            HostStatus(
-                host=host,
-                state=last.state if last else "",
-                since=last.start if last else None,
-                gpus=sum(1 for g in gpus if g.end is None),
-                last_seen=max(seen) if seen else None,
-                earned=today.totals.earnings if today else 0.0,
-                energy_cost=today.totals.energy_cost if today else 0.0,
-                net=today.totals.net if today else 0.0,
-            )
-        )
-    return out
-
-
 def show_fleet(rows: list[HostStatus], config: Config, now: datetime, out: Console) -> None:
     tz = config.broker.tz
     currency = config.energy.currency
@@ -123,7 +61,7 @@ def show_fleet(rows: list[HostStatus], config: Config, now: datetime, out: Conso
         table.add_column(column, justify="right" if column in ("GPUs", "earned", "energy",
                                                                 "net") else "left")  # fmt: skip
     for r in rows:
-        silent = r.last_seen is None or now - r.last_seen > SILENT_AFTER
+        silent = r.silent(now)
         seen = r.last_seen.astimezone(tz).strftime("%Y-%m-%d %H:%M") if r.last_seen else "never"
         table.add_row(
             r.host,

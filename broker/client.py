@@ -174,3 +174,25 @@ def show_status(
     )
     if provider.get("note"):
         out.print(f"  {provider['note']}", markup=False)
+    pricing = provider.get("pricing")
+    if isinstance(pricing, dict):
+        out.print(f"  {pricing_line(pricing, tz)}", markup=False)
+
+
+def pricing_line(pricing: dict[str, Any], tz: ZoneInfo) -> str:
+    """price_gpu = "market": the ask beside the market, in one line."""
+
+    def usd(value: object) -> str:
+        return f"{value:.2f}" if isinstance(value, int | float) else "-"
+
+    rank, peers = pricing.get("rank"), pricing.get("peers")
+    place = f", rank {rank} of {peers + 1}" if rank is not None and peers is not None else ""
+    line = (
+        f"ask {usd(pricing.get('ask'))} USD/GPU-h (floor {usd(pricing.get('floor'))}), "
+        f"market median {usd(pricing.get('market_median'))}{place}, "
+        f"{_num(peers)} peers, searched {_when(pricing.get('searched_at'), tz)}: "
+        f"{pricing.get('reason')}"
+    )
+    if pricing.get("read_error"):
+        line += f" (last read failed: {pricing['read_error']})"
+    return line

@@ -172,6 +172,9 @@ class BrokerSection(SecretRef):
     # password file supplies it; never in the URL itself.
     database_password_env: str | None = None
     database_password_file: Path | None = None
+    # How many people use the local services: `gpu-broker sizing` sets its measured verdict
+    # beside the rule of thumb for a team this size.
+    team_size: int | None = Field(default=None, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -343,10 +346,12 @@ class FakeGpu(_Model):
             "temperature_c", "processes",
         ]
     ] = Field(default_factory=list)
+    # ... and "power_limit" / "persistence_mode": settings it would refuse to change (a
+    # broker not running as root).
     no_permission: list[
         Literal[
             "utilization_pct", "memory_used_mb", "power_w", "energy_mj", "pstate",
-            "temperature_c", "processes",
+            "temperature_c", "processes", "power_limit", "persistence_mode",
         ]
     ] = Field(default_factory=list)
     lost_at: Duration | None = None
@@ -518,8 +523,22 @@ class EnergySection(_Model):
     tariff: list[TariffSection] = Field(default_factory=list)
 
 
+class EcoProfile(_Model):
+    """`[eco.profile]`: settings the broker applies to every card through NVML while it
+    runs and gives back at stop (and after a crash, at the next start). Needs root."""
+
+    enabled: bool = False
+    persistence_mode: bool = True  # on while the broker runs (keeps the driver loaded)
+    # Power limit while local services own the GPUs, and while the pool sits idle; unset
+    # leaves the card's limit alone. Clamped to each card's range. Listed or rented, a card
+    # always runs at its default limit: a renter gets the card as sold.
+    local_watts: float | None = Field(default=None, gt=0)
+    idle_watts: float | None = Field(default=None, gt=0)
+
+
 class EcoSection(_Model):
     idle_target_watts: float = Field(default=15.0, gt=0)
+    profile: EcoProfile = Field(default_factory=EcoProfile)
 
 
 NotifyEvent = Literal["listed", "rented", "reclaim", "back", "refused", "degraded", "earnings"]

@@ -23,6 +23,8 @@ from broker import __version__
 from broker.api import ApiServer
 from broker.clock import Clock
 from broker.config import Config
+from broker.eco.history import IdleHistory
+from broker.eco.profile import PowerProfile
 from broker.errors import BrokerError
 from broker.gpu import create_backend
 from broker.gpu.energy import EnergyAccountant
@@ -58,6 +60,8 @@ class Daemon:
         self._host = host
         self.ledger: Ledger | None = None
         self.sampler: GpuSampler | None = None
+        self.idle_history: IdleHistory | None = None
+        self.profile: PowerProfile | None = None
         self.provider: Provider | None = None
         self.adapters: list[ServiceAdapter] = []
         self.gates: list[Gate] = []
@@ -106,6 +110,9 @@ class Daemon:
             idle=idle,
         )
         devices = await sampler.start()
+        # A crashed run may have left the eco profile on the cards: give them back first.
+        self.profile = PowerProfile(sampler, config.broker.state_dir, config.eco.profile)
+        await self.profile.restore_leftover()
         missing = gpu_index_problems(config, (d.index for d in devices))
         if missing:  # `check` says the same; a gate would wait for GPUs that never free
             raise BrokerError("; ".join(missing))
@@ -113,6 +120,10 @@ class Daemon:
             devices, clock, ledger=ledger, overhead_watts=config.energy.overhead_watts
         )
         sampler.energy = energy
+        self.idle_history = IdleHistory(
+            devices, ledger, utilization_pct=config.gpus.idle_utilization_pct
+        )
+        sampler.listeners.append(self.idle_history.observe)
         await sampler.tick()
         log.info(
             "GPUs (%s): %s", backend.kind,
@@ -156,6 +167,9 @@ class Daemon:
             self.notifier = Notifier(config, clock, report=day_report)
             scheduler.hooks.append(self.notifier)
             self.notifier.start()
+        if self.profile.enabled:
+            self.profile.want(scheduler.state)
+            scheduler.hooks.append(self.profile)
         await scheduler.reconcile()
         await scheduler.step()
         for gate in self.gates:
@@ -178,6 +192,8 @@ class Daemon:
             asyncio.create_task(scheduler.run(), name="scheduler"),
             asyncio.create_task(demand.run(), name="demand-writer"),
         ]
+        if self.profile.enabled:
+            self._tasks.append(asyncio.create_task(self.profile.run(), name="eco-profile"))
         log.info(
             "gpu-broker %s running: pool %s, %s provider, API on %s",
             __version__, scheduler.state.value, provider.kind, self.api.url,
@@ -231,6 +247,14 @@ class Daemon:
             await adapter.aclose()
         if self.provider is not None:
             await self.provider.close()
+        if self.profile is not None:
+            try:
+                problems = await self.profile.restore()
+            except (BrokerError, OSError) as err:
+                problems = [str(err)]
+            for problem in problems:
+                self.stop_problems.append(f"eco profile not given back: {problem}")
+            self.profile = None
         if self.sampler is not None:
             with contextlib.suppress(BrokerError):
                 await self.sampler.close()
@@ -239,6 +263,9 @@ class Daemon:
                 message = f"energy not written to the ledger, lost: {lost}"
                 log.error("%s", message)
                 self.stop_problems.append(message)
+        if self.idle_history is not None:
+            with contextlib.suppress(BrokerError):  # advice only: a lost slot is no problem
+                await self.idle_history.close()
         if self.ledger is not None:
             await self.ledger.close()
             self.ledger = None
@@ -354,6 +381,7 @@ class Daemon:
                 "locked_until": iso(scheduler.locked_until()),
                 "reachable": view is not None,
                 "note": provider.capabilities.note,
+                "pricing": scheduler.pricing.status().as_json() if scheduler.pricing else None,
             },
             "reclaim_latency": scheduler.latency.summary(),
         }

@@ -70,3 +70,12 @@ class DrainError(ServiceError):
 
 class GpuError(BrokerError):
     """The GPU backend failed as a whole (driver gone, worker thread stuck)."""
+
+
+class GpuSettingError(GpuError):
+    """A setting could not be changed on one GPU (an out-of-range value, an unsupported
+    feature, a setter that reported success but changed nothing)."""
+
+
+class GpuPermissionError(GpuSettingError):
+    """The driver refuses to change a setting: NVML's setters need root."""

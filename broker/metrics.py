@@ -26,7 +26,9 @@ from prometheus_client.registry import Collector
 
 from broker import __version__
 from broker.clock import Clock
+from broker.eco.metrics import eco_metrics
 from broker.errors import LedgerError
+from broker.pricing.metrics import pricing_metrics
 from broker.scheduling.pool import PoolState, ProviderView
 from broker.scheduling.status import POOL, SchedulerHooks
 
@@ -170,6 +172,8 @@ class _StateCollector(Collector):
             running.add_metric([], view.rentals_running)
             yield running
         yield from self._gates()
+        if scheduler.pricing is not None:
+            yield from pricing_metrics(scheduler.pricing.status())
         earnings = CounterMetricFamily(
             "gpu_broker_earnings",
             "Provider-reported earnings in the ledger, all days (read at most once a minute)",
@@ -220,6 +224,7 @@ class _StateCollector(Collector):
             with_overhead = scheduler.energy.total_joules(device.uuid, overhead=True)
             overhead.add_metric(key, with_overhead - gpu_j)
         yield from (power, util, memory, lost, energy, overhead)
+        yield from eco_metrics(self._daemon, snap)
 
     def _gates(self) -> Iterator[Metric]:
         labels = ["service"]

@@ -26,12 +26,14 @@ from typing import Any
 import aiohttp
 import pytest
 from fakes.ollama import FakeOllama
+from fakes.postgres import PgServer
 from fakes.rig import TOKEN, VAST_KEY, Rig, rig_config
 from fakes.vast import FakeVast
 
 from broker.clock import FakeClock
 from broker.ledger import open_ledger
-from broker.ledger.base import EarningsRecord, EnergyRecord
+from broker.ledger.base import DemandRecord, EarningsRecord, EnergyRecord
+from broker.ledger.postgres import PostgresLedger
 from broker.providers import RentalKind
 from broker.scheduling.pool import PoolState
 
@@ -209,6 +211,20 @@ async def write_history(rig_state: Path, config: Any, today: date, days: int) ->
         await ledger.close()
 
 
+async def write_demand(config: Any, now: datetime) -> list[datetime]:
+    """Local requests on three days of the last weeks, for the heat map; their arrivals."""
+    arrivals = [
+        (now - timedelta(days=d)).replace(hour=h, minute=20, second=0, microsecond=0)
+        for d, h in ((2, 10), (9, 10), (3, 15))
+    ]
+    ledger = await open_ledger(config.broker, "rig")
+    try:
+        await ledger.add_demand([DemandRecord("ollama", at, 30.0, "passed") for at in arrivals])
+    finally:
+        await ledger.close()
+    return arrivals
+
+
 async def wait_for(dev: DevTools, expression: str, limit: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
@@ -242,6 +258,7 @@ DOM_COUNTS = """JSON.stringify({
   tableRows: document.querySelectorAll('#gpus tbody tr').length,
   poolState: document.getElementById('pool-state').textContent,
   errorShown: !document.getElementById('error').hidden,
+  fleetShown: !document.getElementById('fleet').hidden,
 })"""
 
 
@@ -257,6 +274,7 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
     monkeypatch.setenv("RIG_API_TOKEN", TOKEN)
     config = rig_config(tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url)
     await write_history(tmp_path / "state", config, clock.now().date(), days=13)
+    arrivals = await write_demand(config, clock.now())
     rig = Rig(clock, config, fake_ollama, fake_vast)
     await rig.start()
     session, page_ws = browser
@@ -310,6 +328,24 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
                 assert "extra energy only: cost" in drawn["totalsText"]
                 assert drawn["tableRows"] == 2
                 assert drawn["errorShown"] is False
+
+                # The week heat map of local use draws /api/local-use, cell for cell.
+                await wait_for(dev, "document.getElementById('local-use-map').dataset.ready"
+                                    " === '1'")  # fmt: skip
+                cells = json.loads(await dev.evaluate(HEAT_CELLS))
+                async with session.get(rig.api_url + "/api/local-use?days=28") as response:
+                    week = await response.json()
+                assert len(cells) == 7 * 24
+                assert {(c["day"], c["hour"]): c["used"] for c in cells} == {
+                    (d, h): week["used"][d][h] for d in range(7) for h in range(24)
+                }
+                tz = config.broker.tz
+                hot = {(a.astimezone(tz).weekday(), a.astimezone(tz).hour) for a in arrivals}
+                assert {(c["day"], c["hour"]) for c in cells if c["used"] > 0} == hot
+                assert all(c["fill"] != "#f7f8fa" for c in cells if c["used"] > 0)
+                assert all(c["fill"] == "#f7f8fa" for c in cells if c["used"] == 0)
+                assert week["total_requests"] == 3
+                assert drawn["fleetShown"] is False  # a ledger of its own: no fleet table
                 assert dev.errors() == []
 
                 shot = await dev.call("Page.captureScreenshot", format="png")
@@ -322,6 +358,10 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
     finally:
         await rig.aclose()
 
+
+HEAT_CELLS = """JSON.stringify([...document.querySelectorAll('#local-use-map rect.cell')].map(
+  (r) => ({day: Number(r.dataset.day), hour: Number(r.dataset.hour),
+           used: Number(r.dataset.used), fill: r.getAttribute('fill')})))"""
 
 AXIS = """JSON.stringify({
   money: [...document.querySelectorAll('#chart svg > text')].map((t) => t.textContent),
@@ -369,3 +409,77 @@ async def test_a_first_days_dashboard_follows_its_data(
     assert len(drawn["money"]) == 5 and len(set(drawn["money"])) == 5, drawn["money"]
     # The timeline spans the broker's 15 minutes with minute ticks, not a blank 24 h bar.
     assert len(drawn["ticks"]) >= 3, drawn["ticks"]
+
+
+FLEET = """JSON.stringify({
+  shown: !document.getElementById('fleet').hidden,
+  rows: [...document.querySelectorAll('#fleet-hosts tbody tr')].map((r) => ({
+    host: r.dataset.host, silent: r.dataset.silent,
+    cells: [...r.querySelectorAll('td')].map((td) => td.textContent)})),
+})"""
+
+
+async def test_the_fleet_table_shows_every_host_of_a_shared_ledger(
+    browser: tuple[aiohttp.ClientSession, str],
+    clock: FakeClock,
+    tmp_path: Path,
+    fake_ollama: FakeOllama,
+    fake_vast: FakeVast,
+    monkeypatch: pytest.MonkeyPatch,
+    pg_server: PgServer,
+) -> None:
+    monkeypatch.setenv("RIG_VAST_KEY", VAST_KEY)
+    monkeypatch.setenv("RIG_API_TOKEN", TOKEN)
+    url = pg_server.new_database()
+    # Another server of the fleet, rented since 3 hours, silent for the last hour.
+    other = await PostgresLedger.open(url, "gpu-other", lock=True)
+    now = clock.now()
+    await other.record_state("pool", "machine", "RENTED", now - timedelta(hours=3))
+    for uuid in ("GPU-o0", "GPU-o1"):
+        await other.record_state("gpu", uuid, "RENTED", now - timedelta(hours=3))
+    await other.add_energy(
+        [EnergyRecord("GPU-o0", 0, "rented", now - timedelta(hours=3), now - timedelta(hours=1),
+                      2 * 3.6e6)]
+    )  # fmt: skip
+    await other.close()
+    config = rig_config(tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url)
+    config = config.model_copy(
+        update={"broker": config.broker.model_copy(update={"database_url": url})}
+    )
+    rig = Rig(clock, config, fake_ollama, fake_vast)
+    await rig.start()
+    session, page_ws = browser
+    try:
+        await rig.until_state(PoolState.LISTED, limit=600)
+        await rig.run_for(120, step=30)
+        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
+            dev = DevTools(ws)
+            try:
+                for domain in ("Page", "Runtime", "Log"):
+                    await dev.call(f"{domain}.enable")
+                await dev.call("Page.navigate", url=rig.api_url + "/")
+                await wait_for(dev, READY)
+                drawn = json.loads(await dev.evaluate(FLEET))
+                errors = dev.errors()
+            finally:
+                with contextlib.suppress(Exception):
+                    await dev.aclose()
+        async with session.get(rig.api_url + "/api/fleet") as response:
+            fleet = await response.json()
+    finally:
+        await rig.aclose()
+    assert errors == []
+    assert fleet["shared"] is True and fleet["this_host"] == "rig"
+    assert [h["host"] for h in fleet["hosts"]] == ["gpu-other", "rig"]
+    assert drawn["shown"] is True
+    assert [(r["host"], r["silent"]) for r in drawn["rows"]] == [
+        (h["host"], str(h["silent"]).lower()) for h in fleet["hosts"]
+    ]
+    theirs, ours = drawn["rows"]
+    assert theirs["cells"][1].startswith("RENTED since") and theirs["cells"][2] == "2"
+    assert theirs["cells"][6].endswith("(silent)")  # nothing written for an hour
+    assert ours["cells"][0] == "rig (this one)" and ours["cells"][1].startswith("LISTED")
+    assert not ours["cells"][6].endswith("(silent)")
+    # The energy cost of the other host's rented hours today, in the config's currency.
+    cost = next(h for h in fleet["hosts"] if h["host"] == "gpu-other")["energy_cost_today"]
+    assert cost > 0 and theirs["cells"][4] == f"{cost:.2f} USD"

@@ -153,7 +153,7 @@ async def test_reached_through_a_libpq_service_file(
         assert conn.execute("SELECT host FROM state_intervals").fetchall() == [("gpu-3",)]
 
 
-async def test_energy_and_demand_outlive_an_outage_on_disk_and_intents_do_not(
+async def test_what_happens_during_an_outage_outlives_a_restart_on_disk_but_intents_do_not(
     tmp_path: Path,
 ) -> None:
     with running_server() as server:  # its own server: this test stops it
@@ -169,10 +169,17 @@ async def test_energy_and_demand_outlive_an_outage_on_disk_and_intents_do_not(
             for i in range(1, 31)
         ]
         asked = [DemandRecord("ollama", T0 + 5 * minute, 2.0, "passed")]
+        await ledger.record_state("pool", "default", "LISTED", T0)
+        unlisting = await ledger.journal(JournalEntry(T0 + minute, "unlist", "intent"))
         await ledger.add_energy(before)
         server.stop("fast")
-        await ledger.add_energy(during)  # no error: kept on disk
+        # None of these raise: they are kept on disk, in order.
+        await ledger.complete(unlisting, "done", T0 + 2 * minute, "withdrawn")
+        await ledger.record_state("pool", "default", "LOCAL", T0 + 2 * minute)
+        await ledger.journal(JournalEntry(T0 + 3 * minute, "request_held", "note", "ollama"))
+        await ledger.add_energy(during)
         await ledger.add_demand(asked)
+        assert await ledger.close_states(T0 + 31 * minute) == 0  # spooled, not yet closed
         with pytest.raises(LedgerError):
             await ledger.journal(JournalEntry(T0, "list", "intent"))  # never spooled
         assert spool.exists()
@@ -186,7 +193,16 @@ async def test_energy_and_demand_outlive_an_outage_on_disk_and_intents_do_not(
             assert [r.arrival for r in await again.demand(T0, T0 + minute * 60)] == [
                 asked[0].arrival
             ]
-            assert await again.journal_entries() == []
+            intervals = await again.state_intervals(T0, T0 + timedelta(hours=1))
+            assert [(i.state, i.start, i.end) for i in intervals] == [
+                ("LISTED", T0, T0 + 2 * minute),
+                ("LOCAL", T0 + 2 * minute, T0 + 31 * minute),
+            ]
+            entries = await again.journal_entries()
+            assert [(e.kind, e.status, e.outcome) for e in entries] == [
+                ("unlist", "done", "withdrawn"),
+                ("request_held", "note", None),
+            ]
             await again.add_energy([EnergyRecord("GPU-0", 0, "listed", T0, T0, 0.0)])
             assert len(await again.energy(T0, T0 + timedelta(hours=1))) == 31  # no replay twice
         finally:
@@ -199,7 +215,24 @@ async def test_a_full_spool_refuses_so_the_caller_keeps_the_records(tmp_path: Pa
     await spool.put("demand", [record, record])
     with pytest.raises(LedgerError, match="holds 2 rows, its limit"):
         await spool.put("demand", [record, record])
-    ids, energy, demand = await spool.take()
-    assert (len(ids), energy, demand) == (2, [], [record, record])
-    await spool.done(ids)
+    rows = await spool.take()
+    assert [(kind, r) for _, kind, r in rows] == [("demand", record), ("demand", record)]
+    await spool.done([row_id for row_id, _, _ in rows])
     assert spool.pending == 0
+
+
+async def test_a_full_spool_loses_a_state_change_with_an_error_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running_server() as server:
+        url = server.new_database()
+        ledger = await PostgresLedger.open(url, "gpu-1", lock=True, reconnect_seconds=0.0)
+        try:
+            ledger._spool = await Spool.open(tmp_path / SPOOL_FILE, limit=1)
+            server.stop("fast")
+            await ledger.record_state("pool", "default", "LOCAL", T0)  # the one row it holds
+            await ledger.record_state("pool", "default", "IDLE", T0 + timedelta(minutes=1))
+        finally:
+            await ledger.close()
+    assert "lost 1 ledger row(s) (state)" in caplog.text
+    assert "holds 1 rows, its limit" in caplog.text

@@ -18,7 +18,9 @@ from test_report import CONFIG, Draw, write_energy
 
 from broker.cli import main
 from broker.clock import FakeClock
-from broker.ledger import EarningsRecord, Ledger, SqliteLedger
+from broker.ledger import EarningsRecord, IdleRecord, Ledger, SqliteLedger
+from broker.ledger.base import PriceRecord
+from broker.ledger.postgres import SCHEMA_VERSION as PG_SCHEMA
 from broker.ledger.postgres import PostgresLedger
 
 DAY = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # Berlin midnight, 25 November
@@ -158,6 +160,9 @@ def test_ledger_copy_moves_a_sqlite_history_once(pg_server: PgServer, tmp_path: 
         try:
             await write_host(local, 180.0, 7.0, 10)
             await local.compact_energy(DAY + timedelta(hours=12))  # some folded, some not
+            await local.add_price(PriceRecord(DAY, "ask", 0.3))
+            await local.add_idle([IdleRecord("GPU-0", 0, DAY, DAY + timedelta(minutes=15), 900,
+                                              {35: 900}, {2: 900}, {0: 900}, {})])  # fmt: skip
         finally:
             await local.close()
 
@@ -174,7 +179,12 @@ def test_ledger_copy_moves_a_sqlite_history_once(pg_server: PgServer, tmp_path: 
     assert report(config) == before  # the shared ledger tells the same story
     with psycopg.connect(url) as conn:
         [(hosts,)] = conn.execute("SELECT array_agg(DISTINCT host) FROM energy").fetchall()
+        idle = conn.execute("SELECT host, samples, watts FROM gpu_idle").fetchall()
     assert hosts == ["gpu-old"]
+    with psycopg.connect(url) as conn:
+        prices = conn.execute("SELECT host, kind, price FROM prices").fetchall()
+    assert prices == [("gpu-old", "ask", 0.3)]
+    assert idle == [("gpu-old", 900, '{"35": 900}')]  # copied once, though copied twice
 
 
 def test_ledger_copy_refuses_a_password_in_the_url(tmp_path: Path) -> None:
@@ -203,8 +213,9 @@ def test_check_reads_the_shared_ledger_without_changing_it(
             main(["check", "-c", str(path)], FakeClock(NOW))  # other checks may fail here
         outputs.append(out.getvalue())
     assert "ok   ledger postgresql://broker@127.0.0.1" in outputs[0]
-    assert "(schema 1); this host writes as 'gpu-a'; 1 other host(s) in it" in outputs[0]
-    assert "(schema 0, will migrate to 1); this host writes as 'gpu-new'" in outputs[1]
+    v = PG_SCHEMA
+    assert f"(schema {v}); this host writes as 'gpu-a'; 1 other host(s) in it" in outputs[0]
+    assert f"(schema 0, will migrate to {v}); this host writes as 'gpu-new'" in outputs[1]
     fresh_url = fresh.read_text().split('database_url = "')[1].split('"')[0]
     with psycopg.connect(fresh_url) as conn:
         assert conn.execute("SELECT to_regclass('gpu_broker_schema')").fetchone() == (None,)

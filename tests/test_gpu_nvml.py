@@ -1,264 +1,35 @@
-"""Contract tests: the real nvidia-ml-py code against stand-in driver functions.
-
-`pynvml.nvmlLib` is replaced by an object whose attributes are the C symbols: Python
-callables that get the same ctypes arguments the real library would (byref pointers,
-string buffers, struct arrays), fill them and return an NVML status code. So the bindings'
-own marshalling, error mapping and size-retry protocol run for real; only the driver is
-simulated.
-"""
+"""Contract tests: the real nvidia-ml-py code against stand-in driver functions
+(tests/fakes/nvml.py says how)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pynvml
 import pytest
+from fakes.nvml import MB, StandInDriver, StandInGpu, install, uninstall
 
 from broker.config import GpusSection
-from broker.errors import GpuError
+from broker.errors import GpuError, GpuPermissionError, GpuSettingError
 from broker.gpu import NvmlBackend, create_backend
 from broker.gpu.base import GPU_LOST, NO_PERMISSION, NOT_SUPPORTED
 
-MB = 1024 * 1024
-
-
-@dataclass
-class StandInGpu:
-    uuid: str
-    name: str = "NVIDIA GeForce RTX 3090"
-    total: int = 24576 * MB
-    used: int = 300 * MB
-    util: int = 3
-    power_mw: int = 21500
-    energy_mj: int = 123_456_789
-    pstate: int = 8
-    temp: int = 41
-    limit_mw: int = 350_000
-    max_mw: int = 400_000
-    default_mw: int = 350_000
-    persistence: int = 1
-    compute: list[tuple[int, int]] = field(default_factory=list)  # (pid, bytes)
-    graphics: list[tuple[int, int]] = field(default_factory=list)
-
-
-def _out(ref: Any) -> Any:
-    """The object a `byref(...)` argument points to."""
-    return ref._obj
-
-
-class StandInDriver:
-    """The C symbols of libnvidia-ml, in Python. `fail[(symbol, gpu)] = code` makes one
-    symbol answer an error for one GPU; `missing` symbols do not exist (an old driver)."""
-
-    def __init__(self, gpus: list[StandInGpu]) -> None:
-        self.gpus = gpus
-        self._structs = [pynvml.struct_c_nvmlDevice_t() for _ in gpus]
-        self.fail: dict[tuple[str, int], int] = {}
-        self.missing: set[str] = set()
-        self.calls: dict[str, int] = {}
-        self.process_calls: list[tuple[int, bool]] = []  # (count passed in, array given)
-        self.names = {4242: b"/usr/bin/ollama"}
-        self.init_result = 0
-        self.block: threading.Event | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(name)
-
-    def _gpu(self, handle: Any) -> int:
-        address = ctypes.addressof(handle.contents)
-        return next(i for i, s in enumerate(self._structs) if ctypes.addressof(s) == address)
-
-    def _enter(self, symbol: str, handle: Any = None) -> tuple[int, StandInGpu | None]:
-        self.calls[symbol] = self.calls.get(symbol, 0) + 1
-        if handle is None:
-            return 0, None
-        index = self._gpu(handle)
-        return self.fail.get((symbol, index), 0), self.gpus[index]
-
-    # -- system ------------------------------------------------------------------------------
-
-    def nvmlInitWithFlags(self, flags: int) -> int:
-        self._enter("nvmlInitWithFlags")
-        return self.init_result
-
-    def nvmlShutdown(self) -> int:
-        self._enter("nvmlShutdown")
-        return 0
-
-    def nvmlSystemGetDriverVersion(self, buf: Any, size: Any) -> int:
-        buf.value = b"560.35.03"
-        return 0
-
-    def nvmlSystemGetNVMLVersion(self, buf: Any, size: Any) -> int:
-        buf.value = b"12.560.35.03"
-        return 0
-
-    def nvmlSystemGetProcessName(self, pid: Any, buf: Any, size: Any) -> int:
-        name = self.names.get(pid.value)
-        if name is None:
-            return pynvml.NVML_ERROR_NOT_FOUND
-        buf.value = name
-        return 0
-
-    def nvmlDeviceGetCount_v2(self, count: Any) -> int:
-        _out(count).value = len(self.gpus)
-        return 0
-
-    def nvmlDeviceGetHandleByIndex_v2(self, index: Any, device: Any) -> int:
-        pointer = _out(device)
-        pointer.contents = self._structs[index.value]
-        return 0
-
-    # -- per device --------------------------------------------------------------------------
-
-    def nvmlDeviceGetUUID(self, h: Any, buf: Any, size: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetUUID", h)
-        if not code and g:
-            buf.value = g.uuid.encode()
-        return code
-
-    def nvmlDeviceGetName(self, h: Any, buf: Any, size: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetName", h)
-        if not code and g:
-            buf.value = g.name.encode()
-        return code
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, h: Any, limit: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetEnforcedPowerLimit", h)
-        if not code and g:
-            _out(limit).value = g.limit_mw
-        return code
-
-    def nvmlDeviceGetPowerManagementLimitConstraints(self, h: Any, lo: Any, hi: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetPowerManagementLimitConstraints", h)
-        if not code and g:
-            _out(lo).value, _out(hi).value = 100_000, g.max_mw
-        return code
-
-    def nvmlDeviceGetPowerManagementDefaultLimit(self, h: Any, limit: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetPowerManagementDefaultLimit", h)
-        if not code and g:
-            _out(limit).value = g.default_mw
-        return code
-
-    def nvmlDeviceGetPersistenceMode(self, h: Any, mode: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetPersistenceMode", h)
-        if not code and g:
-            _out(mode).value = g.persistence
-        return code
-
-    def nvmlDeviceGetUtilizationRates(self, h: Any, util: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetUtilizationRates", h)
-        if not code and g:
-            _out(util).gpu, _out(util).memory = g.util, 1
-        return code
-
-    def nvmlDeviceGetMemoryInfo_v2(self, h: Any, mem: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetMemoryInfo_v2", h)
-        info = _out(mem)
-        if info.version != pynvml.nvmlMemory_v2:
-            return pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH
-        if not code and g:
-            info.total, info.used, info.reserved = g.total, g.used, 400 * MB
-            info.free = g.total - g.used - info.reserved
-        return code
-
-    def nvmlDeviceGetMemoryInfo(self, h: Any, mem: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetMemoryInfo", h)
-        if not code and g:
-            # v1 counts reserved memory as used.
-            _out(mem).total, _out(mem).used = g.total, g.used + 400 * MB
-            _out(mem).free = g.total - g.used - 400 * MB
-        return code
-
-    def nvmlDeviceGetPowerUsage(self, h: Any, mw: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetPowerUsage", h)
-        if self.block is not None:
-            self.block.wait(5)
-        if not code and g:
-            _out(mw).value = g.power_mw
-        return code
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, h: Any, mj: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetTotalEnergyConsumption", h)
-        if not code and g:
-            _out(mj).value = g.energy_mj
-        return code
-
-    def nvmlDeviceGetPerformanceState(self, h: Any, p: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetPerformanceState", h)
-        if not code and g:
-            _out(p).value = g.pstate
-        return code
-
-    def nvmlDeviceGetTemperature(self, h: Any, sensor: Any, t: Any) -> int:
-        code, g = self._enter("nvmlDeviceGetTemperature", h)
-        if not code and g:
-            assert sensor.value == pynvml.NVML_TEMPERATURE_GPU
-            _out(t).value = g.temp
-        return code
-
-    def _processes(self, symbol: str, h: Any, count: Any, array: Any, kind: str) -> int:
-        code, g = self._enter(symbol, h)
-        if code or g is None:
-            return code
-        procs = g.compute if kind == "compute" else g.graphics
-        c = _out(count)
-        self.process_calls.append((c.value, array is not None))
-        # The real protocol: a call with too small a count answers INSUFFICIENT_SIZE and
-        # writes the count needed; the caller allocates and calls again.
-        if array is None or c.value < len(procs):
-            c.value = len(procs)
-            return pynvml.NVML_ERROR_INSUFFICIENT_SIZE if procs else 0
-        for i, (pid, used) in enumerate(procs):
-            array[i].pid, array[i].usedGpuMemory = pid, used
-        c.value = len(procs)
-        return 0
-
-    def nvmlDeviceGetComputeRunningProcesses_v3(self, h: Any, n: Any, a: Any) -> int:
-        return self._processes("nvmlDeviceGetComputeRunningProcesses_v3", h, n, a, "compute")
-
-    def nvmlDeviceGetComputeRunningProcesses_v2(self, h: Any, n: Any, a: Any) -> int:
-        return self._processes("nvmlDeviceGetComputeRunningProcesses_v2", h, n, a, "compute")
-
-    def nvmlDeviceGetGraphicsRunningProcesses_v3(self, h: Any, n: Any, a: Any) -> int:
-        return self._processes("nvmlDeviceGetGraphicsRunningProcesses_v3", h, n, a, "graphics")
-
-
-class Lib:
-    """What pynvml sees as the loaded library: missing symbols raise AttributeError."""
-
-    def __init__(self, driver: StandInDriver) -> None:
-        self._driver = driver
-
-    def __getattr__(self, name: str) -> Any:
-        self._driver.calls["lookup:" + name] = self._driver.calls.get("lookup:" + name, 0) + 1
-        if name in self._driver.missing:
-            raise AttributeError(name)
-        return getattr(self._driver, name)
-
 
 @pytest.fixture
-def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInDriver]:
+def driver() -> Iterator[StandInDriver]:
     drv = StandInDriver(
         [
             StandInGpu("GPU-aaaaaaaa-0000-4000-8000-000000000000"),
             StandInGpu("GPU-bbbbbbbb-0000-4000-8000-000000000001", util=87, power_mw=301_250),
         ]
     )
-    cache = pynvml._nvmlGetFunctionPointer_cache
-    saved = dict(cache)
-    cache.clear()
-    monkeypatch.setattr(pynvml, "nvmlLib", Lib(drv))
-    monkeypatch.setattr(pynvml, "_nvmlLib_refcount", 0)
+    saved = install(drv)
     yield drv
-    cache.clear()
-    cache.update(saved)
+    uninstall(saved)
 
 
 @pytest.fixture
@@ -492,3 +263,74 @@ async def test_eco_fields_unsupported_stay_unknown(
     driver.fail[("nvmlDeviceGetPersistenceMode", 0)] = pynvml.NVML_ERROR_NOT_SUPPORTED
     first, second = await backend.start()
     assert first.persistence_mode is None and second.persistence_mode is True
+
+
+async def test_settings_are_changed_and_read_back(
+    driver: StandInDriver, backend: NvmlBackend
+) -> None:
+    driver.gpus[0].persistence = 0
+    await backend.start()
+    assert await backend.set_power_limit(0, 250) == 250.0
+    assert await backend.set_persistence_mode(0, True) is True
+    assert (driver.gpus[0].limit_mw, driver.gpus[0].persistence) == (250_000, 1)
+    first, _ = await backend.devices()
+    assert (first.power_limit_w, first.persistence_mode) == (250.0, True)
+    assert driver.calls["nvmlDeviceGetPowerManagementLimit"] == 1  # read back
+
+
+async def test_a_refused_setting_is_a_permission_error(
+    driver: StandInDriver, backend: NvmlBackend
+) -> None:
+    driver.fail[("nvmlDeviceSetPowerManagementLimit", 1)] = pynvml.NVML_ERROR_NO_PERMISSION
+    driver.fail[("nvmlDeviceSetPersistenceMode", 1)] = pynvml.NVML_ERROR_NO_PERMISSION
+    with pytest.raises(GpuPermissionError, match=r"GPU 1: no permission .* needs root"):
+        await backend.set_power_limit(1, 250)
+    with pytest.raises(GpuPermissionError):
+        await backend.set_persistence_mode(1, False)
+    assert (driver.gpus[1].limit_mw, driver.gpus[1].persistence) == (350_000, 1)
+
+
+async def test_a_setter_that_changes_nothing_is_caught_by_the_read_back(
+    driver: StandInDriver, backend: NvmlBackend
+) -> None:
+    driver.silent_sets = True  # success, and nothing changed
+    with pytest.raises(GpuSettingError, match="reads 350 W after setting 250 W"):
+        await backend.set_power_limit(0, 250)
+    driver.silent_sets = False
+    with pytest.raises(GpuSettingError, match="InvalidArgument"):
+        await backend.set_power_limit(1, 50)  # below the card's 100 W floor
+
+
+def test_the_smoke_script_records_the_eco_fields(
+    driver: StandInDriver, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """scripts/gpu-smoke --eco-only on the stand-in driver: the code path that records a real
+    card's eco fields in docs/hardware/ the next time one is at hand."""
+    import importlib.machinery
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu-smoke"
+    loader = importlib.machinery.SourceFileLoader("gpu_smoke", str(path))
+    spec = importlib.util.spec_from_loader("gpu_smoke", loader)
+    assert spec is not None
+    smoke = importlib.util.module_from_spec(spec)
+    loader.exec_module(smoke)
+    card = driver.gpus[0]
+    card.power_mw, card.pstate, card.persistence, card.default_mw = 35_000, 2, 0, 370_000
+    out = tmp_path / "eco.json"
+    args = ["--eco-only", "--seconds", "0.5", "--interval", "0.1", "--eco-out", str(out)]
+    assert smoke.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    devices = next(line for line in lines if line.get("event") == "devices")["devices"]
+    assert (devices[0]["power_default_w"], devices[0]["power_min_w"]) == (370, 100)
+    assert devices[0]["persistence_mode"] is False
+    printed = next(line for line in lines if line.get("event") == "eco")
+    recorded = json.loads(out.read_text())
+    assert recorded["versions"]["driver"] == "560.35.03"
+    idle, busy = recorded["gpus"]
+    assert printed["gpus"] == recorded["gpus"]
+    assert (idle["judged_on"], idle["idle_watts"], idle["pstate"]) == ("history", 35, 2)
+    assert [f["kind"] for f in idle["flags"]] == ["idle_draw", "pstate", "persistence"]
+    assert (idle["power_limit_w"], idle["power_max_w"]) == (350, 400)
+    assert busy["judged_on"] is None and busy["flags"] == []  # 87 % busy: not judged

@@ -22,12 +22,15 @@ from broker.ledger import (
     EarningsRecord,
     EnergyRecord,
     EnergyTotal,
+    IdleRecord,
     JournalEntry,
+    ModelLoad,
     SqliteLedger,
     energy_totals_of,
 )
+from broker.ledger.base import PriceRecord
+from broker.ledger.folding import DEMAND_RAW_RETENTION
 from broker.ledger.postgres import PostgresLedger
-from broker.ledger.sqlite import DEMAND_RAW_RETENTION
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
 
@@ -164,6 +167,22 @@ async def test_journal_intent_then_outcome(ledger: AnyLedger) -> None:
     with pytest.raises(LedgerError, match="not an open intent"):
         await ledger.complete(entry_id, "failed", minutes(3))
     assert len(await ledger.journal_entries(since=minutes(1))) == 1
+
+
+async def test_prices_of_listings_rentals_and_market_reads(store: Store) -> None:
+    ledger = await store.open("a")
+    other = await store.open("b")
+    await ledger.add_price(PriceRecord(minutes(1), "market", 0.31, peers=12))
+    await ledger.add_price(PriceRecord(minutes(2), "ask", 0.29))
+    await ledger.add_price(PriceRecord(minutes(30), "rental", 0.29))
+    await other.add_price(PriceRecord(minutes(2), "ask", 0.5))
+    got = await ledger.prices(minutes(1), minutes(30))
+    assert [(r.at, r.kind, r.price, r.peers, r.host) for r in got] == [
+        (minutes(1), "market", 0.31, 12, "a"),
+        (minutes(2), "ask", 0.29, None, "a"),
+    ]
+    assert [r.price for r in await ledger.prices(T0, minutes(60), "rental")] == [0.29]
+    assert [r.price for r in await other.prices(T0, minutes(60))] == [0.5]
 
 
 async def test_naive_datetimes_are_refused(ledger: AnyLedger) -> None:
@@ -353,6 +372,50 @@ async def test_demand_round_trip_by_range_and_service(ledger: AnyLedger) -> None
     assert [r.arrival for r in only] == [minutes(3), minutes(5), minutes(60)]
 
 
+async def test_model_loads_round_trip_by_range_service_and_host(store: Store) -> None:
+    ledger = await store.open("box")
+    other = await store.open("other")
+    await ledger.add_model_loads(
+        [
+            ModelLoad("ollama", minutes(2), "llama3:8b", (0, 1)),
+            ModelLoad("comfyui", minutes(1), "sdxl.safetensors", (1,)),
+            ModelLoad("ollama", minutes(60), "qwen:7b", (0,)),  # outside [0, 60)
+        ]
+    )
+    await ledger.add_model_loads([])
+    await other.add_model_loads([ModelLoad("ollama", minutes(3), "mistral", ())])
+    got = await ledger.model_loads(minutes(0), minutes(60))
+    assert got == [
+        ModelLoad("comfyui", minutes(1), "sdxl.safetensors", (1,), "box"),
+        ModelLoad("ollama", minutes(2), "llama3:8b", (0, 1), "box"),
+    ]
+    only = await ledger.model_loads(minutes(0), minutes(61), service="ollama")
+    assert [r.model for r in only] == ["llama3:8b", "qwen:7b"]
+    assert [r.gpus for r in await other.model_loads(minutes(0), minutes(60))] == [()]
+async def test_idle_statistics_round_trip_by_range_and_gpu(ledger: AnyLedger) -> None:
+    def slot(gpu: str, index: int, start: int) -> IdleRecord:
+        return IdleRecord(
+            gpu, index, minutes(start), minutes(start + 15), 900,
+            watts={35: 600, 36: 300}, pstates={2: 900}, memory_mb={310: 900},
+            processes={"/usr/bin/ollama": 450, "pid 77": 1},
+        )  # fmt: skip
+
+    await ledger.add_idle([slot("GPU-a", 0, 0), slot("GPU-b", 1, 0), slot("GPU-a", 0, 15)])
+    await ledger.add_idle([])
+    got = await ledger.idle(minutes(10), minutes(20))
+    assert [(r.gpu_uuid, r.start) for r in got] == [
+        ("GPU-a", minutes(0)), ("GPU-b", minutes(0)), ("GPU-a", minutes(15)),
+    ]  # fmt: skip
+    first = got[0]
+    assert (first.gpu_index, first.end, first.samples, first.host) == (0, minutes(15), 900, "box")
+    assert (first.watts, first.pstates, first.memory_mb) == ({35: 600, 36: 300}, {2: 900},
+                                                              {310: 900})  # fmt: skip
+    assert first.processes == {"/usr/bin/ollama": 450, "pid 77": 1}
+    only_b = await ledger.idle(minutes(0), minutes(60), gpu_uuid="GPU-b")
+    assert [r.gpu_index for r in only_b] == [1]
+    assert await ledger.idle(minutes(30), minutes(60)) == []
+
+
 def _demand_rows(store: Store) -> tuple[int, int]:
     return (
         store.count("SELECT COUNT(*) FROM demand WHERE bucket IS NULL"),
@@ -420,3 +483,34 @@ async def test_a_late_request_joins_its_folded_bucket(store: Store, ledger: AnyL
     assert _demand_rows(store) == (0, 1)
     [row] = await ledger.demand(minutes(0), minutes(60))
     assert (row.arrival, row.count, row.duration_s) == (minutes(1), 2, 15.0)
+
+
+async def test_reads_by_host_are_each_hosts_own_reads(store: Store) -> None:
+    """What a fleet report reads at once for all hosts is what each host reads alone."""
+    a, b = await store.open("a"), await store.open("b")
+    end = T0 + timedelta(days=3)
+    for ledger, watts, states in ((a, 100.0, ("LOCAL", "LISTED")), (b, 40.0, ("RENTED",))):
+        changes = [(T0 + timedelta(hours=7 * k), s) for k, s in enumerate(states * 8)]
+        changes = [c for c in changes if c[0] < end]
+        for at, state in changes:
+            await ledger.record_state("pool", "default", state, at)
+            await ledger.record_state("gpu", "GPU-0", state.lower(), at)
+        lowered = [(at, state.lower()) for at, state in changes]
+        await ledger.add_energy(_minute_records("GPU-0", 0, lowered, end, watts))
+        await ledger.add_energy(_minute_records("GPU-1", 1, lowered, end, watts))
+    cuts = [T0 + timedelta(hours=5 * k) for k in range(15)]
+    for gpu in (None, 1):
+        together = await a.energy_totals_by_host(["a", "b", "nobody"], cuts, gpu)
+        assert sorted(together) == ["a", "b"]
+        for ledger in (a, b):
+            alone = await ledger.energy_totals(cuts, gpu_index=gpu)
+            assert [(t.span, t.pool_state, t.gpu_uuid) for t in together[ledger.host]] == [
+                (t.span, t.pool_state, t.gpu_uuid) for t in alone
+            ]
+            assert _flat(together[ledger.host]) == pytest.approx(_flat(alone))
+    intervals = await b.state_intervals_by_host(["a", "b"], T0, end, scope="pool",
+                                                states=["RENTED", "LISTED"])  # fmt: skip
+    assert intervals["a"] == await a.state_intervals(T0, end, "pool", states=["RENTED", "LISTED"])
+    assert intervals["b"] == await b.state_intervals(T0, end, "pool", states=["RENTED", "LISTED"])
+    assert [i.state for i in intervals["a"]] == ["LISTED"] * 5  # at 7, 21, 35, 49 and 63 h
+    assert await a.state_intervals_by_host([], T0, end) == {}

@@ -7,6 +7,7 @@ rented with, unlisting ends no rental) and checks SPEC invariants 1-3 after ever
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -269,6 +270,24 @@ def test_max_cycles_per_day() -> None:
     next_night = T0 + timedelta(days=1, hours=9)
     # 24 hours after the first listing it has aged out; the second still counts.
     assert story.at(24 * 60 + 17, window_end=next_night).state is PoolState.IDLE
+
+
+def test_no_drain_and_no_listing_while_the_ledger_cannot_journal() -> None:
+    story = Story()
+    for minute in (0, 20, 60):  # idle far past idle_window: never drained
+        decision = story.at(minute, can_journal=False)
+        assert (decision.state, decision.actions) == (PoolState.LOCAL, ())
+        assert "the ledger cannot journal a listing" in decision.reason
+    # The database went away during a drain: the drain ends, nothing is listed.
+    story.at(100, can_journal=True)
+    assert story.at(115).state is PoolState.DRAINING
+    aborted = story.at(116, drain=DrainStatus.VERIFIED, can_journal=False)
+    assert aborted.state is PoolState.LOCAL and List not in map(type, aborted.actions)
+    # Back: no listing was counted meanwhile (max_cycles_per_day), it lists as before.
+    assert story.machine.listings == deque()
+    story.at(120, drain=DrainStatus.NONE, can_journal=True)
+    story.at(135)
+    assert story.at(136, drain=DrainStatus.VERIFIED).state is PoolState.LISTED
 
 
 def test_pause_and_user_reclaim() -> None:

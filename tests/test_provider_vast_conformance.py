@@ -24,6 +24,8 @@ from fakes.vast import FakeVast, Recorded
 from broker.clock import FakeClock
 from broker.config import VastProvider
 from broker.errors import ProviderError
+from broker.pricing.market import Machine, VastMarketReader
+from broker.pricing.settings import PricingSection
 from broker.providers import Offer
 from broker.providers.vast import VastMarket
 
@@ -32,6 +34,12 @@ END = 1795644000  # 2026-11-25 22:00 UTC, ten hours after the test clock's start
 NOV_1, NOV_8 = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 8, tzinfo=UTC)
 
 Operation = Callable[[VastMarket], Awaitable[Any]]
+OURS = Machine(4242, "RTX 3090", 4, verified=True, listed=True, listed_gpu_cost=0.3)
+
+
+def _reader(vast: VastMarket) -> VastMarketReader:
+    return VastMarketReader(vast._api, vast._clock, PricingSection(), lambda: OURS)
+
 
 CASES: dict[str, tuple[list[str], Operation]] = {
     "list, no end date": (
@@ -77,6 +85,19 @@ CASES: dict[str, tuple[list[str], Operation]] = {
     "show our self-rentals": (
         ["show", "instances", "--label", "gpu-broker-displace"],
         lambda v: v.self_rentals(),
+    ),
+    # price_gpu = "market" (broker/pricing/market.py): the market reads.
+    "search comparable offers": (
+        ["search", "offers", "gpu_name=RTX_3090 num_gpus=4", "-o", "dph_total", "--limit", "256"],
+        lambda v: _reader(v).read(),
+    ),
+    "search our own offer's price": (
+        ["search", "offers", "-n", "machine_id=4242", "-o", "dph_total"],
+        lambda v: _reader(v)._own_offer(OURS),
+    ),
+    "market metrics": (
+        ["show", "gpu-metrics", "--verified", "true", "--num-gpus", "4"],
+        lambda v: _reader(v)._metrics(OURS),
     ),
     "destroy instance": (
         ["destroy", "instance", "555", "-y"],

@@ -39,12 +39,19 @@ def flags(
     idle_w: float | None,
     idle_pstate: int | None,
     idle_processes: Sequence[GpuProcess] = (),
+    idle_holders: Sequence[tuple[str, float]] = (),
+    mean_idle_w: float | None = None,
     target_w: float = 15.0,
     tariff_per_kwh: float,
     co2_g_per_kwh: float,
 ) -> list[Flag]:
     """Every flag for one card. The excess draw is charged once, to every cause alike: the
-    causes explain the same watts, they do not add up."""
+    causes explain the same watts, they do not add up.
+
+    `idle_processes` are the processes holding the card in one live reading;
+    `idle_holders` are (process, share of idle samples) over days, from the ledger. A holder
+    keeps the card hot only part of the time, which the median draw hides: its flag is
+    charged the mean idle draw above target (`mean_idle_w`) instead."""
     excess = max(0.0, idle_w - target_w) if idle_w is not None else 0.0
     kwh, cost, co2 = yearly(excess, tariff_per_kwh, co2_g_per_kwh)
 
@@ -70,4 +77,9 @@ def flags(
         out.append(
             flag("process", f"process {proc.pid} ({proc.name or 'unknown'}) keeps the card awake")
         )
+    held_excess = max(0.0, mean_idle_w - target_w) if mean_idle_w is not None else excess
+    held_kwh, held_cost, held_co2 = yearly(held_excess, tariff_per_kwh, co2_g_per_kwh)
+    for name, share in idle_holders:
+        cause = f"{name} held the idle card {share:.0%} of its idle time"
+        out.append(Flag("process", cause, held_excess, held_kwh, held_cost, held_co2))
     return out

@@ -114,4 +114,14 @@ class GpuBackend(Protocol):
 
     async def processes(self) -> ProcessMap: ...
 
+    async def set_power_limit(self, index: int, watts: float) -> float:
+        """Set GPU `index`'s power limit and return it as read back (W). Raises
+        `GpuPermissionError` without the privilege, `GpuSettingError` when the card refuses
+        the value or the read-back differs. `devices()` shows the new limit after."""
+        ...
+
+    async def set_persistence_mode(self, index: int, on: bool) -> bool:
+        """Turn persistence mode on or off and return it as read back; errors as above."""
+        ...
+
     async def close(self) -> None: ...

@@ -18,11 +18,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from broker.clock import Clock
 from broker.config import FakeGpu
+from broker.errors import GpuPermissionError, GpuSettingError
 from broker.gpu.base import (
     GPU_LOST,
     NO_PERMISSION,
@@ -265,6 +266,32 @@ class FakeBackend:
                 None if t >= script.lost_at or unreadable else (script.segment(t).processes)
             )
         return out
+
+    # Settings, as a driver keeps them: until changed again, whatever process changed them.
+
+    async def set_power_limit(self, index: int, watts: float) -> float:
+        dev = self._settable(index, "power_limit")
+        low, high = dev.power_min_w or 1.0, dev.power_max_w or math.inf
+        if not low <= watts <= high:
+            raise GpuSettingError(
+                f"GPU {index}: a power limit of {watts:g} W is outside {low:g}-{high:g} W"
+            )
+        self._devices[index] = replace(dev, power_limit_w=float(watts))
+        return float(watts)
+
+    async def set_persistence_mode(self, index: int, on: bool) -> bool:
+        dev = self._settable(index, "persistence_mode")
+        self._devices[index] = replace(dev, persistence_mode=on)
+        return on
+
+    def _settable(self, index: int, setting: str) -> GpuDevice:
+        if not 0 <= index < len(self._devices):
+            raise GpuSettingError(f"no GPU {index}")
+        if self.elapsed() >= self._scripts[index].lost_at:
+            raise GpuSettingError(f"GPU {index} is lost")
+        if setting in self._scripts[index].spec.no_permission:
+            raise GpuPermissionError(f"GPU {index}: no permission to change {setting}")
+        return self._devices[index]
 
     async def close(self) -> None:
         return None

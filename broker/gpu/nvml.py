@@ -18,13 +18,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
 import pynvml  # type: ignore[import-untyped]
 
-from broker.errors import GpuError
+from broker.errors import GpuError, GpuPermissionError, GpuSettingError
 from broker.gpu.base import (
     GPU_LOST,
     NO_PERMISSION,
@@ -112,6 +112,12 @@ class NvmlBackend:
 
     async def processes(self) -> ProcessMap:
         return await self._call(self._processes_all)
+
+    async def set_power_limit(self, index: int, watts: float) -> float:
+        return await self._call(partial(self._set_power_limit, index, watts))
+
+    async def set_persistence_mode(self, index: int, on: bool) -> bool:
+        return await self._call(partial(self._set_persistence, index, on))
 
     async def close(self) -> None:
         if self._gpus is not None:
@@ -310,6 +316,68 @@ class NvmlBackend:
             temperature_c=temp,
             errors=errors,
         )
+
+    # -- settings (root only), each read back ---------------------------------------------
+
+    def _settable(self, index: int) -> _Gpu:
+        gpus = self._ensure_init()
+        if not 0 <= index < len(gpus):
+            raise GpuSettingError(f"no GPU {index}")
+        if gpus[index].lost:
+            raise GpuSettingError(f"GPU {index} is lost")
+        return gpus[index]
+
+    def _setting(self, gpu: _Gpu, what: str, fn: Callable[[], T]) -> T:
+        """One setter or read-back call, its NVML error turned into ours."""
+        try:
+            return fn()
+        except pynvml.NVMLError_NoPermission:
+            raise GpuPermissionError(
+                f"GPU {gpu.index}: no permission to change {what} (NVML needs root)"
+            ) from None
+        except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
+            self._mark_lost(gpu)
+            raise GpuSettingError(f"GPU {gpu.index} is lost") from None
+        except (pynvml.NVMLError, pynvml.NVMLLibraryMismatchError) as err:
+            raise GpuSettingError(
+                f"GPU {gpu.index}: cannot change {what} ({type(err).__name__}: {err})"
+            ) from err
+
+    def _set_power_limit(self, index: int, watts: float) -> float:
+        gpu = self._settable(index)
+        h = gpu.handle
+        milliwatts = round(watts * 1000)
+        self._setting(gpu, "the power limit",
+                      lambda: pynvml.nvmlDeviceSetPowerManagementLimit(h, milliwatts))  # fmt: skip
+        # Read back: a setter can report success and change nothing (FACTS: the _v2 one
+        # does so without permission).
+        got = self._setting(
+            gpu, "the power limit", lambda: int(pynvml.nvmlDeviceGetPowerManagementLimit(h))
+        )
+        gpu.device = replace(gpu.device, power_limit_w=got / 1000.0)
+        if got != milliwatts:
+            raise GpuSettingError(
+                f"GPU {index}: the power limit reads {got / 1000:g} W after setting {watts:g} W"
+            )
+        return got / 1000.0
+
+    def _set_persistence(self, index: int, on: bool) -> bool:
+        gpu = self._settable(index)
+        h = gpu.handle
+        mode = pynvml.NVML_FEATURE_ENABLED if on else pynvml.NVML_FEATURE_DISABLED
+        self._setting(gpu, "persistence mode",
+                      lambda: pynvml.nvmlDeviceSetPersistenceMode(h, mode))  # fmt: skip
+        got = self._setting(
+            gpu,
+            "persistence mode",
+            lambda: pynvml.nvmlDeviceGetPersistenceMode(h) == pynvml.NVML_FEATURE_ENABLED,
+        )
+        gpu.device = replace(gpu.device, persistence_mode=got)
+        if got != on:
+            raise GpuSettingError(
+                f"GPU {index}: persistence mode reads {'on' if got else 'off'} after setting it"
+            )
+        return bool(got)
 
     def _processes_all(self) -> ProcessMap:
         out: dict[int, tuple[GpuProcess, ...] | None] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 
 from broker.clock import Clock
 from broker.errors import GpuError
@@ -44,6 +45,9 @@ class GpuSampler:
         self._failures = 0
         self._lost: set[int] = set()
         self.latest: Snapshot | None = None
+        # Told of every snapshot after energy and idle detection (eco's idle history):
+        # quick, no I/O.
+        self.listeners: list[Callable[[Snapshot], None]] = []
         self.devices: list[GpuDevice] = []
         self._flush_task: asyncio.Task[None] | None = None
 
@@ -109,6 +113,8 @@ class GpuSampler:
                 self._flush_task = asyncio.create_task(self._flush(), name="energy-flush")
         if self.idle is not None:
             self.idle.observe(snap)
+        for listener in self.listeners:
+            listener(snap)
         return snap
 
     async def _flush(self) -> None:

@@ -7,15 +7,33 @@ every timestamp in, so a store never reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
 Scope = Literal["pool", "gpu"]
 JournalStatus = Literal["intent", "done", "failed", "note"]
 EarningsSource = Literal["provider", "estimate"]
 DemandOutcome = Literal["passed", "held", "refused"]
+
+
+# How both stores keep times: epoch seconds, taken from aware datetimes only.
+
+
+def epoch(t: datetime) -> float:
+    if t.tzinfo is None:
+        raise ValueError("the ledger takes timezone-aware datetimes only")
+    return t.timestamp()
+
+
+def utc_or_none(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,25 @@ def energy_totals_of(
 
 
 @dataclass(frozen=True)
+class IdleRecord:
+    """How one GPU idled over [start, end): each sample in which it did no work (utilisation
+    under `[gpus] idle_utilization_pct`) counted by its draw in whole watts, its P-state, its
+    memory in use in whole MB and the processes holding it. Counts rather than a mean, so a
+    median over any span of records is exact to the watt (`eco` judges median idle draw)."""
+
+    gpu_uuid: str
+    gpu_index: int
+    start: datetime
+    end: datetime
+    samples: int
+    watts: Mapping[int, int]
+    pstates: Mapping[int, int]
+    memory_mb: Mapping[int, int]
+    processes: Mapping[str, int]  # process name (or "pid N") -> samples it held the card
+    host: str = ""
+
+
+@dataclass(frozen=True)
 class EarningsRecord:
     """One provider's earnings for one machine on one day (the provider's own day)."""
 
@@ -127,6 +164,44 @@ class DemandRecord:
     host: str = ""
 
 
+PriceKind = Literal["ask", "rental", "market"]
+
+
+@dataclass(frozen=True)
+class PriceRecord:
+    """A price the broker saw or set, USD per GPU-hour: the ask of a listing, the price a
+    rental locked in, or the market median (host terms) with its peer count."""
+
+    at: datetime
+    kind: PriceKind
+    price: float
+    peers: int | None = None
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """A model a local service loaded into GPU memory, as its watcher saw it: for Ollama a
+    model new in `/api/ps`, for ComfyUI a running prompt whose checkpoint differs from the
+    last prompt's. `gpus` are the GPUs the service is configured on (neither service says
+    on which of them it placed the model). Sizing counts these as model reloads."""
+
+    service: str
+    at: datetime
+    model: str
+    gpus: tuple[int, ...] = ()
+    host: str = ""
+
+
+def gpu_list_text(gpus: Sequence[int]) -> str:
+    """GPU indices as the stores keep them: "0,1"."""
+    return ",".join(str(i) for i in gpus)
+
+
+def gpu_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     """A decision or an external action. An `intent` is written before the action is taken
@@ -151,6 +226,12 @@ class Ledger(Protocol):
 
     @property
     def host(self) -> str: ...
+
+    @property
+    def reachable(self) -> bool:
+        """False while the store is known to be unreachable (a shared database that went
+        away): writes wait in the spool, and nothing is listed (SPEC invariant 4)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -185,6 +266,19 @@ class Ledger(Protocol):
         only those in `states` when given."""
         ...
 
+    async def state_intervals_by_host(
+        self,
+        hosts: Sequence[str],
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
+    ) -> dict[str, list[StateInterval]]:
+        """`state_intervals` of each of `hosts` of this store, by host, read at once (a
+        fleet report's); hosts with none are left out."""
+        ...
+
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None: ...
 
     async def energy(
@@ -203,6 +297,13 @@ class Ledger(Protocol):
         This is what reports read: the store sums, so a year stays fast."""
         ...
 
+    async def energy_totals_by_host(
+        self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> dict[str, list[EnergyTotal]]:
+        """`energy_totals` of each of `hosts` of this store, by host, read at once (a fleet
+        report's); hosts with no energy are left out."""
+        ...
+
     async def add_demand(self, records: Sequence[DemandRecord]) -> None:
         """Append local requests (as the gates buffer them, a batch at a time). Records
         older than the store's raw retention are folded by service, outcome and bucket."""
@@ -214,6 +315,35 @@ class Ledger(Protocol):
         """Records of this host whose `arrival` is in [start, end), ordered by arrival;
         only `service`'s when given. Folded records come back as they are kept (`count`
         requests, summed durations), never expanded."""
+        ...
+
+    async def add_price(self, record: PriceRecord) -> None:
+        """Append one price (a listing's ask, a rental's price, a market read)."""
+        ...
+
+    async def prices(
+        self, start: datetime, end: datetime, kind: PriceKind | None = None
+    ) -> list[PriceRecord]:
+        """This host's prices with `at` in [start, end), ordered by time; `kind`'s only."""
+        ...
+
+    async def add_model_loads(self, records: Sequence[ModelLoad]) -> None:
+        """Append models the service watchers saw being loaded."""
+        ...
+
+    async def model_loads(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[ModelLoad]:
+        """Loads of this host at a time in [start, end), ordered by time; only `service`'s
+        when given."""
+    async def add_idle(self, records: Sequence[IdleRecord]) -> None:
+        """Append per-GPU idle statistics (one record per GPU and 15-minute slot)."""
+        ...
+
+    async def idle(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[IdleRecord]:
+        """Idle records of this host that overlap [start, end), ordered by start."""
         ...
 
     async def upsert_earnings(self, records: Sequence[EarningsRecord]) -> int:
@@ -246,3 +376,16 @@ class Ledger(Protocol):
     ) -> list[JournalEntry]:
         """Entries of this host, oldest first."""
         ...
+
+
+def counts_json(counts: Mapping[Any, int]) -> str:
+    """An `IdleRecord` count map as the stores keep it: a JSON object, keys as strings."""
+    return json.dumps({str(k): v for k, v in counts.items()}, sort_keys=True)
+
+
+def int_counts(text: str) -> dict[int, int]:
+    return {int(k): int(v) for k, v in json.loads(text).items()}
+
+
+def str_counts(text: str) -> dict[str, int]:
+    return {str(k): int(v) for k, v in json.loads(text).items()}

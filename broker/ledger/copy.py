@@ -34,6 +34,10 @@ _BY_ID: list[tuple[str, tuple[str, ...]]] = [
                  "outcome_ts")),
     ("demand", ("host", "service", "arrival_ts", "duration_s", "outcome", "held_s", "count",
                 "bucket")),
+    ("model_loads", ("host", "service", "ts", "model", "gpus")),
+    ("prices", ("host", "ts", "kind", "price", "peers")),
+    ("gpu_idle", ("host", "gpu_uuid", "gpu_index", "start_ts", "end_ts", "samples", "watts",
+                  "pstates", "memory_mb", "processes")),
 ]  # fmt: skip
 _BY_KEY: list[tuple[str, tuple[str, ...]]] = [
     ("energy_slots", ("host", "slot", "pool_state", "start_ts", "end_ts", "joules",

@@ -28,12 +28,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 
@@ -46,21 +45,41 @@ from broker.ledger.base import (
     EarningsSource,
     EnergyRecord,
     EnergyTotal,
+    IdleRecord,
     JournalEntry,
     JournalStatus,
+    ModelLoad,
+    PriceKind,
+    PriceRecord,
     Scope,
     StateInterval,
+    counts_json,
+    epoch,
+    gpu_list,
+    gpu_list_text,
+    int_counts,
+    str_counts,
+    utc,
+    utc_or_none,
 )
-from broker.ledger.spool import Kind, Spool
-from broker.ledger.sqlite import (
+from broker.ledger.folding import (
     COMPACT_BATCH,
     DEMAND_BUCKET_SECONDS,
-    DEMAND_RAW_RETENTION,
-    RAW_RETENTION,
     ROLLUP_SECONDS,
+    demand_cutoff,
+    demand_sums,
+    energy_cutoff,
+    floor_to,
+    inside_sql,
+    machine_sums,
+    share_sql,
+    slot_sums,
 )
+from broker.ledger.spool import Completion, Kind, Spool, Spooled, StateChange
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The first key of every advisory lock the broker takes ("gpub"); the second is the host's.
 LOCK_CLASS = 0x67707562
@@ -153,6 +172,47 @@ MIGRATIONS: list[Migration] = [
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
     ),
+    # v2: models the service watchers saw loaded (the SQLite ledger's version 5).
+    (
+        """CREATE TABLE model_loads (
+            id BIGSERIAL PRIMARY KEY,
+            host TEXT NOT NULL,
+            service TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            model TEXT NOT NULL,
+            gpus TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX model_loads_by_time ON model_loads (host, ts)",
+    ),
+    # v3: prices, as the SQLite ledger's version 6.
+    (
+        """CREATE TABLE prices (
+            id BIGSERIAL PRIMARY KEY,
+            host TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('ask', 'rental', 'market')),
+            price DOUBLE PRECISION NOT NULL,
+            peers INTEGER
+        )""",
+        "CREATE INDEX prices_by_time ON prices (host, ts)",
+    ),
+    # v4: per-GPU idle statistics, as the SQLite ledger's version 7.
+    (
+        """CREATE TABLE gpu_idle (
+            id BIGSERIAL PRIMARY KEY,
+            host TEXT NOT NULL,
+            gpu_uuid TEXT NOT NULL,
+            gpu_index INTEGER NOT NULL,
+            start_ts DOUBLE PRECISION NOT NULL,
+            end_ts DOUBLE PRECISION NOT NULL,
+            samples INTEGER NOT NULL,
+            watts TEXT NOT NULL,
+            pstates TEXT NOT NULL,
+            memory_mb TEXT NOT NULL,
+            processes TEXT NOT NULL
+        )""",
+        "CREATE INDEX gpu_idle_by_time ON gpu_idle (host, start_ts)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -160,18 +220,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
-def _ts(t: datetime) -> float:
-    if t.tzinfo is None:
-        raise ValueError("the ledger takes timezone-aware datetimes only")
-    return t.timestamp()
-
-
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
-
-
-def _dt_required(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 def redact(conninfo: str) -> str:
@@ -316,7 +364,7 @@ class _Session:
         with contextlib.suppress(psycopg.Error):
             await self.conn.close()
         try:
-            conn = await psycopg.AsyncConnection.connect(self.conninfo, **self.kwargs)
+            conn = await _connect(self.conninfo, self.kwargs)
         except psycopg.Error as err:
             raise LedgerError(
                 f"the ledger database at {redact(self.conninfo)} is unreachable: {err}"
@@ -340,6 +388,23 @@ class _Session:
         return conn
 
 
+# Set on every session. The broker's queries are short or read sums, so compiling them
+# (JIT) costs more than it saves: half a second of a fleet report's 1.6 s. A fleet report
+# groups a million rows by host, span and state: in the default 4 MB the sums spill to disk.
+SESSION_SETTINGS = ("SET jit = off", "SET work_mem = '64MB'")
+
+
+async def _connect(conninfo: str, kwargs: dict[str, Any]) -> Conn:
+    conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+    try:
+        for setting in SESSION_SETTINGS:
+            await conn.execute(setting.encode())
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
 async def _try_claim(conn: Conn, host: str) -> bool:
     cur = await conn.execute(
         "SELECT pg_try_advisory_lock(%s::int, hashtext(%s))", (LOCK_CLASS, host)
@@ -359,6 +424,7 @@ class PostgresLedger:
     ) -> None:
         self._s = session
         self._spool = spool
+        self._replaying = asyncio.Lock()
         self._owns_session = owns_session
         self._host = host
         self._version = version
@@ -387,7 +453,7 @@ class PostgresLedger:
         if password is not None:
             kwargs["password"] = password
         try:
-            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+            conn = await _connect(conninfo, kwargs)
         except psycopg.Error as err:
             raise LedgerError(f"cannot connect to the ledger at {redact(conninfo)}: {err}") from err
         try:
@@ -437,6 +503,12 @@ class PostgresLedger:
     def host(self) -> str:
         return self._host
 
+    @property
+    def reachable(self) -> bool:
+        """False from a lost connection until one is made again (at most every
+        RECONNECT_SECONDS, by the next call)."""
+        return not self._s.down
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -458,8 +530,14 @@ class PostgresLedger:
         """Every host with rows in the ledger, by name."""
         # From the small tables only: a broker records its pool's state when it starts,
         # before any energy, so every host that wrote anything is in state_intervals.
+        # Host by host along the index (a skip scan), not through a year of every host's
+        # intervals.
         rows = await self._read(
-            "SELECT DISTINCT host FROM state_intervals UNION SELECT host FROM earnings "
+            "WITH RECURSIVE h (host) AS ("
+            "(SELECT host FROM state_intervals ORDER BY host LIMIT 1) UNION ALL "
+            "SELECT (SELECT s.host FROM state_intervals AS s WHERE s.host > h.host "
+            "ORDER BY s.host LIMIT 1) FROM h WHERE h.host IS NOT NULL) "
+            "SELECT host FROM h WHERE host IS NOT NULL UNION SELECT host FROM earnings "
             "ORDER BY 1",
             (),
         )
@@ -508,33 +586,53 @@ class PostgresLedger:
     async def record_state(
         self, scope: Scope, subject: str, state: str, at: datetime, reason: str = ""
     ) -> None:
-        ts = _ts(at)
-        await self._write(
+        change = StateChange(scope, subject, state, at, reason)
+
+        async def write() -> int:
+            await self._write_state(change)
+            return 1
+
+        await self._or_spool("state", [change], write, lose_when_full=True)
+
+    async def _write_state(self, change: StateChange) -> int:
+        """Close the interval in force for (scope, subject), or all (scope None), at the
+        change's time, and open its state; returns how many were closed."""
+        ts = epoch(change.at)
+        if change.scope is None:
+            [count] = await self._write(
+                [
+                    (
+                        "UPDATE state_intervals SET end_ts = GREATEST(start_ts, %s) "
+                        "WHERE host = %s AND end_ts IS NULL",
+                        (ts, self._host),
+                    )
+                ]
+            )
+            return count
+        [count, _] = await self._write(
             [
                 (
                     "UPDATE state_intervals SET end_ts = GREATEST(start_ts, %s) "
                     "WHERE host = %s AND scope = %s AND subject = %s AND end_ts IS NULL",
-                    (ts, self._host, scope, subject),
+                    (ts, self._host, change.scope, change.subject),
                 ),
                 (
                     "INSERT INTO state_intervals (host, scope, subject, state, start_ts, reason) "
                     "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (self._host, scope, subject, state, ts, reason),
+                    (self._host, change.scope, change.subject, change.state, ts, change.reason),
                 ),
             ]
         )
+        return count
 
     async def close_states(self, at: datetime) -> int:
-        [count] = await self._write(
-            [
-                (
-                    "UPDATE state_intervals SET end_ts = GREATEST(start_ts, %s) "
-                    "WHERE host = %s AND end_ts IS NULL",
-                    (_ts(at), self._host),
-                )
-            ]
+        """How many intervals were closed (0 when the database is away and the closing
+        waits in the spool)."""
+        change = StateChange(None, "", "", at)
+        closed = await self._or_spool(
+            "close_states", [change], lambda: self._write_state(change), lose_when_full=True
         )
-        return count
+        return closed or 0
 
     async def state_intervals(
         self,
@@ -544,11 +642,26 @@ class PostgresLedger:
         subject: str | None = None,
         states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
+        found = await self.state_intervals_by_host(
+            [self._host], start, end, scope, subject, states
+        )
+        return found.get(self._host, [])
+
+    async def state_intervals_by_host(
+        self,
+        hosts: Sequence[str],
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
+    ) -> dict[str, list[StateInterval]]:
+        """`state_intervals` of each of `hosts` in one query."""
         sql = (
             "SELECT scope, subject, state, start_ts, end_ts, reason, host FROM state_intervals "
-            "WHERE host = %s AND start_ts < %s AND (end_ts IS NULL OR end_ts > %s)"
+            "WHERE host = ANY(%s) AND start_ts < %s AND (end_ts IS NULL OR end_ts > %s)"
         )
-        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        params: list[Any] = [list(hosts), epoch(end), epoch(start)]
         if scope is not None:
             sql += " AND scope = %s"
             params.append(scope)
@@ -558,63 +671,108 @@ class PostgresLedger:
         if states is not None:
             sql += " AND state = ANY(%s)"
             params.append(list(states))
-        rows = await self._read(sql + " ORDER BY start_ts, id", params)
-        return [
-            StateInterval(
-                scope=cast(Scope, r[0]),
-                subject=r[1],
-                state=r[2],
-                start=_dt_required(r[3]),
-                end=_dt(r[4]),
-                reason=r[5],
-                host=r[6],
-            )
-            for r in rows
-        ]
+        out: dict[str, list[StateInterval]] = {}
+        stamp, zone = datetime.fromtimestamp, UTC  # a year of a fleet is 100 000 rows
+        for scope_, subject_, state, start_ts, end_ts, reason, host in await self._read(
+            sql + " ORDER BY host, start_ts, id", params
+        ):
+            out.setdefault(host, []).append(
+                StateInterval(
+                    cast(Scope, scope_), subject_, state, stamp(start_ts, zone),
+                    None if end_ts is None else stamp(end_ts, zone), reason, host,
+                )
+            )  # fmt: skip
+        return out
 
     # -- energy ---------------------------------------------------------------------------
 
     async def add_energy(self, records: Sequence[EnergyRecord]) -> None:
         if not records:
             return
-        if not await self._replay():
-            await self._spooled("energy", records)
-            return
-        try:
-            await self._insert_energy(records)
-        except LedgerError:
-            if self._spool is None or not self._s.down:
-                raise
-            await self._spooled("energy", records)
-            return
-        await self._fold_energy(records)
 
-    async def _spooled(self, kind: Kind, records: Sequence[Any]) -> None:
-        """Keep `records` in the spool (LedgerError if there is none, or it is full)."""
+        async def write() -> bool:
+            await self._insert_energy(records)
+            return True
+
+        if await self._or_spool("energy", records, write):
+            await self._fold_energy(records)
+
+    async def _or_spool(
+        self,
+        kind: Kind,
+        records: Sequence[Spooled],
+        write: Callable[[], Awaitable[T]],
+        *,
+        lose_when_full: bool = False,
+    ) -> T | None:
+        """`write()` now; or, with a spool, while the database is away (or older rows still
+        wait in the spool, so the order holds), keep `records` there and return None.
+
+        A full spool raises LedgerError (energy and demand stay in the caller's memory);
+        with `lose_when_full` the records are dropped instead, with an error in the log."""
         if self._spool is None:
-            raise LedgerError("the ledger database is unreachable")
-        await self._spool.put(kind, records)
+            return await write()
+        if await self._replay():
+            try:
+                return await write()
+            except LedgerError:
+                if not self._s.down:
+                    raise
+        try:
+            await self._spool.put(kind, records)
+        except LedgerError as err:
+            if not lose_when_full:
+                raise
+            log.error("lost %d ledger row(s) (%s): %s", len(records), kind, err)
+        return None
 
     async def _replay(self) -> bool:
-        """Write what the spool holds; false while the database is still away (or no
-        spool row could be written), true when the spool is empty."""
+        """Write what the spool holds, oldest first; false while the database is still
+        away, true when the spool is empty. Rows the database refuses (not for being away)
+        are dropped with an error in the log, so one bad row cannot hold back the rest."""
         spool = self._spool
-        if spool is not None and spool.pending and self._s.waiting():
+        if spool is None or not spool.pending:
+            return True
+        if self._s.waiting():
             return False  # not yet time to try the database again
-        while spool is not None and spool.pending:
-            ids, energy, demand = await spool.take()
-            try:
-                if energy:
-                    await self._insert_energy(energy)
-                if demand:
-                    await self._insert_demand(demand)
-            except LedgerError as err:
-                if not self._s.down:
-                    log.error("spooled ledger rows refused by the database: %s", err)
-                return False
-            await spool.done(ids)
-            log.info("wrote %d spooled ledger rows", len(ids))
+        # One replay at a time: the energy, demand and scheduler's writes all come here,
+        # and two taking the same rows would write them twice.
+        async with self._replaying:
+            return await self._replay_spool(spool)
+
+    async def _replay_spool(self, spool: Spool) -> bool:
+        while spool.pending:
+            rows = await spool.take()
+            written: list[int] = []
+            for group in _runs(rows):
+                try:
+                    await self._write_spooled(group)
+                except LedgerError as err:
+                    if self._s.down:
+                        await spool.done(written)
+                        return False
+                    log.error("spooled ledger rows refused by the database, dropped: %s", err)
+                written.extend(row_id for row_id, _, _ in group)
+            await spool.done(written)
+            log.info("wrote %d spooled ledger rows", len(written))
         return True
+
+    async def _write_spooled(self, group: Sequence[tuple[int, Kind, Spooled]]) -> None:
+        """One run of spooled rows: a batch of energy or demand, or one other row."""
+        kind = group[0][1]
+        records = [record for _, _, record in group]
+        if kind == "energy":
+            await self._insert_energy(cast(list[EnergyRecord], records))
+        elif kind == "demand":
+            await self._insert_demand(cast(list[DemandRecord], records))
+        elif kind in ("state", "close_states"):
+            await self._write_state(cast(StateChange, records[0]))
+        elif kind == "note":
+            await self._insert_journal(cast(JournalEntry, records[0]))
+        elif kind == "complete":
+            done = cast(Completion, records[0])
+            if not await self._write_complete(done):
+                log.warning("journal entry %d was no longer an open intent", done.entry_id)
 
     async def _insert_energy(self, records: Sequence[EnergyRecord]) -> None:
         await self._write_many(
@@ -626,8 +784,8 @@ class PostgresLedger:
                     r.gpu_uuid,
                     r.gpu_index,
                     r.pool_state,
-                    _ts(r.start),
-                    _ts(r.end),
+                    epoch(r.start),
+                    epoch(r.end),
                     r.joules,
                     r.overhead_joules,
                     r.method,
@@ -637,8 +795,8 @@ class PostgresLedger:
         )
 
     async def _fold_energy(self, records: Sequence[EnergyRecord]) -> None:
-        newest = max(_ts(r.end) for r in records)
-        cutoff = math.floor((newest - RAW_RETENTION) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        newest = max(epoch(r.end) for r in records)
+        cutoff = energy_cutoff(newest)
         if self._compacted_to is not None and cutoff <= self._compacted_to:
             return
         try:
@@ -653,7 +811,7 @@ class PostgresLedger:
     async def compact_energy(self, before: datetime) -> int:
         """Fold every record as written that ends by `before` (rounded down to a slot) now.
         Returns how many."""
-        cutoff = math.floor(_ts(before) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        cutoff = floor_to(epoch(before), ROLLUP_SECONDS)
         total = 0
         while True:
             folded = await self._compact(cutoff, COMPACT_BATCH)
@@ -678,7 +836,7 @@ class PostgresLedger:
                     rows = await cur.fetchall()
                     if not rows:
                         return 0
-                    sums = _slot_sums(rows)
+                    sums = slot_sums(rows)
                     await cur.executemany(
                         b"INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, "
                         b"end_ts, joules, overhead_joules, method, slot) "
@@ -698,16 +856,7 @@ class PostgresLedger:
                             )
                         ],
                     )
-                    machine: dict[tuple[int, str], list[float]] = {}
-                    for (_, _, state, slot), (a, b, joules, overhead, _) in sums.items():
-                        acc = machine.get((slot, state))
-                        if acc is None:
-                            machine[(slot, state)] = [a, b, joules, overhead]
-                        else:
-                            acc[0] = min(acc[0], a)
-                            acc[1] = max(acc[1], b)
-                            acc[2] += joules
-                            acc[3] += overhead
+                    machine = machine_sums(sums)
                     await cur.executemany(
                         b"INSERT INTO energy_slots (host, slot, pool_state, start_ts, end_ts, "
                         b"joules, overhead_joules) VALUES (%s, %s, %s, %s, %s, %s, %s) "
@@ -736,7 +885,7 @@ class PostgresLedger:
             "SELECT gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, overhead_joules, "
             "method, host FROM energy WHERE host = %s AND start_ts < %s AND end_ts > %s"
         )
-        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        params: list[Any] = [self._host, epoch(end), epoch(start)]
         if gpu_uuid is not None:
             sql += " AND gpu_uuid = %s"
             params.append(gpu_uuid)
@@ -746,8 +895,8 @@ class PostgresLedger:
                 gpu_uuid=r[0],
                 gpu_index=r[1],
                 pool_state=r[2],
-                start=_dt_required(r[3]),
-                end=_dt_required(r[4]),
+                start=utc(r[3]),
+                end=utc(r[4]),
                 joules=r[5],
                 overhead_joules=r[6],
                 method=r[7],
@@ -759,18 +908,26 @@ class PostgresLedger:
     async def energy_totals(
         self, cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> list[EnergyTotal]:
-        bounds = [_ts(t) for t in cuts]
+        totals = await self.energy_totals_by_host([self._host], cuts, gpu_index)
+        return totals.get(self._host, [])
+
+    async def energy_totals_by_host(
+        self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> dict[str, list[EnergyTotal]]:
+        """`energy_totals` of each of `hosts` in one query (a fleet report's energy)."""
+        bounds = [epoch(t) for t in cuts]
         if any(b <= a for a, b in pairwise(bounds)):
             raise ValueError("energy_totals: the cuts must increase")
-        if len(bounds) < 2:
-            return []
+        if len(bounds) < 2 or not hosts:
+            return {}
+        names = list(hosts)
         starts, ends = bounds[:-1], bounds[1:]
         # As in SQLite: a record reaches into a span only if it starts less than the longest
         # record's length before the span's start, so each span is one index range.
         [(longest,)] = await self._read(
             "SELECT MAX(end_ts - start_ts) FROM energy "
-            "WHERE host = %s AND slot IS NULL AND end_ts >= %s",
-            (self._host, bounds[0]),
+            "WHERE host = ANY(%s) AND slot IS NULL AND end_ts >= %s",
+            (names, bounds[0]),
         )
         raw_reach = float(longest or 0.0)
         reach = max(raw_reach, float(ROLLUP_SECONDS))
@@ -780,82 +937,100 @@ class PostgresLedger:
         )
 
         def share(t: str) -> str:
-            return (
-                f"(CASE WHEN {t}.end_ts > {t}.start_ts THEN "
-                f"(LEAST({t}.end_ts, s.b) - GREATEST({t}.start_ts, s.a)) "
-                f"/ ({t}.end_ts - {t}.start_ts) ELSE 1.0 END)"
-            )
+            return share_sql(t, "LEAST", "GREATEST")
 
-        def inside(t: str) -> str:
-            return (
-                f"{t}.start_ts < s.b AND ({t}.end_ts > s.a "
-                f"OR ({t}.end_ts <= {t}.start_ts AND {t}.start_ts >= s.a))"
-            )
+        inside = inside_sql
 
+        out: dict[str, list[EnergyTotal]] = {}
         if gpu_index is not None:
             rows = await self._read(
                 spans
-                + f"SELECT s.i, e.pool_state, SUM({share('e')} * e.joules), "
+                + f"SELECT e.host, s.i, e.pool_state, SUM({share('e')} * e.joules), "
                 f"SUM({share('e')} * e.overhead_joules), e.gpu_uuid, e.gpu_index "
-                "FROM s JOIN energy AS e ON e.host = %s AND e.gpu_index = %s "
+                "FROM s JOIN energy AS e ON e.host = ANY(%s) AND e.gpu_index = %s "
                 f"AND e.start_ts >= s.a - %s AND {inside('e')} "
-                "GROUP BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
-                "ORDER BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
-                (starts, ends, self._host, gpu_index, reach),
+                "GROUP BY e.host, s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
+                "ORDER BY e.host, s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
+                (starts, ends, names, gpu_index, reach),
             )
-            return [EnergyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+            for r in rows:
+                out.setdefault(r[0], []).append(EnergyTotal(r[1], r[2], r[3], r[4], r[5], r[6]))
+            return out
+        # The machine: records as written (by their end, in the partial index of them), and
+        # the slot sums span by span (small sorted groups per span, rather than one hash of
+        # a fleet-year's million rows). A slot sum lies within its slot, so a span from one
+        # slot boundary to another (most are: every UTC offset is a multiple of 15 minutes)
+        # holds its slots' sums whole, and needs no sharing by time.
+        aligned = [
+            k for k, (x, y) in enumerate(zip(starts, ends, strict=True))
+            if x % ROLLUP_SECONDS == 0 and y % ROLLUP_SECONDS == 0
+        ]  # fmt: skip
+        ragged = sorted(set(range(len(starts))) - set(aligned))
         rows = await self._read(
-            spans
-            + "SELECT i, pool_state, SUM(j), SUM(o) FROM ("
-            f"SELECT s.i AS i, e.pool_state AS pool_state, {share('e')} * e.joules AS j, "
-            f"{share('e')} * e.overhead_joules AS o "
-            "FROM s JOIN energy AS e ON e.host = %s AND e.slot IS NULL "
+            "WITH s (i, a, b) AS (SELECT i, a, b "
+            "FROM unnest(%s::int[], %s::float8[], %s::float8[]) AS t (i, a, b)), "
+            "w (i, a, b) AS (SELECT i, a, b "
+            "FROM unnest(%s::int[], %s::float8[], %s::float8[]) AS t (i, a, b)) "
+            # (a span can have both records as written and slot sums: the day being folded)
+            "SELECT host, i, pool_state, SUM(j), SUM(o) FROM ("
+            "SELECT host, i, pool_state, SUM(j) AS j, SUM(o) AS o FROM ("
+            f"SELECT e.host AS host, s.i AS i, e.pool_state AS pool_state, "
+            f"{share('e')} * e.joules AS j, {share('e')} * e.overhead_joules AS o "
+            "FROM s JOIN energy AS e ON e.host = ANY(%s) AND e.slot IS NULL "
             f"AND e.end_ts >= s.a AND e.end_ts < s.b + %s AND {inside('e')} "
+            ") AS u GROUP BY host, i, pool_state "
             "UNION ALL "
-            f"SELECT s.i, m.pool_state, {share('m')} * m.joules, "
-            f"{share('m')} * m.overhead_joules "
-            "FROM s JOIN energy_slots AS m ON m.host = %s "
+            "SELECT g.host, w.i, g.pool_state, g.j, g.o FROM w CROSS JOIN LATERAL ("
+            "SELECT m.host, m.pool_state, SUM(m.joules) AS j, SUM(m.overhead_joules) AS o "
+            "FROM energy_slots AS m WHERE m.host = ANY(%s) "
+            f"AND m.slot >= (w.a / {ROLLUP_SECONDS})::bigint "
+            f"AND m.slot < (w.b / {ROLLUP_SECONDS})::bigint "
+            "GROUP BY m.host, m.pool_state) AS g "
+            "UNION ALL "
+            "SELECT m.host, s.i, m.pool_state, "
+            f"SUM({share('m')} * m.joules), SUM({share('m')} * m.overhead_joules) "
+            "FROM s JOIN energy_slots AS m ON s.i = ANY(%s) AND m.host = ANY(%s) "
             f"AND m.slot >= floor(s.a / {ROLLUP_SECONDS})::bigint "
-            f"AND m.slot <= floor(s.b / {ROLLUP_SECONDS})::bigint AND {inside('m')}"
-            ") AS u GROUP BY i, pool_state ORDER BY i, pool_state",
-            (starts, ends, self._host, raw_reach, self._host),
-        )
-        return [EnergyTotal(r[0], r[1], r[2], r[3]) for r in rows]
+            f"AND m.slot <= floor(s.b / {ROLLUP_SECONDS})::bigint AND {inside('m')} "
+            "GROUP BY m.host, s.i, m.pool_state"
+            ') AS v GROUP BY host, i, pool_state ORDER BY host, i, pool_state COLLATE "C"',
+            (
+                list(range(len(starts))), starts, ends,
+                aligned, [starts[k] for k in aligned], [ends[k] for k in aligned],
+                names, raw_reach, names, ragged, names,
+            ),
+        )  # fmt: skip
+        for host, i, state, joules, overhead in rows:
+            out.setdefault(host, []).append(EnergyTotal(i, state, joules, overhead))
+        return out
 
     # -- demand ---------------------------------------------------------------------------
 
     async def add_demand(self, records: Sequence[DemandRecord]) -> None:
         if not records:
             return
-        if not await self._replay():
-            await self._spooled("demand", records)
-            return
-        try:
+
+        async def write() -> bool:
             await self._insert_demand(records)
-        except LedgerError:
-            if self._spool is None or not self._s.down:
-                raise
-            await self._spooled("demand", records)
-            return
-        await self._fold_demand(records)
+            return True
+
+        if await self._or_spool("demand", records, write):
+            await self._fold_demand(records)
 
     async def _insert_demand(self, records: Sequence[DemandRecord]) -> None:
         await self._write_many(
             "INSERT INTO demand (host, service, arrival_ts, duration_s, outcome, held_s, count) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s)",
             [
-                (self._host, r.service, _ts(r.arrival), r.duration_s, r.outcome, r.held_s,
+                (self._host, r.service, epoch(r.arrival), r.duration_s, r.outcome, r.held_s,
                  r.count)
                 for r in records
             ],
         )  # fmt: skip
 
     async def _fold_demand(self, records: Sequence[DemandRecord]) -> None:
-        newest = max(_ts(r.arrival) for r in records)
-        cutoff = (
-            math.floor((newest - DEMAND_RAW_RETENTION) / DEMAND_BUCKET_SECONDS)
-            * DEMAND_BUCKET_SECONDS
-        )
+        newest = max(epoch(r.arrival) for r in records)
+        cutoff = demand_cutoff(newest)
         if self._demand_compacted_to is not None and cutoff <= self._demand_compacted_to:
             return
         try:
@@ -867,7 +1042,7 @@ class PostgresLedger:
             self._demand_compacted_to = cutoff
 
     async def compact_demand(self, before: datetime) -> int:
-        cutoff = math.floor(_ts(before) / DEMAND_BUCKET_SECONDS) * DEMAND_BUCKET_SECONDS
+        cutoff = floor_to(epoch(before), DEMAND_BUCKET_SECONDS)
         total = 0
         while True:
             folded = await self._compact_demand(cutoff, COMPACT_BATCH)
@@ -889,17 +1064,7 @@ class PostgresLedger:
                     rows = await cur.fetchall()
                     if not rows:
                         return 0
-                    sums: dict[tuple[str, str, int], list[Any]] = {}
-                    for _, service, outcome, arrival, duration, held, count in rows:
-                        key = (service, outcome, math.floor(arrival / DEMAND_BUCKET_SECONDS))
-                        acc = sums.get(key)
-                        if acc is None:
-                            sums[key] = [arrival, duration, held, count]
-                        else:
-                            acc[0] = min(acc[0], arrival)
-                            acc[1] += duration
-                            acc[2] += held
-                            acc[3] += count
+                    sums = demand_sums(rows)
                     await cur.executemany(
                         b"INSERT INTO demand (host, service, outcome, bucket, arrival_ts, "
                         b"duration_s, held_s, count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
@@ -923,6 +1088,69 @@ class PostgresLedger:
                 raise LedgerError(f"ledger write failed: {err}") from err
         return len(rows)
 
+    async def add_price(self, record: PriceRecord) -> None:
+        await self._write(
+            [
+                (
+                    "INSERT INTO prices (host, ts, kind, price, peers) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (self._host, epoch(record.at), record.kind, record.price, record.peers),
+                )
+            ]
+        )
+
+    async def prices(
+        self, start: datetime, end: datetime, kind: PriceKind | None = None
+    ) -> list[PriceRecord]:
+        sql = (
+            "SELECT ts, kind, price, peers, host FROM prices "
+            "WHERE host = %s AND ts >= %s AND ts < %s"
+        )
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
+        if kind is not None:
+            sql += " AND kind = %s"
+            params.append(kind)
+        rows = await self._read(sql + " ORDER BY ts, id", params)
+        return [
+            PriceRecord(utc(ts), cast(PriceKind, k), price, peers, host)
+            for ts, k, price, peers, host in rows
+        ]
+    # -- idle statistics ------------------------------------------------------------------
+
+    async def add_idle(self, records: Sequence[IdleRecord]) -> None:
+        if not records:
+            return
+        await self._write_many(
+            "INSERT INTO gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, "
+            "watts, pstates, memory_mb, processes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (self._host, r.gpu_uuid, r.gpu_index, epoch(r.start), epoch(r.end), r.samples,
+                 counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
+                 counts_json(r.processes))
+                for r in records
+            ],
+        )  # fmt: skip
+
+    async def idle(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[IdleRecord]:
+        sql = (
+            "SELECT gpu_uuid, gpu_index, start_ts, end_ts, samples, watts, pstates, memory_mb, "
+            "processes, host FROM gpu_idle WHERE host = %s AND start_ts < %s AND end_ts > %s"
+        )
+        params: list[Any] = [self._host, epoch(end), epoch(start)]
+        if gpu_uuid is not None:
+            sql += " AND gpu_uuid = %s"
+            params.append(gpu_uuid)
+        rows = await self._read(sql + " ORDER BY start_ts, id", params)
+        return [
+            IdleRecord(
+                r[0], r[1], utc(r[2]), utc(r[3]), r[4], int_counts(r[5]),
+                int_counts(r[6]), int_counts(r[7]), str_counts(r[8]), r[9],
+            )
+            for r in rows
+        ]  # fmt: skip
+
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None
     ) -> list[DemandRecord]:
@@ -930,18 +1158,47 @@ class PostgresLedger:
             "SELECT service, arrival_ts, duration_s, outcome, held_s, count, host FROM demand "
             "WHERE host = %s AND arrival_ts >= %s AND arrival_ts < %s"
         )
-        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
         if service is not None:
             sql += " AND service = %s"
             params.append(service)
         rows = await self._read(sql + " ORDER BY arrival_ts, id", params)
         return [
             DemandRecord(
-                service, _dt_required(arrival), duration, cast(DemandOutcome, outcome), held,
+                service, utc(arrival), duration, cast(DemandOutcome, outcome), held,
                 count, host,
             )
             for service, arrival, duration, outcome, held, count, host in rows
         ]  # fmt: skip
+
+    # -- model loads ----------------------------------------------------------------------
+
+    async def add_model_loads(self, records: Sequence[ModelLoad]) -> None:
+        if not records:
+            return
+        await self._write_many(
+            "INSERT INTO model_loads (host, service, ts, model, gpus) VALUES (%s, %s, %s, %s, %s)",
+            [
+                (self._host, r.service, epoch(r.at), r.model, gpu_list_text(r.gpus))
+                for r in records
+            ],
+        )
+
+    async def model_loads(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[ModelLoad]:
+        sql = (
+            "SELECT service, ts, model, gpus, host FROM model_loads "
+            "WHERE host = %s AND ts >= %s AND ts < %s"
+        )
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
+        if service is not None:
+            sql += " AND service = %s"
+            params.append(service)
+        rows = await self._read(sql + " ORDER BY ts, id", params)
+        return [
+            ModelLoad(r[0], utc(r[1]), r[2], gpu_list(r[3]), r[4]) for r in rows
+        ]
 
     # -- earnings -------------------------------------------------------------------------
 
@@ -969,7 +1226,7 @@ class PostgresLedger:
                         r.amount,
                         r.currency,
                         r.source,
-                        _ts(r.updated),
+                        epoch(r.updated),
                         json.dumps(r.detail, sort_keys=True),
                     ),
                 )
@@ -993,7 +1250,7 @@ class PostgresLedger:
                 amount=r[3],
                 currency=r[4],
                 source=cast(EarningsSource, r[5]),
-                updated=_dt_required(r[6]),
+                updated=utc(r[6]),
                 detail=json.loads(r[7]),
                 host=r[8],
             )
@@ -1003,6 +1260,16 @@ class PostgresLedger:
     # -- journal --------------------------------------------------------------------------
 
     async def journal(self, entry: JournalEntry) -> int:
+        """The entry's id. An intent is written now or not at all (LedgerError); a note is
+        kept in the spool while the database is away, its id then 0."""
+        if entry.status != "note":
+            return await self._insert_journal(entry)
+        entry_id = await self._or_spool(
+            "note", [entry], lambda: self._insert_journal(entry), lose_when_full=True
+        )
+        return entry_id or 0
+
+    async def _insert_journal(self, entry: JournalEntry) -> int:
         self._check_open()
         async with self._s.use() as conn:
             try:
@@ -1011,7 +1278,7 @@ class PostgresLedger:
                     b"VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                     (
                         self._host,
-                        _ts(entry.at),
+                        epoch(entry.at),
                         entry.kind,
                         entry.subject,
                         entry.status,
@@ -1027,19 +1294,27 @@ class PostgresLedger:
     async def complete(
         self, entry_id: int, status: JournalStatus, at: datetime, outcome: str = ""
     ) -> None:
+        """Kept in the spool while the database is away, like a note."""
         if status not in ("done", "failed"):
             raise ValueError("an intent is completed as 'done' or 'failed'")
+        done = Completion(entry_id, status, at, outcome)
+        if await self._or_spool(
+            "complete", [done], lambda: self._write_complete(done), lose_when_full=True
+        ) is False:  # fmt: skip
+            raise LedgerError(f"journal entry {entry_id} is not an open intent")
+
+    async def _write_complete(self, done: Completion) -> bool:
+        """False when the entry is not an open intent of this host."""
         [count] = await self._write(
             [
                 (
                     "UPDATE journal SET status = %s, outcome = %s, outcome_ts = %s "
                     "WHERE id = %s AND host = %s AND status = 'intent'",
-                    (status, outcome, _ts(at), entry_id, self._host),
+                    (done.status, done.outcome, epoch(done.at), done.entry_id, self._host),
                 )
             ]
         )
-        if count != 1:
-            raise LedgerError(f"journal entry {entry_id} is not an open intent")
+        return count == 1
 
     async def journal_entries(
         self,
@@ -1054,7 +1329,7 @@ class PostgresLedger:
         params: list[Any] = [self._host]
         if since is not None:
             sql += " AND ts >= %s"
-            params.append(_ts(since))
+            params.append(epoch(since))
         if status is not None:
             sql += " AND status = %s"
             params.append(status)
@@ -1065,46 +1340,30 @@ class PostgresLedger:
         return [
             JournalEntry(
                 id=r[0],
-                at=_dt_required(r[1]),
+                at=utc(r[1]),
                 kind=r[2],
                 subject=r[3],
                 status=r[4],
                 payload=json.loads(r[5]),
                 outcome=r[6],
-                outcome_at=_dt(r[7]),
+                outcome_at=utc_or_none(r[7]),
                 host=r[8],
             )
             for r in rows
         ]
 
 
-def _slot_sums(rows: Sequence[tuple[Any, ...]]) -> dict[tuple[str, int, str, int], list[Any]]:
-    """Records as written, by GPU, pool state and slot: [start, end, joules, overhead,
-    method], a record spanning slots shared by time (as SqliteLedger._compact does)."""
-    sums: dict[tuple[str, int, str, int], list[Any]] = {}
-    for _, uuid, index, state, start, end, joules, overhead, method in rows:
-        first = math.floor(start / ROLLUP_SECONDS)
-        last = max(first, math.ceil(end / ROLLUP_SECONDS) - 1)
-        for slot in range(first, last + 1):
-            a = max(start, slot * ROLLUP_SECONDS)
-            b = min(end, (slot + 1) * ROLLUP_SECONDS)
-            if end > start:
-                if b <= a:
-                    continue
-                share = (b - a) / (end - start)
-            else:
-                share = 1.0
-            acc = sums.get((uuid, index, state, slot))
-            if acc is None:
-                sums[(uuid, index, state, slot)] = [a, b, joules * share, overhead * share, method]
-            else:
-                acc[0] = min(acc[0], a)
-                acc[1] = max(acc[1], b)
-                acc[2] += joules * share
-                acc[3] += overhead * share
-                if acc[4] != method:
-                    acc[4] = "mixed"
-    return sums
+def _runs(
+    rows: Sequence[tuple[int, Kind, Spooled]],
+) -> list[list[tuple[int, Kind, Spooled]]]:
+    """Spooled rows in order, consecutive energy (or demand) rows together as one batch."""
+    runs: list[list[tuple[int, Kind, Spooled]]] = []
+    for row in rows:
+        if runs and row[1] == runs[-1][0][1] and row[1] in ("energy", "demand"):
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
 
 
 async def _lock_holder(conn: Conn, host: str) -> str:

@@ -1,12 +1,13 @@
-"""The shared ledger's local spool: energy and demand rows kept on disk while the database
-is unreachable, written to it when it answers again.
+"""The shared ledger's local spool: what the broker writes while the database is
+unreachable, kept on disk and written to it, in the order it came, when it answers again.
 
-A SQLite file in the state directory (`ledger-spool.sqlite3`), so what was measured during
-an outage survives a restart of the broker too. Only append-only rows go here (energy
-records and local requests, whose order does not matter and whose folding into sums
-accepts late rows); journal intents never do: the broker must not act on a journal it could
-not write (SPEC invariant 4). Bounded: past `limit` rows a new batch is refused (the caller
-keeps it in memory, as it does for any ledger failure) rather than the disk filled.
+A SQLite file in the state directory (`ledger-spool.sqlite3`), so what happened during an
+outage survives a restart of the broker too: energy records, local requests, state changes
+(`record_state`, `close_states`), journal notes and the outcomes of intents journaled
+before the outage. Journal intents never go here: the broker must not act on a journal it
+could not write (SPEC invariant 4). Bounded: past `limit` rows a new batch is refused with a
+LedgerError rather than the disk filled (energy and demand then stay in the caller's
+memory, itself bounded; a state change or note is dropped with an error in the log).
 """
 
 from __future__ import annotations
@@ -17,27 +18,80 @@ import json
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from broker.errors import LedgerError
-from broker.ledger.base import DemandOutcome, DemandRecord, EnergyRecord
+from broker.ledger.base import (
+    DemandOutcome,
+    DemandRecord,
+    EnergyRecord,
+    JournalEntry,
+    JournalStatus,
+    Scope,
+)
 
 SPOOL_FILE = "ledger-spool.sqlite3"
 # About two months of an 8-GPU server's minute records, or a large team's requests.
 SPOOL_LIMIT = 500_000
 
-Kind = Literal["energy", "demand"]
+Kind = Literal["energy", "demand", "state", "close_states", "note", "complete"]
 
 
-def _encode(record: EnergyRecord | DemandRecord) -> str:
+@dataclass(frozen=True)
+class StateChange:
+    """A `record_state` call (`scope` None: `close_states`)."""
+
+    scope: Scope | None
+    subject: str
+    state: str
+    at: datetime
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A `complete` call on an intent journaled before the outage."""
+
+    entry_id: int
+    status: JournalStatus
+    at: datetime
+    outcome: str = ""
+
+
+Spooled = EnergyRecord | DemandRecord | StateChange | JournalEntry | Completion
+
+
+def _encode(record: Spooled) -> str:
     data = asdict(record)
     for key, value in data.items():
         if isinstance(value, datetime):
             data[key] = value.timestamp()
-    return json.dumps(data)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def _times(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    for key in keys:
+        if d.get(key) is not None:
+            d[key] = datetime.fromtimestamp(d[key], UTC)
+    return d
+
+
+def _decode(kind: str, text: str) -> Spooled:
+    d: dict[str, Any] = json.loads(text)
+    if kind == "energy":
+        return _energy(text)
+    if kind == "demand":
+        return _demand(text)
+    if kind in ("state", "close_states"):
+        return StateChange(**_times(d, "at"))
+    if kind == "note":
+        return JournalEntry(**_times(d, "at", "outcome_at"))
+    if kind == "complete":
+        return Completion(**_times(d, "at"))
+    raise LedgerError(f"the ledger spool holds a row of an unknown kind {kind!r}")
 
 
 def _energy(text: str) -> EnergyRecord:
@@ -83,7 +137,7 @@ class Spool:
         except (OSError, sqlite3.Error) as err:
             raise LedgerError(f"cannot use the ledger spool {self.path}: {err}") from err
 
-    async def put(self, kind: Kind, records: Sequence[EnergyRecord | DemandRecord]) -> None:
+    async def put(self, kind: Kind, records: Sequence[Spooled]) -> None:
         """Keep `records` on disk; LedgerError when the spool is full or unusable."""
         if self.pending + len(records) > self.limit:
             raise LedgerError(
@@ -103,14 +157,10 @@ class Spool:
             raise LedgerError(f"cannot write the ledger spool {self.path}: {err}") from err
         self.pending += len(rows)
 
-    async def take(
-        self, limit: int = 20_000
-    ) -> tuple[list[int], list[EnergyRecord], list[DemandRecord]]:
-        """The oldest rows: their ids (for `done`), energy records and demand records."""
+    async def take(self, limit: int = 20_000) -> list[tuple[int, Kind, Spooled]]:
+        """The oldest rows, in the order they were put: (id for `done`, kind, record)."""
         rows = await asyncio.to_thread(self._take, limit)
-        energy = [_energy(text) for _, kind, text in rows if kind == "energy"]
-        demand = [_demand(text) for _, kind, text in rows if kind == "demand"]
-        return [r[0] for r in rows], energy, demand
+        return [(row_id, cast(Kind, kind), _decode(kind, text)) for row_id, kind, text in rows]
 
     def _take(self, limit: int) -> list[tuple[int, str, str]]:
         try:

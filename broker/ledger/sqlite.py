@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -43,28 +42,40 @@ from broker.ledger.base import (
     EarningsSource,
     EnergyRecord,
     EnergyTotal,
+    IdleRecord,
     JournalEntry,
     JournalStatus,
+    ModelLoad,
+    PriceKind,
+    PriceRecord,
     Scope,
     StateInterval,
+    counts_json,
+    epoch,
+    gpu_list,
+    gpu_list_text,
+    int_counts,
+    str_counts,
+    utc,
+    utc_or_none,
+)
+from broker.ledger.folding import (
+    COMPACT_BATCH,
+    DEMAND_BUCKET_SECONDS,
+    ROLLUP_SECONDS,
+    demand_cutoff,
+    demand_sums,
+    energy_cutoff,
+    floor_to,
+    inside_sql,
+    machine_sums,
+    share_sql,
+    slot_sums,
 )
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-# Energy records are folded into sums per GPU, pool state and slot of this many seconds ...
-ROLLUP_SECONDS = 900
-# ... once they are this old (measured from the newest record written).
-RAW_RETENTION = 86_400.0
-# Local requests are kept one row each for this long (measured from the newest arrival
-# written), so a replay of the last month sees every request as it came ...
-DEMAND_RAW_RETENTION = 35 * 86_400.0
-# ... and are then folded into one row per service, outcome and bucket of this many seconds.
-DEMAND_BUCKET_SECONDS = 900
-# At most this many records are folded per write, so a large backlog (a ledger migrated from
-# version 2) is worked off a little at a time instead of stalling the daemon's writes.
-COMPACT_BATCH = 20_000
 
 Migration = Sequence[str]
 
@@ -168,23 +179,56 @@ MIGRATIONS: list[Migration] = [
         """CREATE UNIQUE INDEX demand_rollup
             ON demand (host, service, outcome, bucket) WHERE bucket IS NOT NULL""",
     ),
+    # v5: models the service watchers saw loaded (Ollama /api/ps, ComfyUI checkpoints), for
+    # `gpu-broker sizing`'s model reloads; `gpus` is the service's GPU indices, "0,1".
+    (
+        """CREATE TABLE model_loads (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            service TEXT NOT NULL,
+            ts REAL NOT NULL,
+            model TEXT NOT NULL,
+            gpus TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX model_loads_by_time ON model_loads (host, ts)",
+    ),
+    # v6: prices (price_gpu = "market", issue 20): each listing's ask, each rental's price
+    # and each market read's median in host terms (with its peer count), USD per GPU-hour.
+    (
+        """CREATE TABLE prices (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('ask', 'rental', 'market')),
+            price REAL NOT NULL,
+            peers INTEGER
+        )""",
+        "CREATE INDEX prices_by_time ON prices (host, ts)",
+    ),
+    # v7: how each GPU idles (eco advice over days): one row per GPU and 15-minute slot,
+    # each sample in which the GPU did no work counted by draw, P-state, memory and the
+    # processes holding it (JSON objects of counts; see broker.ledger.base.IdleRecord).
+    (
+        """CREATE TABLE gpu_idle (
+            id INTEGER PRIMARY KEY,
+            host TEXT NOT NULL,
+            gpu_uuid TEXT NOT NULL,
+            gpu_index INTEGER NOT NULL,
+            start_ts REAL NOT NULL,
+            end_ts REAL NOT NULL,
+            samples INTEGER NOT NULL,
+            watts TEXT NOT NULL,
+            pstates TEXT NOT NULL,
+            memory_mb TEXT NOT NULL,
+            processes TEXT NOT NULL
+        )""",
+        "CREATE INDEX gpu_idle_by_time ON gpu_idle (host, start_ts)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _ts(t: datetime) -> float:
-    if t.tzinfo is None:
-        raise ValueError("the ledger takes timezone-aware datetimes only")
-    return t.timestamp()
-
-
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
-
-
-def _dt_required(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
@@ -255,6 +299,10 @@ class SqliteLedger:
     @property
     def host(self) -> str:
         return self._host
+
+    @property
+    def reachable(self) -> bool:
+        return True  # a local file: a failing write is an error, not an outage
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -365,7 +413,7 @@ class SqliteLedger:
     async def record_state(
         self, scope: Scope, subject: str, state: str, at: datetime, reason: str = ""
     ) -> None:
-        ts = _ts(at)
+        ts = epoch(at)
         await self._call(
             self._write,
             [
@@ -389,7 +437,7 @@ class SqliteLedger:
                 (
                     "UPDATE state_intervals SET end_ts = MAX(start_ts, ?) "
                     "WHERE host = ? AND end_ts IS NULL",
-                    (_ts(at), self._host),
+                    (epoch(at), self._host),
                 )
             ],
         )
@@ -403,11 +451,29 @@ class SqliteLedger:
         subject: str | None = None,
         states: Sequence[str] | None = None,
     ) -> list[StateInterval]:
+        found = await self.state_intervals_by_host(
+            [self._host], start, end, scope, subject, states
+        )
+        return found.get(self._host, [])
+
+    async def state_intervals_by_host(
+        self,
+        hosts: Sequence[str],
+        start: datetime,
+        end: datetime,
+        scope: Scope | None = None,
+        subject: str | None = None,
+        states: Sequence[str] | None = None,
+    ) -> dict[str, list[StateInterval]]:
+        """`state_intervals` of each of `hosts` in one query."""
+        if not hosts:
+            return {}
         sql = (
             "SELECT scope, subject, state, start_ts, end_ts, reason, host FROM state_intervals "
-            "WHERE host = ? AND start_ts < ? AND (end_ts IS NULL OR end_ts > ?)"
+            f"WHERE host IN ({', '.join('?' for _ in hosts)}) "
+            "AND start_ts < ? AND (end_ts IS NULL OR end_ts > ?)"
         )
-        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        params: list[Any] = [*hosts, epoch(end), epoch(start)]
         if scope is not None:
             sql += " AND scope = ?"
             params.append(scope)
@@ -417,19 +483,21 @@ class SqliteLedger:
         if states is not None:
             sql += f" AND state IN ({', '.join('?' for _ in states)})"
             params.extend(states)
-        rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
-        return [
-            StateInterval(
-                scope=r["scope"],
-                subject=r["subject"],
-                state=r["state"],
-                start=_dt_required(r["start_ts"]),
-                end=_dt(r["end_ts"]),
-                reason=r["reason"],
-                host=r["host"],
+        rows = await self._call(self._read, sql + " ORDER BY host, start_ts, id", params)
+        out: dict[str, list[StateInterval]] = {}
+        for r in rows:
+            out.setdefault(r["host"], []).append(
+                StateInterval(
+                    scope=r["scope"],
+                    subject=r["subject"],
+                    state=r["state"],
+                    start=utc(r["start_ts"]),
+                    end=utc_or_none(r["end_ts"]),
+                    reason=r["reason"],
+                    host=r["host"],
+                )
             )
-            for r in rows
-        ]
+        return out
 
     # -- energy ---------------------------------------------------------------------------
 
@@ -446,8 +514,8 @@ class SqliteLedger:
                     r.gpu_uuid,
                     r.gpu_index,
                     r.pool_state,
-                    _ts(r.start),
-                    _ts(r.end),
+                    epoch(r.start),
+                    epoch(r.end),
                     r.joules,
                     r.overhead_joules,
                     r.method,
@@ -455,8 +523,8 @@ class SqliteLedger:
                 for r in records
             ],
         )
-        newest = max(_ts(r.end) for r in records)
-        cutoff = math.floor((newest - RAW_RETENTION) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        newest = max(epoch(r.end) for r in records)
+        cutoff = energy_cutoff(newest)
         if self._compacted_to is not None and cutoff <= self._compacted_to:
             return
         try:
@@ -472,7 +540,7 @@ class SqliteLedger:
     async def compact_energy(self, before: datetime) -> int:
         """Fold every record as written that ends by `before` (rounded down to a slot) into
         the 15-minute sums now, instead of as later writes come. Returns how many."""
-        cutoff = math.floor(_ts(before) / ROLLUP_SECONDS) * ROLLUP_SECONDS
+        cutoff = floor_to(epoch(before), ROLLUP_SECONDS)
         total = 0
         while True:
             folded = await self._call(self._compact, cutoff, COMPACT_BATCH)
@@ -490,31 +558,7 @@ class SqliteLedger:
                 "WHERE host = ? AND slot IS NULL AND end_ts <= ? ORDER BY end_ts LIMIT ?",
                 (self._host, cutoff, limit),
             ).fetchall()
-            sums: dict[tuple[str, int, str, int], list[Any]] = {}
-            for _, uuid, index, state, start, end, joules, overhead, method in rows:
-                first = math.floor(start / ROLLUP_SECONDS)
-                last = max(first, math.ceil(end / ROLLUP_SECONDS) - 1)
-                for slot in range(first, last + 1):
-                    a = max(start, slot * ROLLUP_SECONDS)
-                    b = min(end, (slot + 1) * ROLLUP_SECONDS)
-                    if end > start:
-                        if b <= a:
-                            continue
-                        share = (b - a) / (end - start)
-                    else:
-                        share = 1.0
-                    acc = sums.get((uuid, index, state, slot))
-                    if acc is None:
-                        sums[(uuid, index, state, slot)] = [
-                            a, b, joules * share, overhead * share, method
-                        ]
-                    else:
-                        acc[0] = min(acc[0], a)
-                        acc[1] = max(acc[1], b)
-                        acc[2] += joules * share
-                        acc[3] += overhead * share
-                        if acc[4] != method:
-                            acc[4] = "mixed"
+            sums = slot_sums(rows)
             db.executemany(
                 "INSERT INTO energy (host, gpu_uuid, gpu_index, pool_state, start_ts, end_ts, "
                 "joules, overhead_joules, method, slot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -532,16 +576,7 @@ class SqliteLedger:
                     )
                 ],
             )
-            machine: dict[tuple[int, str], list[float]] = {}
-            for (_, _, state, slot), (a, b, joules, overhead, _) in sums.items():
-                acc = machine.get((slot, state))
-                if acc is None:
-                    machine[(slot, state)] = [a, b, joules, overhead]
-                else:
-                    acc[0] = min(acc[0], a)
-                    acc[1] = max(acc[1], b)
-                    acc[2] += joules
-                    acc[3] += overhead
+            machine = machine_sums(sums)
             db.executemany(
                 "INSERT INTO energy_slots (host, slot, pool_state, start_ts, end_ts, joules, "
                 "overhead_joules) VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -565,7 +600,7 @@ class SqliteLedger:
             "SELECT gpu_uuid, gpu_index, pool_state, start_ts, end_ts, joules, overhead_joules, "
             "method, host FROM energy WHERE host = ? AND start_ts < ? AND end_ts > ?"
         )
-        params: list[Any] = [self._host, _ts(end), _ts(start)]
+        params: list[Any] = [self._host, epoch(end), epoch(start)]
         if gpu_uuid is not None:
             sql += " AND gpu_uuid = ?"
             params.append(gpu_uuid)
@@ -575,8 +610,8 @@ class SqliteLedger:
                 gpu_uuid=r["gpu_uuid"],
                 gpu_index=r["gpu_index"],
                 pool_state=r["pool_state"],
-                start=_dt_required(r["start_ts"]),
-                end=_dt_required(r["end_ts"]),
+                start=utc(r["start_ts"]),
+                end=utc(r["end_ts"]),
                 joules=r["joules"],
                 overhead_joules=r["overhead_joules"],
                 method=r["method"],
@@ -588,14 +623,30 @@ class SqliteLedger:
     async def energy_totals(
         self, cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> list[EnergyTotal]:
-        bounds = [_ts(t) for t in cuts]
+        bounds = [epoch(t) for t in cuts]
         if any(b <= a for a, b in pairwise(bounds)):
             raise ValueError("energy_totals: the cuts must increase")
         if len(bounds) < 2:
             return []
-        return await self._call(self._energy_totals, bounds, gpu_index)
+        return await self._call(self._energy_totals, self._host, bounds, gpu_index)
 
-    def _energy_totals(self, bounds: list[float], gpu_index: int | None) -> list[EnergyTotal]:
+    async def energy_totals_by_host(
+        self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
+    ) -> dict[str, list[EnergyTotal]]:
+        """`energy_totals` of each of `hosts` (one file rarely holds more than one)."""
+        bounds = [epoch(t) for t in cuts]
+        if any(b <= a for a, b in pairwise(bounds)):
+            raise ValueError("energy_totals: the cuts must increase")
+        out: dict[str, list[EnergyTotal]] = {}
+        for host in hosts if len(bounds) >= 2 else ():
+            totals = await self._call(self._energy_totals, host, bounds, gpu_index)
+            if totals:
+                out[host] = totals
+        return out
+
+    def _energy_totals(
+        self, host: str, bounds: list[float], gpu_index: int | None
+    ) -> list[EnergyTotal]:
         # A record can only reach into a span if it ends less than the longest record's
         # length after the span's end (and starts less than that before its start): that
         # bound lets each span be read as one index range. Slot sums are never longer than
@@ -603,7 +654,7 @@ class SqliteLedger:
         [(longest,)] = self._read(
             "SELECT MAX(end_ts - start_ts) FROM energy "
             "WHERE host = ? AND slot IS NULL AND end_ts >= ?",
-            (self._host, bounds[0]),
+            (host, bounds[0]),
         )
         raw_reach = float(longest or 0.0)
         reach = max(raw_reach, float(ROLLUP_SECONDS))
@@ -614,18 +665,9 @@ class SqliteLedger:
         cuts = json.dumps(list(pairwise(bounds)))
 
         def share(t: str) -> str:
-            """The part of row `t` inside [s.a, s.b): by time, or whole if it has no length."""
-            return (
-                f"(CASE WHEN {t}.end_ts > {t}.start_ts THEN "
-                f"(MIN({t}.end_ts, s.b) - MAX({t}.start_ts, s.a)) / ({t}.end_ts - {t}.start_ts) "
-                "ELSE 1.0 END)"
-            )
+            return share_sql(t, "MIN", "MAX")
 
-        def inside(t: str) -> str:
-            return (
-                f"{t}.start_ts < s.b AND ({t}.end_ts > s.a "
-                f"OR ({t}.end_ts <= {t}.start_ts AND {t}.start_ts >= s.a))"
-            )
+        inside = inside_sql
 
         if gpu_index is not None:
             # One GPU: its records as written and its slot sums, by its index.
@@ -638,7 +680,7 @@ class SqliteLedger:
                 f"AND {inside('e')} "
                 "GROUP BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
                 "ORDER BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
-                (cuts, self._host, gpu_index, reach),
+                (cuts, host, gpu_index, reach),
             )
             return [EnergyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
         # The machine: records as written (by their end, in the partial index of them) and
@@ -658,7 +700,7 @@ class SqliteLedger:
             f"WHERE m.host = ? AND m.slot >= CAST(s.a / {ROLLUP_SECONDS} AS INTEGER) "
             f"AND m.slot <= CAST(s.b / {ROLLUP_SECONDS} AS INTEGER) AND {inside('m')}"
             ") GROUP BY i, pool_state ORDER BY i, pool_state",
-            (cuts, self._host, raw_reach, self._host),
+            (cuts, host, raw_reach, host),
         )
         return [EnergyTotal(r[0], r[1], r[2], r[3]) for r in rows]
 
@@ -675,7 +717,7 @@ class SqliteLedger:
                 (
                     self._host,
                     r.service,
-                    _ts(r.arrival),
+                    epoch(r.arrival),
                     r.duration_s,
                     r.outcome,
                     r.held_s,
@@ -684,11 +726,8 @@ class SqliteLedger:
                 for r in records
             ],
         )
-        newest = max(_ts(r.arrival) for r in records)
-        cutoff = (
-            math.floor((newest - DEMAND_RAW_RETENTION) / DEMAND_BUCKET_SECONDS)
-            * DEMAND_BUCKET_SECONDS
-        )
+        newest = max(epoch(r.arrival) for r in records)
+        cutoff = demand_cutoff(newest)
         if self._demand_compacted_to is not None and cutoff <= self._demand_compacted_to:
             return
         try:
@@ -703,7 +742,7 @@ class SqliteLedger:
     async def compact_demand(self, before: datetime) -> int:
         """Fold every request as written that arrived before `before` (rounded down to a
         bucket) now, instead of as later writes come. Returns how many rows were folded."""
-        cutoff = math.floor(_ts(before) / DEMAND_BUCKET_SECONDS) * DEMAND_BUCKET_SECONDS
+        cutoff = floor_to(epoch(before), DEMAND_BUCKET_SECONDS)
         total = 0
         while True:
             folded = await self._call(self._compact_demand, cutoff, COMPACT_BATCH)
@@ -721,17 +760,7 @@ class SqliteLedger:
                 "WHERE host = ? AND bucket IS NULL AND arrival_ts < ? ORDER BY arrival_ts LIMIT ?",
                 (self._host, cutoff, limit),
             ).fetchall()
-            sums: dict[tuple[str, str, int], list[Any]] = {}
-            for _, service, outcome, arrival, duration, held, count in rows:
-                key = (service, outcome, math.floor(arrival / DEMAND_BUCKET_SECONDS))
-                acc = sums.get(key)
-                if acc is None:
-                    sums[key] = [arrival, duration, held, count]
-                else:
-                    acc[0] = min(acc[0], arrival)
-                    acc[1] += duration
-                    acc[2] += held
-                    acc[3] += count
+            sums = demand_sums(rows)
             db.executemany(
                 "INSERT INTO demand (host, service, outcome, bucket, arrival_ts, duration_s, "
                 "held_s, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
@@ -749,6 +778,66 @@ class SqliteLedger:
             db.executemany("DELETE FROM demand WHERE id = ?", [(row[0],) for row in rows])
         return len(rows)
 
+    async def add_price(self, record: PriceRecord) -> None:
+        await self._call(
+            self._write_many,
+            "INSERT INTO prices (host, ts, kind, price, peers) VALUES (?, ?, ?, ?, ?)",
+            [(self._host, epoch(record.at), record.kind, record.price, record.peers)],
+        )
+
+    async def prices(
+        self, start: datetime, end: datetime, kind: PriceKind | None = None
+    ) -> list[PriceRecord]:
+        sql = (
+            "SELECT ts, kind, price, peers, host FROM prices "
+            "WHERE host = ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        rows = await self._call(self._read, sql + " ORDER BY ts, id", params)
+        return [
+            PriceRecord(utc(ts), cast(PriceKind, k), price, peers, host)
+            for ts, k, price, peers, host in rows
+        ]
+    # -- idle statistics ------------------------------------------------------------------
+
+    async def add_idle(self, records: Sequence[IdleRecord]) -> None:
+        if not records:
+            return
+        await self._call(
+            self._write_many,
+            "INSERT INTO gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, "
+            "watts, pstates, memory_mb, processes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (self._host, r.gpu_uuid, r.gpu_index, epoch(r.start), epoch(r.end), r.samples,
+                 counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
+                 counts_json(r.processes))
+                for r in records
+            ],
+        )  # fmt: skip
+
+    async def idle(
+        self, start: datetime, end: datetime, gpu_uuid: str | None = None
+    ) -> list[IdleRecord]:
+        sql = (
+            "SELECT gpu_uuid, gpu_index, start_ts, end_ts, samples, watts, pstates, memory_mb, "
+            "processes, host FROM gpu_idle WHERE host = ? AND start_ts < ? AND end_ts > ?"
+        )
+        params: list[Any] = [self._host, epoch(end), epoch(start)]
+        if gpu_uuid is not None:
+            sql += " AND gpu_uuid = ?"
+            params.append(gpu_uuid)
+        rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
+        return [
+            IdleRecord(
+                r[0], r[1], utc(r[2]), utc(r[3]), r[4], int_counts(r[5]),
+                int_counts(r[6]), int_counts(r[7]), str_counts(r[8]), r[9],
+            )
+            for r in rows
+        ]  # fmt: skip
+
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None
     ) -> list[DemandRecord]:
@@ -756,7 +845,7 @@ class SqliteLedger:
             "SELECT service, arrival_ts, duration_s, outcome, held_s, count, host FROM demand "
             "WHERE host = ? AND arrival_ts >= ? AND arrival_ts < ?"
         )
-        params: list[Any] = [self._host, _ts(start), _ts(end)]
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
         if service is not None:
             sql += " AND service = ?"
             params.append(service)
@@ -769,15 +858,45 @@ class SqliteLedger:
             rows = self._db.execute(sql, params).fetchall()
         except sqlite3.Error as err:
             raise LedgerError(f"ledger read failed: {err}") from err
-        utc = UTC
+        zone = UTC
         stamp = datetime.fromtimestamp
         return [
             DemandRecord(
-                service, stamp(arrival, utc), duration, cast(DemandOutcome, outcome), held,
+                service, stamp(arrival, zone), duration, cast(DemandOutcome, outcome), held,
                 count, host,
             )
             for service, arrival, duration, outcome, held, count, host in rows
         ]  # fmt: skip
+
+    # -- model loads ----------------------------------------------------------------------
+
+    async def add_model_loads(self, records: Sequence[ModelLoad]) -> None:
+        if not records:
+            return
+        await self._call(
+            self._write_many,
+            "INSERT INTO model_loads (host, service, ts, model, gpus) VALUES (?, ?, ?, ?, ?)",
+            [
+                (self._host, r.service, epoch(r.at), r.model, gpu_list_text(r.gpus))
+                for r in records
+            ],
+        )
+
+    async def model_loads(
+        self, start: datetime, end: datetime, service: str | None = None
+    ) -> list[ModelLoad]:
+        sql = (
+            "SELECT service, ts, model, gpus, host FROM model_loads "
+            "WHERE host = ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [self._host, epoch(start), epoch(end)]
+        if service is not None:
+            sql += " AND service = ?"
+            params.append(service)
+        rows = await self._call(self._read, sql + " ORDER BY ts, id", params)
+        return [
+            ModelLoad(r[0], utc(r[1]), r[2], gpu_list(r[3]), r[4]) for r in rows
+        ]
 
     # -- earnings -------------------------------------------------------------------------
 
@@ -807,7 +926,7 @@ class SqliteLedger:
                         r.amount,
                         r.currency,
                         r.source,
-                        _ts(r.updated),
+                        epoch(r.updated),
                         json.dumps(r.detail, sort_keys=True),
                         self._host,
                     ),
@@ -832,7 +951,7 @@ class SqliteLedger:
                 amount=r["amount"],
                 currency=r["currency"],
                 source=cast(EarningsSource, r["source"]),
-                updated=_dt_required(r["updated_ts"]),
+                updated=utc(r["updated_ts"]),
                 detail=json.loads(r["detail"]),
                 host=r["host"],
             )
@@ -850,7 +969,7 @@ class SqliteLedger:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         self._host,
-                        _ts(entry.at),
+                        epoch(entry.at),
                         entry.kind,
                         entry.subject,
                         entry.status,
@@ -874,7 +993,7 @@ class SqliteLedger:
                 (
                     "UPDATE journal SET status = ?, outcome = ?, outcome_ts = ? "
                     "WHERE id = ? AND host = ? AND status = 'intent'",
-                    (status, outcome, _ts(at), entry_id, self._host),
+                    (status, outcome, epoch(at), entry_id, self._host),
                 )
             ],
         )
@@ -894,7 +1013,7 @@ class SqliteLedger:
         params: list[Any] = [self._host]
         if since is not None:
             sql += " AND ts >= ?"
-            params.append(_ts(since))
+            params.append(epoch(since))
         if status is not None:
             sql += " AND status = ?"
             params.append(status)
@@ -905,13 +1024,13 @@ class SqliteLedger:
         return [
             JournalEntry(
                 id=r["id"],
-                at=_dt_required(r["ts"]),
+                at=utc(r["ts"]),
                 kind=r["kind"],
                 subject=r["subject"],
                 status=r["status"],
                 payload=json.loads(r["payload"]),
                 outcome=r["outcome"],
-                outcome_at=_dt(r["outcome_ts"]),
+                outcome_at=utc_or_none(r["outcome_ts"]),
                 host=r["host"],
             )
             for r in rows

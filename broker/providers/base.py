@@ -166,11 +166,14 @@ class Provider(abc.ABC):
         *,
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
+        ask: float | None = None,
     ) -> Offer:
         """The offer the configuration asks for, ending at `end_date`.
 
         `load_watts_per_gpu` (measured) and `price_per_kwh` (the tariff in force, in
-        energy.currency) feed `min_bid = "auto"`.
+        energy.currency) feed `min_bid = "auto"`. `ask`: the price the market watcher
+        chose (`price_gpu = "market"`, broker/pricing/); a marketplace that does not
+        price by the market ignores it.
         """
 
     @abc.abstractmethod

@@ -285,6 +285,7 @@ class CloreMarket(Provider):
         *,
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
+        ask: float | None = None,
     ) -> Offer:
         if not self.listable:
             raise ProviderRejected(self.note)

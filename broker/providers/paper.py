@@ -19,14 +19,18 @@ import math
 import random
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from broker.clock import Clock
 from broker.configtypes import PositiveDuration
 from broker.errors import ProviderRejected
 from broker.ledger.base import EarningsRecord
+from broker.pricing.ask import Market
+from broker.pricing.market import MarketRead
+from broker.pricing.settings import PricingSection
 from broker.providers.base import (
     Capabilities,
     ListResult,
@@ -38,13 +42,19 @@ from broker.providers.base import (
 from broker.providers.contracts import Contract, ContractBook, RentRefused
 from broker.providers.sections import PolledProvider, ProviderContext
 
+if TYPE_CHECKING:
+    from broker.simulation.competition import CompetingMarket
+
 
 class PaperProvider(PolledProvider):
     """`[provider] kind = "paper"`: the simulated market, the default."""
 
     kind: Literal["paper"]
     seed: int = 0
-    price_gpu: float = Field(default=0.20, gt=0, description="USD per GPU-hour we ask")
+    # USD per GPU-hour we ask; or "market": the ask follows the competing offers below
+    # ([provider.pricing], broker/pricing/), as it would on Vast.ai.
+    price_gpu: float | Literal["market"] = 0.20
+    pricing: PricingSection = PricingSection()
     market_price_gpu: float = Field(
         default=0.20, gt=0, description="USD per GPU-hour renters expect"
     )
@@ -68,6 +78,15 @@ class PaperProvider(PolledProvider):
     mean_rental: PositiveDuration = timedelta(hours=3)
     # The paper market prices in USD like Vast: USD for one unit of energy.currency.
     usd_per_currency: float = Field(default=1.0, gt=0)
+    # Other hosts' machines like ours (broker/simulation/competition.py), asking
+    # market_price_gpu x a log-normal factor (sigma `competitor_spread`): in `simulate`
+    # renters take the cheapest they can afford; live, they are what price_gpu = "market"
+    # reads. 0: ours is the only offer (market pricing then gets 12). `market_prices`
+    # (simulate): a CSV `timestamp,price_median` (Vast's metrics history) that moves the
+    # market price over time.
+    competitors: int = Field(default=0, ge=0)
+    competitor_spread: float = Field(default=0.25, ge=0)
+    market_prices: Path | None = None
 
     # Nothing to ask: the market is in this process.
     probes_platform: ClassVar[bool] = False
@@ -78,8 +97,21 @@ class PaperProvider(PolledProvider):
     def check(self) -> list[str]:
         return ["paper market (simulated renters, no account needed)"]
 
+    @field_validator("price_gpu", mode="before")
+    @classmethod
+    def _price_gpu(cls, value: object) -> object:
+        if value == "market":
+            return value
+        if isinstance(value, bool) or not isinstance(value, float | int) or value <= 0:
+            raise ValueError(f'expected "market" or a price above 0, got {value!r}')
+        return value
+
+    @property
+    def market_priced(self) -> bool:
+        return self.price_gpu == "market"
+
     def estimate_price_gpu(self) -> float | None:
-        return self.price_gpu
+        return None if self.price_gpu == "market" else self.price_gpu
 
 
 class PaperMarket(Provider):
@@ -100,6 +132,7 @@ class PaperMarket(Provider):
         # Told (market time, GPU indices renters hold) at each change; see the docstring.
         self.on_renter_load: Callable[[datetime, frozenset[int]], None] | None = None
         self._loaded: frozenset[int] = frozenset()
+        self._rivals: CompetingMarket | None = None  # built at the first market read
 
     @property
     def capabilities(self) -> Capabilities:
@@ -206,10 +239,14 @@ class PaperMarket(Provider):
         *,
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
+        ask: float | None = None,
     ) -> Offer:
         whole = self.book.num_gpus
+        price = self.config.price_gpu if self.config.price_gpu != "market" else ask
+        if price is None:
+            raise ProviderRejected('price_gpu = "market" and no market ask yet: not listed')
         return Offer(
-            price_gpu=self.config.price_gpu,
+            price_gpu=price,
             end_date=end_date,
             min_bid=self.config.min_bid,
             min_chunk=min(self.config.min_chunk or whole, whole),
@@ -282,6 +319,22 @@ class PaperMarket(Provider):
             self.book.end(now, self._displacement.id)
             self._displacement = None
             self._tell_load(now)
+
+    def market_read(self) -> MarketRead:
+        """What price_gpu = "market" reads: the competing offers' asks now (the paper
+        market's own renters do not take them, so all are free), in host terms."""
+        from broker.simulation.competition import DEFAULT_COMPETITORS, CompetingMarket
+
+        if self._rivals is None:
+            config = self.config
+            self._rivals = CompetingMarket(
+                config.market_price_gpu, config.competitors or DEFAULT_COMPETITORS,
+                config.competitor_spread, seed=config.seed,
+            )  # fmt: skip
+        now = self._clock.now()
+        prices = tuple(sorted(self._rivals.free_prices(now.timestamp())))
+        market = Market(prices, truncated=False, median=self.config.market_price_gpu)
+        return MarketRead(market, now, ratio=1.0, offers=len(prices))
 
     async def probe(self) -> builtins.list[str]:
         return [

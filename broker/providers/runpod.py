@@ -147,6 +147,7 @@ class RunpodMarket(Provider):
         *,
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
+        ask: float | None = None,
     ) -> Offer:
         raise ProviderRejected(NOTE)
 

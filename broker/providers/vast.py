@@ -37,6 +37,7 @@ from broker.errors import (
     ProviderStateMismatch,
 )
 from broker.ledger.base import EarningsRecord
+from broker.pricing.settings import PricingSection
 from broker.providers.base import (
     Capabilities,
     ListResult,
@@ -82,7 +83,10 @@ class VastProvider(ProviderKey):
     api_key_env: str | None = "VAST_API_KEY"
     api_key_file: Path | None = None
     base_url: str = "https://console.vast.ai"
-    price_gpu: float = Field(gt=0, description="USD per GPU-hour, on-demand")
+    # USD per GPU-hour, on-demand; or "market": the ask follows comparable offers
+    # ([provider.pricing], broker/pricing/).
+    price_gpu: float | Literal["market"]
+    pricing: PricingSection = PricingSection()
     min_bid: float | Literal["auto"] = "auto"
     price_disk: float = Field(default=0.10, ge=0, description="USD per GB-month")
     min_chunk: int = Field(default=1, ge=1)
@@ -109,6 +113,19 @@ class VastProvider(ProviderKey):
     def _no_socket(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("price_gpu", mode="before")
+    @classmethod
+    def _price_gpu(cls, value: object) -> object:
+        if value == "market":
+            return value
+        if isinstance(value, bool) or not isinstance(value, float | int) or value <= 0:
+            raise ValueError(f'expected "market" or a price above 0, got {value!r}')
+        return value
+
+    @property
+    def market_priced(self) -> bool:
+        return self.price_gpu == "market"
+
     @field_validator("min_bid")
     @classmethod
     def _min_bid(cls, value: float | str) -> float | str:
@@ -129,7 +146,8 @@ class VastProvider(ProviderKey):
         )
 
     def estimate_price_gpu(self) -> float | None:
-        return self.price_gpu
+        # Priced by the market: the ledger's listings say what was asked, not the config.
+        return None if self.price_gpu == "market" else self.price_gpu
 
 
 class VastMachine(BaseModel):
@@ -249,6 +267,7 @@ class VastMarket(Provider):
         from broker.providers.http import provider_api
 
         self._api: JsonApi = provider_api("Vast.ai", config, clock, api_key, retry_attempts)
+        self._api_key = api_key
         # Our self-rental's instance (= contract) id while one exists. Lost on a restart;
         # `end_displacement` then finds it again by its label.
         self.self_rental: int | None = None
@@ -262,6 +281,14 @@ class VastMarket(Provider):
             can_displace_interruptible=True,
             earnings_source="provider",
         )
+
+    def market_api(self) -> JsonApi:
+        """A client of its own for the market reads (broker/pricing/market.py): a search
+        that hangs or is rate-limited then never waits in front of a reclaim's call. One
+        try per read: the next refresh is the retry."""
+        from broker.providers.http import provider_api
+
+        return provider_api("Vast.ai", self.config, self._clock, self._api_key, 1)
 
     async def start(self) -> None:
         await self._api.start()
@@ -280,8 +307,15 @@ class VastMarket(Provider):
         *,
         load_watts_per_gpu: float | None = None,
         price_per_kwh: float | None = None,
+        ask: float | None = None,
     ) -> Offer:
         config = self.config
+        if config.price_gpu != "market":
+            price = config.price_gpu
+        elif ask is not None:
+            price = ask
+        else:
+            raise ProviderRejected('price_gpu = "market" and no market ask yet: not listed')
         min_bid: float | None
         if config.min_bid != "auto":
             min_bid = float(config.min_bid)
@@ -293,12 +327,12 @@ class VastMarket(Provider):
             # Without a measurement a floor could be below the power bill; the on-demand
             # price is the safe side (interruptible renters then pay what others pay).
             log.warning("min_bid = auto without a load power measurement: using price_gpu")
-            min_bid = config.price_gpu
+            min_bid = price
         return Offer(
-            price_gpu=config.price_gpu,
+            price_gpu=price,
             end_date=end_date,
             # A floor above the on-demand price would only turn bids away.
-            min_bid=min(min_bid, config.price_gpu),
+            min_bid=min(min_bid, price),
             min_chunk=config.min_chunk,
             price_disk=config.price_disk,
         )

@@ -56,8 +56,17 @@ from zoneinfo import ZoneInfo
 
 from broker.config import Config
 from broker.errors import BrokerError
-from broker.ledger.base import EarningsSource, Ledger, StateInterval
+from broker.ledger.base import (
+    EarningsRecord,
+    EarningsSource,
+    EnergyTotal,
+    JournalEntry,
+    Ledger,
+    PriceRecord,
+    StateInterval,
+)
 from broker.report.periods import By, Period, periods
+from broker.report.prices import PriceSummary, price_summary, read_prices
 from broker.scheduling.tariffs import Rate, TariffSchedule
 
 Bucket = Literal["local", "idle", "listed", "rented"]
@@ -152,6 +161,7 @@ class Report:
     gpu: int | None
     rows: list[ReportRow]
     totals: ReportRow
+    prices: PriceSummary | None = None  # realised price beside the market's (prices.py)
 
     def to_json(self) -> dict[str, Any]:
         """SPEC section 6: the object `gpu-broker report --format json` prints."""
@@ -163,6 +173,7 @@ class Report:
             "by": self.by,
             "rows": [row.to_json() for row in self.rows],
             "totals": self.totals.to_json(),
+            **({"prices": self.prices.to_json()} if self.prices is not None else {}),
         }
 
 
@@ -246,9 +257,8 @@ class _Slices:
             self.rate.append(segments[bisect.bisect_right(segment_starts, a) - 1].rate)
             self.day.append(a.astimezone(UTC).date())
 
-    def pieces(self, start: datetime, end: datetime) -> list[tuple[int, float]]:
-        """(slice, seconds) of [start, end) within the slices."""
-        a, b = start.timestamp(), end.timestamp()
+    def pieces(self, a: float, b: float) -> list[tuple[int, float]]:
+        """(slice, seconds) of [a, b) (epoch seconds) within the slices."""
         out: list[tuple[int, float]] = []
         i = max(0, bisect.bisect_right(self._starts, a) - 1)
         while i < len(self._starts) - 1 and self._starts[i] < b:
@@ -278,34 +288,158 @@ def _price_gpu(config: Config) -> float:
     return 0.0 if price is None else _to_currency(price, "USD", config)
 
 
-def _clip(interval: StateInterval, start: datetime, end: datetime, now: datetime) -> tuple[
-    datetime, datetime
-] | None:
-    a = max(interval.start, start)
-    b = min(interval.end or now, now, end)
-    return (a, b) if b > a else None
+DAY_SECONDS = 86_400.0
+_EPOCH = date(1970, 1, 1).toordinal()
 
 
-async def idle_baseline_watts(
-    ledger: Ledger, start: datetime, end: datetime, now: datetime, gpu: int | None = None
+def _epoch_day(day: date) -> int:
+    """A UTC day as days since 1970-01-01 (a UTC timestamp // 86 400)."""
+    return day.toordinal() - _EPOCH
+
+
+def _span(interval: StateInterval, a: float, b: float, now: float) -> tuple[float, float] | None:
+    """The part of `interval` in [a, b) as epoch seconds (an open one runs to `now`)."""
+    x = max(interval.start.timestamp(), a)
+    y = min(now if interval.end is None else interval.end.timestamp(), now, b)
+    return (x, y) if y > x else None
+
+
+def _baseline_watts(
+    pool: Sequence[StateInterval],
+    energy: Sequence[EnergyTotal],
+    start: datetime,
+    end: datetime,
+    now: datetime,
 ) -> float:
-    """The GPUs' (or GPU `gpu`'s) mean draw in watts while the pool was IDLE or LISTED in
-    [start, end): their joules under those pool states over the pool's seconds in them
-    (host overhead left out). 0 when the pool spent no time there."""
+    """The GPUs' (or one GPU's) mean draw in watts while the pool was IDLE or LISTED in
+    [start, end): their joules under those pool states (`energy`, over that window) over
+    the pool's seconds in them, host overhead left out. 0 when the pool spent no time there."""
     seconds = 0.0
-    for interval in await ledger.state_intervals(start, end, scope="pool"):
+    a, b, now_ts = start.timestamp(), end.timestamp(), now.timestamp()
+    for interval in pool:
         if interval.state.upper() in BASELINE_STATES:
-            span = _clip(interval, start, end, now)
+            span = _span(interval, a, b, now_ts)
             if span is not None:
-                seconds += (span[1] - span[0]).total_seconds()
+                seconds += span[1] - span[0]
     if seconds <= 0:
         return 0.0
-    joules = sum(
-        part.joules
-        for part in await ledger.energy_totals([start, end], gpu_index=gpu)
-        if part.pool_state.upper() in BASELINE_STATES
-    )
+    joules = sum(part.joules for part in energy if part.pool_state.upper() in BASELINE_STATES)
     return joules / seconds
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """What a report covers, worked out from the config alone (periods, tariff slices, the
+    days and the baseline window to read): the same for every host of a fleet, so a fleet
+    report makes it once."""
+
+    since: datetime
+    end: datetime
+    now: datetime
+    by: By
+    gpu: int | None
+    spans: list[Period]
+    slices: _Slices
+    day0: datetime  # whole UTC days around the range: a provider day's earnings are shared
+    day_end: datetime  # by the rented hours of that whole day
+    baseline_start: datetime  # the idle baseline is measured over [baseline_start, end)
+
+    @property
+    def first_day(self) -> date:
+        return self.day0.date()
+
+    @property
+    def last_day(self) -> date:
+        return (self.day_end - timedelta(days=1)).date()
+
+    @property
+    def baseline_in_spans(self) -> bool:
+        """The baseline window is the report's own range: its energy is the spans' sum."""
+        return self.baseline_start == self.since
+
+
+def plan_report(
+    config: Config,
+    *,
+    since: datetime,
+    until: datetime,
+    now: datetime,
+    by: By = "day",
+    gpu: int | None = None,
+) -> ReportPlan:
+    """Raises `ValueError` for an empty range."""
+    tz = config.broker.tz
+    since, until, now = (t.astimezone(UTC) for t in (since, until, now))
+    end = min(until, now)
+    if since >= end:
+        raise ValueError(f"the report's start ({since}) is not before its end ({end})")
+    spans = periods(since, end, by, tz)
+    slices = _Slices(since, end, spans, TariffSchedule.from_config(config.energy, tz))
+    first_day = since.astimezone(UTC).date()
+    last_day = (end - timedelta(microseconds=1)).astimezone(UTC).date()
+    return ReportPlan(
+        since=since,
+        end=end,
+        now=now,
+        by=by,
+        gpu=gpu,
+        spans=spans,
+        slices=slices,
+        day0=datetime.combine(first_day, time(), UTC),
+        day_end=datetime.combine(last_day + timedelta(days=1), time(), UTC),
+        baseline_start=min(since, end - BASELINE_WINDOW),
+    )
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """One host's rows a report is made of, as `read_inputs` reads them for a plan."""
+
+    energy: Sequence[EnergyTotal]  # per slice of plan.slices.cuts
+    baseline_energy: Sequence[EnergyTotal]  # over [plan.baseline_start, plan.end)
+    # The pool's intervals over [min(day0, baseline_start), day_end) ...
+    pool: Sequence[StateInterval]
+    # ... and the GPUs' over [day0, day_end): only the rented ones for the whole machine
+    # (a year of 8 GPUs is some 20 000 intervals; the rented ones are a fifth of that).
+    gpus: Sequence[StateInterval]
+    earnings: Sequence[EarningsRecord]  # days first_day..last_day
+    notes: Sequence[JournalEntry]  # held and rejected requests since plan.since
+    prices: Sequence[PriceRecord] = ()  # asks, rentals and market reads in [since, end)
+
+
+def pool_window(plan: ReportPlan) -> tuple[datetime, datetime]:
+    """The range of the pool intervals a report reads."""
+    return min(plan.day0, plan.baseline_start), plan.day_end
+
+
+def gpu_states(plan: ReportPlan) -> Sequence[str] | None:
+    """The GPU states a report reads (None: all)."""
+    return RENTED_STATES if plan.gpu is None else None
+
+
+async def read_inputs(ledger: Ledger, plan: ReportPlan) -> ReportInputs:
+    energy = await ledger.energy_totals(plan.slices.cuts, gpu_index=plan.gpu)
+    baseline = (
+        energy
+        if plan.baseline_in_spans
+        else await ledger.energy_totals([plan.baseline_start, plan.end], gpu_index=plan.gpu)
+    )
+    return ReportInputs(
+        energy=energy,
+        baseline_energy=baseline,
+        pool=await ledger.state_intervals(*pool_window(plan), scope="pool"),
+        gpus=await ledger.state_intervals(
+            plan.day0, plan.day_end, scope="gpu", states=gpu_states(plan)
+        ),
+        earnings=await ledger.earnings(plan.first_day, plan.last_day),
+        notes=await read_notes(ledger, plan),
+        prices=await read_prices(ledger, plan.since, plan.end),
+    )
+
+
+async def read_notes(ledger: Ledger, plan: ReportPlan) -> list[JournalEntry]:
+    """The held and rejected requests a report counts."""
+    return await ledger.journal_entries(since=plan.since, status="note", kinds=[HELD, REJECTED])
 
 
 async def build_report(
@@ -321,20 +455,22 @@ async def build_report(
     """Rows per period over [since, min(until, now)): the whole machine (`gpu` None) or
     one GPU by index. Raises `ValueError` for an empty range, `ReportError` for earnings in
     a currency that cannot be converted."""
-    tz = config.broker.tz
-    since, until, now = (t.astimezone(UTC) for t in (since, until, now))
-    end = min(until, now)
-    if since >= end:
-        raise ValueError(f"the report's start ({since}) is not before its end ({end})")
-    spans = periods(since, end, by, tz)
-    slices = _Slices(since, end, spans, TariffSchedule.from_config(config.energy, tz))
+    plan = plan_report(config, since=since, until=until, now=now, by=by, gpu=gpu)
+    return compute_report(plan, await read_inputs(ledger, plan), config)
+
+
+def compute_report(plan: ReportPlan, inputs: ReportInputs, config: Config) -> Report:
+    """The report of one host's rows: no I/O."""
+    since, end, now, gpu = plan.since, plan.end, plan.now, plan.gpu
+    since_ts, end_ts, now_ts = since.timestamp(), end.timestamp(), now.timestamp()
+    spans, slices = plan.spans, plan.slices
     accs = [_Acc() for _ in spans]
 
     # -- energy, its cost and carbon: summed by the store per slice and pool state (and
     # UUID, for one GPU: its intervals are found by the UUIDs its index had).
     uuids: set[str] = set()
     rented_joules: dict[int, float] = defaultdict(float)  # GPU draw while rented, by slice
-    for part in await ledger.energy_totals(slices.cuts, gpu_index=gpu):
+    for part in inputs.energy:
         if part.gpu_uuid is not None:
             uuids.add(part.gpu_uuid)
         acc = accs[slices.period[part.span]]
@@ -349,99 +485,90 @@ async def build_report(
             acc.co2 += kwh * rate.carbon_g_per_kwh / 1000.0
 
     # -- hours. Intervals are read over whole UTC days around the range, because the
-    # earnings of a provider day are shared by the rented hours of that whole day.
-    first_day = since.astimezone(UTC).date()
-    last_day = (end - timedelta(microseconds=1)).astimezone(UTC).date()
-    day0 = datetime.combine(first_day, time(), UTC)
-    day_end = datetime.combine(last_day + timedelta(days=1), time(), UTC)
-    if gpu is None:
-        # The pool's intervals, and of the GPUs' only the rented ones (a year of 8 GPUs is
-        # some 20 000 intervals; the rented ones are a fifth of that).
-        own = await ledger.state_intervals(day0, day_end, scope="pool")
-        gpu_intervals = await ledger.state_intervals(
-            day0, day_end, scope="gpu", states=RENTED_STATES
-        )
-    else:
-        gpu_intervals = await ledger.state_intervals(day0, day_end, scope="gpu")
-        own = [i for i in gpu_intervals if i.subject in uuids]
-    for interval in own:
+    # earnings of a provider day are shared by the rented hours of that whole day (the
+    # pool's reach back to the baseline window too: clipping to the range leaves those out).
+    gpu_intervals = inputs.gpus
+    rented_s: dict[int, float] = defaultdict(float)  # the pool's seconds rented, by slice
+    for interval in inputs.pool if gpu is None else [
+        i for i in gpu_intervals if i.subject in uuids
+    ]:  # fmt: skip
         bucket = bucket_of(interval.state)
         if bucket is None:
             continue
-        span = _clip(interval, since, end, now)
+        span = _span(interval, since_ts, end_ts, now_ts)
         if span is not None:
             for i, seconds in slices.pieces(*span):
                 accs[slices.period[i]].hours[bucket] += seconds
+                if bucket == "rented" and gpu is None:
+                    rented_s[i] += seconds
 
     # -- extra energy: the GPUs' draw while rented above their idle baseline
-    pool_intervals = own if gpu is None else await ledger.state_intervals(
-        day0, day_end, scope="pool"
+    baseline_w = _baseline_watts(
+        inputs.pool, inputs.baseline_energy, plan.baseline_start, end, now
     )
-    baseline_w = await idle_baseline_watts(ledger, min(since, end - BASELINE_WINDOW), end,
-                                           now, gpu)  # fmt: skip
-    rented_s: dict[int, float] = defaultdict(float)  # the pool's seconds rented, by slice
-    for interval in pool_intervals:
-        if bucket_of(interval.state) == "rented" and (
-            span := _clip(interval, since, end, now)
-        ) is not None:
-            for i, seconds in slices.pieces(*span):
-                rented_s[i] += seconds
+    if gpu is not None:  # the pool's rented seconds, not the GPU's own
+        for interval in inputs.pool:
+            if bucket_of(interval.state) == "rented" and (
+                span := _span(interval, since_ts, end_ts, now_ts)
+            ) is not None:
+                for i, seconds in slices.pieces(*span):
+                    rented_s[i] += seconds
     for i in set(rented_joules) | set(rented_s):
         extra_kwh = max(0.0, rented_joules[i] - baseline_w * rented_s[i]) / JOULES_PER_KWH
         accs[slices.period[i]].extra_cost += extra_kwh * slices.rate[i].price_per_kwh
 
-    # -- rented GPU-hours, per slice and GPU, and per whole UTC day for sharing earnings.
+    # -- rented GPU-hours: this report's GPUs' per slice, and every GPU's per whole UTC
+    # day (by days since the epoch) for sharing earnings.
     all_gpus = {i.subject for i in gpu_intervals}
-    rented: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    rented_day: dict[date, float] = defaultdict(float)
+    mine: dict[int, float] = defaultdict(float)
+    rented_day: dict[int, float] = defaultdict(float)
+    day0, day_end = plan.day0.timestamp(), plan.day_end.timestamp()
     for interval in gpu_intervals:
         if bucket_of(interval.state) != "rented":
             continue
-        whole = _clip(interval, day0, day_end, now)
-        if whole is None:
-            continue
-        a, b = whole
+        a = max(interval.start.timestamp(), day0)
+        b = min(interval.end.timestamp() if interval.end else now_ts, now_ts, day_end)
         while a < b:
-            midnight = datetime.combine(a.date() + timedelta(days=1), time(), UTC)
-            rented_day[a.date()] += (min(b, midnight) - a).total_seconds()
+            k = int(a // DAY_SECONDS)
+            midnight = (k + 1) * DAY_SECONDS
+            rented_day[k] += min(b, midnight) - a
             a = midnight
-        span = _clip(interval, since, end, now)
+        if gpu is not None and interval.subject not in uuids:
+            continue
+        span = _span(interval, since_ts, end_ts, now_ts)
         if span is not None:
             for i, seconds in slices.pieces(*span):
-                rented[i][interval.subject] += seconds
-    for i, by_gpu in rented.items():
-        acc = accs[slices.period[i]]
-        for subject, seconds in by_gpu.items():
-            if gpu is None or subject in uuids:
-                acc.rented_gpu_s += seconds
+                mine[i] += seconds
+    for i, seconds in mine.items():
+        accs[slices.period[i]].rented_gpu_s += seconds
 
     # -- earnings
     reported: dict[date, tuple[float, bool]] = {}
-    for record in await ledger.earnings(first_day, last_day):
+    for record in inputs.earnings:
         amount, all_provider = reported.get(record.day, (0.0, True))
         reported[record.day] = (
             amount + _to_currency(record.amount, record.currency, config),
             all_provider and record.source == "provider",
         )
     price = _price_gpu(config)
-    for i, by_gpu in rented.items():
+    for i, seconds in mine.items():
         acc = accs[slices.period[i]]
         day = slices.day[i]
-        mine = sum(s for subject, s in by_gpu.items() if gpu is None or subject in uuids)
-        if mine <= 0:
+        if seconds <= 0:
             continue
         if day in reported:
             amount, from_provider = reported[day]
-            if rented_day[day] > 0:
-                acc.earnings += amount * mine / rented_day[day]
+            whole_day = rented_day[_epoch_day(day)]
+            if whole_day > 0:
+                acc.earnings += amount * seconds / whole_day
                 acc.provider_figure |= from_provider
                 acc.estimated |= not from_provider
         else:
-            acc.earnings += price * mine / 3600.0
+            acc.earnings += price * seconds / 3600.0
             acc.estimated = True
     for day, (amount, from_provider) in reported.items():
         noon = datetime.combine(day, time(12), UTC)
-        if rented_day[day] > 0 or not since <= noon < end:
+        if rented_day[_epoch_day(day)] > 0 or not since <= noon < end:
             continue
         acc = accs[bisect.bisect_right([p.start for p in spans], noon) - 1]
         if gpu is not None:
@@ -453,7 +580,7 @@ async def build_report(
     # -- held and rejected local requests
     gpus_of = {s.name: s.gpus for s in config.services}
     starts = [p.start for p in spans]
-    for note in await ledger.journal_entries(since=since, status="note", kinds=[HELD, REJECTED]):
+    for note in inputs.notes:
         if note.at >= end:
             continue
         if gpu is not None:
@@ -470,13 +597,20 @@ async def build_report(
     total = _Acc()
     for acc in accs:
         total.add(acc)
+    totals = total.row("total", since, end, gpu)
+    prices = price_summary(
+        inputs.prices, earnings=totals.earnings,
+        rented_gpu_hours=totals.rented_gpu_hours,
+        usd_per_currency=config.provider.usd_per_currency,
+    )  # fmt: skip
     return Report(
         currency=config.energy.currency,
         timezone=config.broker.timezone,
         start=since,
         end=end,
-        by=by,
+        by=plan.by,
         gpu=gpu,
         rows=rows,
-        totals=total.row("total", since, end, gpu),
+        totals=totals,
+        prices=prices,
     )

@@ -1,6 +1,6 @@
 """The fleet report: one report per host of a shared ledger, and their sum.
 
-Each host's report is `build_report` over that host's rows, exactly what that host's own
+Each host's report is `compute_report` over that host's rows, exactly what that host's own
 `gpu-broker report` prints; the fleet's rows are the hosts' rows added period by period, so
 `--host all` always equals the sum of the hosts' own reports. The periods, the time zone and
 the tariff are those of the config that asks (a fleet owner's, or any one broker's).
@@ -8,6 +8,7 @@ the tariff are those of the config that asks (a fleet owner's, or any one broker
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -17,9 +18,21 @@ from rich.console import Group
 from rich.text import Text
 
 from broker.config import Config
-from broker.ledger.base import Ledger
-from broker.report.build import BUCKETS, Report, ReportRow, build_report
+from broker.ledger.base import EnergyTotal, Ledger
+from broker.report.build import (
+    BUCKETS,
+    Report,
+    ReportInputs,
+    ReportPlan,
+    ReportRow,
+    compute_report,
+    gpu_states,
+    plan_report,
+    pool_window,
+    read_notes,
+)
 from broker.report.periods import By
+from broker.report.prices import read_prices
 from broker.report.render import to_csv_text, to_text
 
 
@@ -72,21 +85,68 @@ async def build_fleet_report(
     now: datetime,
     by: By = "day",
     gpu: int | None = None,
+    energy_from: Ledger | None = None,
 ) -> FleetReport:
-    """Each of `hosts`' report, read through `ledger.for_host`, and their sum."""
-    reports: dict[str, Report] = {}
-    for host in sorted(set(hosts)):
-        view = ledger if host == ledger.host else await ledger.for_host(host)
-        try:
-            reports[host] = await build_report(
-                view, config, since=since, until=until, now=now, by=by, gpu=gpu
-            )
-        finally:
-            if view is not ledger:
-                await view.close()
-    if not reports:
+    """Each of `hosts`' report and their sum. The periods and tariff slices are worked out
+    once, and the energy and state intervals of every host read in one query each; the
+    energy through `energy_from` when given (a second connection to the same store), at the
+    same time as the rest."""
+    names = sorted(set(hosts))
+    if not names:
         raise ValueError("the ledger holds no host's records yet")
+    plan = plan_report(config, since=since, until=until, now=now, by=by, gpu=gpu)
+    inputs = await read_fleet_inputs(ledger, names, plan, energy_from)
+    reports = {host: compute_report(plan, inputs[host], config) for host in names}
     return FleetReport(reports, add_reports(list(reports.values())))
+
+
+async def read_fleet_inputs(
+    ledger: Ledger, hosts: Sequence[str], plan: ReportPlan, energy_from: Ledger | None = None
+) -> dict[str, ReportInputs]:
+    """What `read_inputs` reads for each host, the large reads done for all hosts at once."""
+
+    async def energy() -> tuple[dict[str, list[EnergyTotal]], dict[str, list[EnergyTotal]]]:
+        source = energy_from or ledger
+        spans = await source.energy_totals_by_host(hosts, plan.slices.cuts, plan.gpu)
+        if plan.baseline_in_spans:
+            return spans, spans
+        window = [plan.baseline_start, plan.end]
+        return spans, await source.energy_totals_by_host(hosts, window, plan.gpu)
+
+    async def rest() -> dict[str, ReportInputs]:
+        pool = await ledger.state_intervals_by_host(hosts, *pool_window(plan), scope="pool")
+        gpus = await ledger.state_intervals_by_host(
+            hosts, plan.day0, plan.day_end, scope="gpu", states=gpu_states(plan)
+        )
+        out: dict[str, ReportInputs] = {}
+        for host in hosts:
+            # Earnings, notes and prices are a few rows a day: read per host.
+            view = ledger if host == ledger.host else await ledger.for_host(host)
+            try:
+                out[host] = ReportInputs(
+                    energy=[],
+                    baseline_energy=[],
+                    pool=pool.get(host, []),
+                    gpus=gpus.get(host, []),
+                    earnings=await view.earnings(plan.first_day, plan.last_day),
+                    notes=await read_notes(view, plan),
+                    prices=await read_prices(view, plan.since, plan.end),
+                )
+            finally:
+                if view is not ledger:
+                    await view.close()
+        return out
+
+    if energy_from is None or energy_from is ledger:
+        (spans, baseline), inputs = await energy(), await rest()
+    else:
+        (spans, baseline), inputs = await asyncio.gather(energy(), rest())
+    return {
+        host: replace(
+            inputs[host], energy=spans.get(host, []), baseline_energy=baseline.get(host, [])
+        )
+        for host in hosts
+    }
 
 
 def fleet_to_text(report: FleetReport, width: int = 160) -> Group:

@@ -39,7 +39,8 @@ def to_json_text(report: Report) -> str:
     head = ", ".join(f"{json.dumps(key)}: {json.dumps(data[key])}" for key in list(data)[:4])
     rows = ",\n".join(f"  {json.dumps(row)}" for row in data["rows"])
     totals = json.dumps(data["totals"])
-    return f'{{{head},\n "rows": [\n{rows}\n ],\n "totals": {totals}}}\n'
+    prices = f',\n "prices": {json.dumps(data["prices"])}' if "prices" in data else ""
+    return f'{{{head},\n "rows": [\n{rows}\n ],\n "totals": {totals}{prices}}}\n'
 
 
 def to_csv_text(report: Report) -> str:
@@ -192,6 +193,8 @@ def to_text(report: Report, width: int = 160) -> Text:
         text.append("\n")
         text.append("\n".join(lines[:-1]) + "\n")
         text.append(lines[-1] + "\n", style="bold")
+    if report.prices is not None:
+        text.append(f"\nPrices: {report.prices.line()}\n")
     text.append(
         f"\n{units.hours[0]}: time in each state; {units.energy[0]}: energy drawn in each "
         "state; cost and CO2: of the energy drawn while listed or rented; extra: only what "

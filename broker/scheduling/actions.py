@@ -24,7 +24,8 @@ from broker.crashpoints import crashpoint
 from broker.errors import DrainError, LedgerError, ProviderError
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
-from broker.ledger.base import JournalEntry, Ledger
+from broker.ledger.base import JournalEntry, Ledger, PriceRecord
+from broker.pricing.watch import PriceWatch
 from broker.providers.base import Provider, ProviderStatus
 from broker.scheduling.pool import DrainStatus, List, PoolState
 from broker.scheduling.status import POOL, SchedulerHooks
@@ -128,6 +129,9 @@ class Actions:
         self.drain_status = DrainStatus.NONE
         self._drain_task: asyncio.Task[None] | None = None
         self._deadline: float | None = None  # loop time by which marketplace calls end
+        # price_gpu = "market": the watcher whose ask each listing carries (scheduler.py).
+        self.pricing: PriceWatch | None = None
+        self.listed_price: float | None = None  # USD per GPU-hour of the last listing made
 
     def configure(self, config: Config) -> None:
         self.config = config
@@ -183,14 +187,23 @@ class Actions:
         done, status = await self.provider_call("unlist", {"reason": reason}, call)
         return done, status if isinstance(status, ProviderStatus) else None
 
-    async def list(self, action: List) -> bool:
-        now = self._clock.now()
+    def load_watts_per_gpu(self) -> float | None:
         watts = [d.power_limit_w for d in self.sampler.devices if d.power_limit_w]
+        return max(watts) if watts else None
+
+    async def list(self, action: List, *, rented: bool = False) -> bool:
+        """List or renew; `rented`: renters run (a market ask then stays as it is)."""
+        now = self._clock.now()
         rate = self.tariffs.rate_at(now)
+        ask = self.pricing.take(rented=rented) if self.pricing is not None else None
+        if self.pricing is not None and ask is None:
+            log.warning("list not done: no market ask yet (%s)", self.pricing.status().reason)
+            return False
         offer = self.provider.make_offer(
             action.end,
-            load_watts_per_gpu=max(watts) if watts else None,
+            load_watts_per_gpu=self.load_watts_per_gpu(),
             price_per_kwh=rate.price_per_kwh,
+            ask=ask,
         )
         payload = {
             "end": action.end.isoformat(),
@@ -205,7 +218,19 @@ class Actions:
                 log.info("the new end date extended %d running contract(s)", result.extended)
 
         done, _ = await self.provider_call("list", payload, call)
+        if done:
+            self.listed_price = offer.price_gpu
+            await self.record_price(PriceRecord(now, "ask", offer.price_gpu))
+            if self.pricing is not None:
+                self.pricing.listed()
         return done
+
+    async def record_price(self, record: PriceRecord) -> None:
+        """Into the ledger's prices (the report's realised price and market median)."""
+        try:
+            await self.journal.ledger.add_price(record)
+        except LedgerError as err:
+            log.warning("cannot record a %s price: %s", record.kind, err)
 
     async def displace(self, until: datetime) -> bool:
         payload = {"until": until.isoformat()}

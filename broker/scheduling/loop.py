@@ -29,7 +29,7 @@ from broker.errors import LedgerError
 from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
-from broker.ledger.base import JournalEntry, Ledger
+from broker.ledger.base import JournalEntry, Ledger, PriceRecord
 from broker.providers.base import ProviderStatus
 from broker.scheduling.actions import Actions
 from broker.scheduling.attribution import Activity, Attribution
@@ -170,6 +170,11 @@ class DecisionLoop:
         first seen free of renters (for the latency figures), and step."""
         view = self.market.view
         self.actions.tell("provider_read", view)
+        if self.actions.pricing is not None and view is not None:
+            self.actions.pricing.note_rented(view.rentals_running > 0, view.listed)
+            status = self.market.status
+            if status is not None and status.listed:
+                self.actions.pricing.adopt(status.price_gpu)
         exposed = view is None or view.listed or view.rentals_running > 0
         if view is not None and not exposed:
             if self._was_exposed or self._free_at is None:
@@ -258,6 +263,8 @@ class DecisionLoop:
             can_list=caps.can_list,
             can_displace=caps.can_displace_interruptible,
             quiet_until=quiet,
+            market_blocked=self.actions.pricing.blocker() if self.actions.pricing else None,
+            can_journal=self.actions.journal.ledger.reachable,
         )
 
     def _learn_requests(self, now: datetime) -> None:
@@ -337,6 +344,8 @@ class DecisionLoop:
                 log.info("%s", decision.reason)
                 await self.record_state(decision.state, decision.reason)
                 self.actions.tell("state_changed", decision.state, before, decision.reason)
+                if decision.state is PoolState.RENTED and before is PoolState.LISTED:
+                    await self._record_rental_price()
             elif self.last_reason == "starting":
                 log.info("%s", decision.reason)
             else:
@@ -352,6 +361,8 @@ class DecisionLoop:
         urgent = obs.local_demand or obs.reclaim_requested or self.machine.refused_pending
         for action in ordered:
             acted = await self._do(action, decision, urgent=urgent) or acted
+        if not ordered and decision.state is PoolState.LISTED:
+            self._reprice()
         if not decision.gates.guarded:
             self._set_gates(decision.gates)
         elif decision.state is PoolState.RECLAIMING and not acted:
@@ -380,6 +391,25 @@ class DecisionLoop:
             await actions.end_displacement()
         return False
 
+    async def _record_rental_price(self) -> None:
+        """A rental began: it locked the price of the offer it rented (the one read back
+        from the platform, else the one we last listed at)."""
+        status = self.market.status
+        price = status.price_gpu if status is not None else None
+        price = price if price is not None else self.actions.listed_price
+        if price is not None:
+            await self.actions.record_price(PriceRecord(self._clock.now(), "rental", price))
+
+    def _reprice(self) -> None:
+        """price_gpu = "market": while listed and unrented, put the offer up again at the
+        new ask (same end date) when the market moved it (broker/pricing/ask.py)."""
+        pricing, view = self.actions.pricing, self.market.view
+        if pricing is None or view is None or not view.listed or view.rentals_running:
+            return
+        end = view.offer_end or self.machine.offer_end
+        if end is not None and pricing.reprice_due(rented=False):
+            self._start_list(List(end, renewal=True))
+
     def _start_list(self, action: List) -> None:
         """List in the background: on Vast the call and its spaced read-backs take seconds,
         and a local request arriving meanwhile must not wait for them. Until the call ends
@@ -400,7 +430,7 @@ class DecisionLoop:
 
         async def run() -> None:
             try:
-                listed = await self.actions.list(action)
+                listed = await self.actions.list(action, rented=offer.rentals_running > 0)
             except asyncio.CancelledError:
                 self.market.forget()
                 raise

@@ -84,6 +84,12 @@ class Observation:
     # With policy.demand_risk: until when a local request stays unlikely by the team's
     # weekly rhythm (rhythm.py); offers end there. None: no opinion (not learned yet).
     quiet_until: datetime | None = None
+    # price_gpu = "market": why the market forbids a listing now (its median below the
+    # power cost, or no ask yet; broker/pricing/). A listed, unrented offer is withdrawn.
+    market_blocked: str | None = None
+    # The ledger can journal a listing's intent (a shared database may be away). False:
+    # no listing is started (invariant 4), so the services are not drained for nothing.
+    can_journal: bool = True
 
 
 # -- actions ------------------------------------------------------------------------------
@@ -269,6 +275,10 @@ class PoolMachine:
             return "local requests"
         if obs.gpus_idle is not True:
             return "GPUs busy"
+        if obs.market_blocked:
+            return obs.market_blocked
+        if not obs.can_journal:
+            return "the ledger cannot journal a listing (its database is unreachable)"
         if self.local_hold_until is not None and obs.monotonic < self.local_hold_until:
             left = timedelta(seconds=self.local_hold_until - obs.monotonic)
             return f"local hold after a reclaim ({describe_duration(left)} left)"
@@ -418,6 +428,9 @@ class PoolMachine:
                 return "GPU telemetry unavailable"
             if self._unexplained(obs) and obs.view_after_activity:
                 return "local GPU use"
+            renters = obs.provider.rentals_running if obs.provider is not None else 1
+            if obs.market_blocked and not renters:
+                return obs.market_blocked
         return None
 
     def _renewal(self, obs: Observation, view: ProviderView) -> list[Action]:

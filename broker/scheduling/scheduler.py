@@ -29,15 +29,18 @@ from broker.gpu.energy import EnergyAccountant
 from broker.gpu.idle import IdleDetector
 from broker.gpu.sampler import GpuSampler
 from broker.ledger.base import Ledger
+from broker.pricing.wiring import price_watch
 from broker.providers.base import Provider, ProviderStatus
 from broker.scheduling.actions import Actions, Journal
 from broker.scheduling.loop import DecisionLoop
 from broker.scheduling.pool import PoolMachine, PoolState, ProviderView
 from broker.scheduling.reconcile import Reconciled, reconcile
 from broker.scheduling.status import POOL, ReclaimLatency, SchedulerHooks
+from broker.scheduling.watch import Poller
 from broker.scheduling.watchers import EarningsWatch, MarketWatch, ServiceWatch, view_of
 from broker.services.base import ServiceAdapter, ServiceProbe
 from broker.services.gate import Gate
+from broker.services.loads import ModelLoadRecorder
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,14 @@ class Scheduler:
             provider, clock, config.provider.poll_interval.total_seconds(),
             busy=self._heading_to_listing, on_update=self._market_updated,
         )  # fmt: skip
-        self.services = ServiceWatch(self.adapters, clock, on_update=self.wake)
+        gpus = {s.name: s.gpus for s in config.services}
+        self.services = ServiceWatch(
+            self.adapters, clock, on_update=self.wake, loads=ModelLoadRecorder(ledger, gpus)
+        )
+        self.pricing = price_watch(
+            config, provider, clock, self.actions, lambda: self.market.status, on_update=self.wake
+        )
+        self.actions.pricing = self.pricing
         self.earnings = EarningsWatch(provider, ledger, clock)
         self.loop = DecisionLoop(
             config, clock, machine=self.machine, actions=self.actions, market=self.market,
@@ -166,7 +176,10 @@ class Scheduler:
     @property
     def reading(self) -> bool:
         """A watcher's read is in flight."""
-        return any(w.fetching or w.refreshing for w in (self.market.poller, self.services.poller))
+        pollers: list[Poller[Any]] = [self.market.poller, self.services.poller]
+        if self.pricing is not None:
+            pollers.append(self.pricing.poller)
+        return any(w.fetching or w.refreshing for w in pollers)
 
     def locked_until(self) -> datetime | None:
         view = self.view
@@ -240,6 +253,11 @@ class Scheduler:
             asyncio.create_task(self.services.poller.run(), name="watch-services"),
             asyncio.create_task(self.earnings.poller.run(), name="watch-earnings"),
         ]
+        if self.pricing is not None:
+            await self.pricing.reader.start()
+            self._pollers.append(
+                asyncio.create_task(self.pricing.poller.run(), name="watch-market-prices")
+            )
         try:
             await self.loop.run()
         finally:
@@ -252,6 +270,9 @@ class Scheduler:
         self._pollers = []
         for poller in (self.market.poller, self.services.poller, self.earnings.poller):
             await poller.aclose()
+        if self.pricing is not None:
+            await self.pricing.poller.aclose()
+            await self.pricing.reader.close()
 
     async def sync_earnings(self, days: int = 2) -> int:
         """Copy the provider's per-day earnings into the ledger (idempotent per day)."""

@@ -18,11 +18,14 @@ from broker.scheduling.pool import PoolState, ProviderView
 if TYPE_CHECKING:
     from broker.clock import Clock
     from broker.config import Config
+    from broker.eco.history import IdleHistory
+    from broker.eco.profile import PowerProfile
     from broker.gpu.energy import EnergyAccountant
     from broker.gpu.idle import IdleDetector
     from broker.gpu.sampler import GpuSampler
     from broker.ledger.base import Ledger
     from broker.metrics import BrokerMetrics
+    from broker.pricing.watch import PriceWatch
     from broker.services.gate import Gate
 
 POOL = "machine"  # on Vast a listing covers the whole machine: one pool, named for that
@@ -86,6 +89,8 @@ class PoolStatus(Protocol):
     def energy(self) -> EnergyAccountant: ...
     @property
     def idle(self) -> IdleDetector: ...
+    @property
+    def pricing(self) -> PriceWatch | None: ...
 
     def locked_until(self) -> datetime | None: ...
 
@@ -111,5 +116,9 @@ class StatusSource(Protocol):
     def scheduler(self) -> PoolStatus: ...
     @property
     def metrics(self) -> BrokerMetrics | None: ...
+    @property
+    def idle_history(self) -> IdleHistory | None: ...
+    @property
+    def profile(self) -> PowerProfile | None: ...
 
     def status(self) -> dict[str, Any]: ...

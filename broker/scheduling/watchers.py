@@ -23,6 +23,7 @@ from broker.providers.base import Provider, ProviderStatus
 from broker.scheduling.pool import ProviderView
 from broker.scheduling.watch import Poller
 from broker.services.base import ServiceAdapter, ServiceProbe
+from broker.services.loads import ModelLoadRecorder
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,15 @@ class ServiceWatch:
     """The local services' probes; a probe that fails in any way is "unknown"."""
 
     def __init__(
-        self, adapters: Sequence[ServiceAdapter], clock: Clock, on_update: Callable[[], None]
+        self,
+        adapters: Sequence[ServiceAdapter],
+        clock: Clock,
+        on_update: Callable[[], None],
+        loads: ModelLoadRecorder | None = None,
     ) -> None:
         self.adapters = list(adapters)
+        self._clock = clock
+        self.loads = loads  # records the models each round shows newly loaded
         self.probes: dict[str, ServiceProbe] = {}
         self.poller: Poller[dict[str, ServiceProbe]] = Poller(
             "services", self._fetch, clock, lambda: SERVICE_POLL, on_update=on_update
@@ -169,6 +176,8 @@ class ServiceWatch:
                 else:
                     log.warning("service %s is unreachable: %s", adapter.name, probe.detail)
             self.probes[adapter.name] = probe
+        if self.loads is not None:
+            await self.loads.observe(self.probes, self._clock.now())
         return dict(self.probes)
 
 

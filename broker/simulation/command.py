@@ -16,9 +16,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from broker.config import Config, PolicySection
 from broker.errors import ConfigError
 from broker.ledger import ledger_path, open_ledger
+from broker.pricing.settings import PricingSection
 from broker.providers.paper import PaperProvider
 from broker.report import resolve_when
 from broker.scheduling.loop import RHYTHM_HISTORY
+from broker.simulation.competition import competition_for
 from broker.simulation.inputs import (
     InputError,
     PaperModel,
@@ -28,6 +30,7 @@ from broker.simulation.inputs import (
     read_demand,
     read_market,
 )
+from broker.simulation.market_variants import configured_pricing, pricing_variant, split
 from broker.simulation.render import to_csv_text, to_json_text, to_table
 from broker.simulation.run import simulate
 from broker.simulation.variants import label, variant
@@ -41,7 +44,19 @@ def policies(config: Config, items: list[list[str]] | None) -> list[tuple[str, P
     out = [("configured", config.policy)]
     for group in items or []:
         assignments = [a for word in group for a in word.split(",") if a.strip()]
-        out.append((label(assignments), variant(config.policy, assignments)))
+        policy_part, _ = split(assignments)
+        out.append((label(assignments), variant(config.policy, policy_part)))
+    return out
+
+
+def pricings(config: Config, items: list[list[str]] | None) -> dict[str, PricingSection | None]:
+    """Per row, the market ask's settings (`pricing.KEY=VALUE`); None: the fixed price."""
+    base = configured_pricing(config)
+    out = {"configured": base}
+    for group in items or []:
+        assignments = [a for word in group for a in word.split(",") if a.strip()]
+        _, part = split(assignments)
+        out[label(assignments)] = pricing_variant(base, part) if part else base
     return out
 
 
@@ -103,6 +118,7 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[float], None] | None]:
 
 def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: Console) -> int:
     chosen = policies(config, args.policy)
+    priced = pricings(config, args.policy)
     if args.demand == "ledger":
         if not ledger_path(config.broker).exists():
             raise InputError(
@@ -123,7 +139,11 @@ def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: C
         renters = read_market(Path(args.market))
     long = (end - start) > timedelta(days=7) or len(chosen) > 2
     with progress_bar(long and sys.stderr.isatty()) as report:
-        rows = simulate(config, chosen, demand, renters, start, end, progress=report)
+        rivals = competition_for(config, any(p is not None for p in priced.values()))
+        rows = simulate(
+            config, chosen, demand, renters, start, end, progress=report,
+            pricing=priced, competition=rivals,
+        )  # fmt: skip
     currency = config.energy.currency
     if args.format == "json":
         out.file.write(to_json_text(rows, currency, start, end))

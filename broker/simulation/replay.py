@@ -29,10 +29,11 @@ import bisect
 import heapq
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from broker.config import Config, PolicySection
+from broker.pricing.settings import PricingSection
 from broker.scheduling.loop import RHYTHM_HISTORY
 from broker.scheduling.pool import (
     CheckProvider,
@@ -50,6 +51,7 @@ from broker.scheduling.pool import (
 )
 from broker.scheduling.rhythm import VISIT_GAP, WeeklyRhythm
 from broker.scheduling.windows import Calendar
+from broker.simulation.competition import CompetingMarket, MarketAsk
 from broker.simulation.economics import EnergyPrice, Machine
 from broker.simulation.inputs import Renter, Request
 
@@ -154,6 +156,8 @@ class Replay:
         price: EnergyPrice | None = None,
         record: bool = False,
         progress: Callable[[float], None] | None = None,
+        competition: CompetingMarket | None = None,
+        pricing: PricingSection | None = None,
     ) -> None:
         self.config = config
         self.pm = PoolMachine(policy=policy, tz=config.broker.tz, since=start)
@@ -163,6 +167,14 @@ class Replay:
         self.timings = timings or Timings.from_config(config)
         self.machine = machine or Machine.from_config(config)
         self.price = price or EnergyPrice(config, start, end)
+        # Other hosts' offers, and the ask of price_gpu = "market" (competition.py).
+        self.competition = competition
+        if competition is not None:
+            self.renters = competition.market_renters(self.renters, start, end)
+        self.market_ask = (
+            MarketAsk(pricing, competition, self.machine, self.price)
+            if pricing is not None and competition is not None else None
+        )  # fmt: skip
         self.record = record
         self.progress = progress
         self.transitions: list[Transition] = []
@@ -339,10 +351,16 @@ class Replay:
             renter = renters[self._ri]
             self._ri += 1
             if not self.listed or self.rental is not None:
+                if self.competition is not None:
+                    self.competition.arrive(renter, None)
                 continue
             pays = self.machine.pays(renter)
             left = (self.offer_end or float("inf")) - renter.at
-            if pays is None or left < renter.min_offer_hours * 3600:
+            suits = pays is not None and left >= renter.min_offer_hours * 3600
+            if self.competition is not None:
+                ours = self.machine.price_gpu if suits else None
+                suits = self.competition.arrive(renter, ours) and suits
+            if pays is None or not suits:
                 self.totals.renters_turned_away += 1
                 continue
             end = self.offer_end if self.offer_end is not None else float("inf")
@@ -470,6 +488,7 @@ class Replay:
             refused_until=_dt(refused) if refused is not None else None,
             can_displace=True,  # Vast: the host's own on-demand rental (FACTS.md)
             quiet_until=quiet,
+            market_blocked=self.market_ask.blocked(t) if self.market_ask is not None else None,
         )
 
     def _step(self, t: float) -> None:
@@ -497,6 +516,10 @@ class Replay:
         acted = False
         for action in decision.actions:
             if isinstance(action, List):
+                if self.market_ask is not None:
+                    ask = self.market_ask.take(t, rented=self.rental is not None)
+                    if ask is not None:
+                        self.machine = replace(self.machine, price_gpu=ask)
                 end = action.end.timestamp()
                 if not self.listed:
                     self._poll_anchor = t
@@ -557,11 +580,14 @@ def replay(
     price: EnergyPrice | None = None,
     record: bool = False,
     progress: Callable[[float], None] | None = None,
+    competition: CompetingMarket | None = None,
+    pricing: PricingSection | None = None,
 ) -> Replay:
     """Run one policy over [start, end) and return the finished replay."""
     sim = Replay(
         config, policy, demand, renters, start.timestamp(), end.timestamp(),
         timings=timings, machine=machine, price=price, record=record, progress=progress,
+        competition=competition, pricing=pricing,
     )  # fmt: skip
     sim.run()
     return sim

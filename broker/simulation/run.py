@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from broker.config import Config, PolicySection
+from broker.pricing.settings import PricingSection
 from broker.scheduling.windows import Calendar
+from broker.simulation.competition import CompetingMarket
 from broker.simulation.economics import EnergyPrice, Machine
 from broker.simulation.inputs import Renter, Request
 from broker.simulation.oracle import solve
@@ -111,6 +113,8 @@ def simulate(
     *,
     timings: Timings | None = None,
     progress: Callable[[float], None] | None = None,
+    pricing: Mapping[str, PricingSection | None] | None = None,
+    competition: Callable[[], CompetingMarket] | None = None,
 ) -> list[Row]:
     """A row per policy, then the oracle's (its max_commitment is the first policy's)."""
     machine = Machine.from_config(config)
@@ -125,6 +129,8 @@ def simulate(
         sim = replay(
             config, policy, demand, renters, start, end,
             timings=timings, machine=machine, price=price, progress=part,
+            competition=competition() if competition is not None else None,
+            pricing=(pricing or {}).get(name),
         )  # fmt: skip
         rows.append(_row(name, sim.totals))
     calendar = Calendar.from_config(config.windows, config.broker.tz)

@@ -26,6 +26,7 @@ class FakeComfyUI:
     free_calls: list[dict[str, Any]] = field(default_factory=list)
     sockets: dict[str, web.WebSocketResponse] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # prompt_id -> client_id
+    prompts: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompt_id -> nodes
     _free_asked: bool = False
     _runner: web.AppRunner | None = None
     url: str = ""
@@ -90,7 +91,7 @@ class FakeComfyUI:
 
     async def _queue(self, request: web.Request) -> web.Response:
         def row(n: int, pid: str) -> list[Any]:
-            return [n, pid, {}, {"client_id": self.owners.get(pid)}, []]
+            return [n, pid, self.prompts.get(pid, {}), {"client_id": self.owners.get(pid)}, []]
 
         return web.json_response({
             "queue_running": [row(i, p) for i, p in enumerate(self.running)],
@@ -106,6 +107,7 @@ class FakeComfyUI:
                      "extra_info": {}}  # fmt: skip
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt_id = str(uuid.uuid4())
+        self.prompts[prompt_id] = body["prompt"]
         if body.get("client_id"):
             self.owners[prompt_id] = body["client_id"]
         (self.pending if self.running else self.running).append(prompt_id)

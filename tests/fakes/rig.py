@@ -45,6 +45,7 @@ def rig_config(
     gpus: dict[str, Any] | None = None,
     provider: dict[str, Any] | None = None,
     broker: dict[str, Any] | None = None,
+    eco: dict[str, Any] | None = None,
 ) -> Config:
     data: dict[str, Any] = {
         "broker": {
@@ -86,6 +87,8 @@ def rig_config(
         "windows": windows if windows is not None else [{"cron": "0 12 * * *", "duration": "6h"}],
         "energy": {"currency": "USD", "price_per_kwh": 0.2, "overhead_watts": 40},
     }
+    if eco is not None:
+        data["eco"] = eco
     if vast_url is not None:
         data["provider"] = {
             "kind": "vast",
@@ -108,13 +111,18 @@ def rig_config(
 
 class Rig:
     def __init__(
-        self, clock: FakeClock, config: Config, ollama: FakeOllama, vast: FakeVast | None
+        self,
+        clock: FakeClock,
+        config: Config,
+        ollama: FakeOllama,
+        vast: FakeVast | None,
+        host: str = "rig",
     ) -> None:
         self.clock = clock
         self.config = config
         self.ollama = ollama
         self.vast = vast
-        self.daemon = Daemon(config, clock, host="rig")
+        self.daemon = Daemon(config, clock, host=host)
 
     @property
     def state(self) -> PoolState:

@@ -129,6 +129,12 @@ class FakeVast:
         self.faults: list[Fault] = []
         self.dropped_writes = 0
         self.instances: dict[int, FakeInstance] = {}
+        # The market (FACTS.md, "Vast.ai market prices"): other hosts' offers as `POST
+        # /bundles/` rows (`add_peer`), a renter pays `platform_share` x the host's price,
+        # and the metrics endpoint answers `metrics` rows (`gpu_name`, `price_median`...).
+        self.peers: list[dict[str, Any]] = []
+        self.platform_share = 1.25
+        self.metrics: list[dict[str, Any]] = []
         self._rate_limits: dict[str, float] = {}
         self._last_call: dict[str, float] = {}
         self.rate_limited = 0  # requests answered 429 by a rate limit (not by `fail`)
@@ -157,6 +163,7 @@ class FakeVast:
                 web.get("/api/v0/machines/{id}", self._machine),
                 web.get("/api/v0/users/me/machine-earnings", self._earnings),
                 web.post("/api/v0/bundles/", self._search_offers),
+                web.get("/api/v0/metrics/gpu/current/", self._metrics),
                 web.put("/api/v0/asks/{id}/", self._create_instance),
                 web.get("/api/v0/instances/{id}/", self._show_instance),
                 web.delete("/api/v0/instances/{id}/", self._destroy_instance),
@@ -442,7 +449,8 @@ class FakeVast:
             "machine_id": machine.id,
             "num_gpus": book.num_gpus,
             "gpu_name": machine.gpu_name,
-            "dph_total": book.offer.price_gpu * book.num_gpus,
+            "dph_base": book.offer.price_gpu * book.num_gpus * self.platform_share,
+            "dph_total": book.offer.price_gpu * book.num_gpus * self.platform_share + 0.01,
             "min_bid": book.offer.min_bid,
             "end_date": book.offer.end_date.timestamp() if book.offer.end_date else None,
             # On-demand renters may take GPUs that only interruptible renters hold.
@@ -456,10 +464,10 @@ class FakeVast:
         if not isinstance(query, dict):
             return self._error(400, "the query must be a JSON object")
         rows = []
-        for machine in self.machines.values():
-            if not machine.book.offer.listed:
-                continue  # unlisted: no ask exists (inference)
-            row = self.offer_row(machine)
+        candidates = [
+            self.offer_row(m) for m in self.machines.values() if m.book.offer.listed
+        ]  # unlisted: no ask exists (inference)
+        for row in [*candidates, *self.peers]:
             keep = True
             for key, condition in query.items():
                 if key in ("order", "type", "limit", "allocated_storage"):
@@ -474,10 +482,48 @@ class FakeVast:
                         keep &= got == want
             if keep:
                 rows.append(row)
+        for key, direction in reversed(query.get("order") or []):
+            rows.sort(key=lambda r: _order_key(r.get(key)), reverse=direction == "desc")
+        limit = query.get("limit")
+        if isinstance(limit, int):
+            rows = rows[:limit]
         # The CLI refuses any Content-Type but exactly this one (no charset).
         return web.Response(
             body=json.dumps({"offers": rows}).encode(), headers={"Content-Type": "application/json"}
         )
+
+    def add_peer(
+        self,
+        machine_id: int,
+        price_gpu: float,
+        *,
+        num_gpus: int = 4,
+        gpu_name: str = "RTX 3090",
+        verified: bool = True,
+        rentable: bool = True,
+    ) -> dict[str, Any]:
+        """Another host's offer, `price_gpu` in renter terms (USD per GPU-hour)."""
+        row = {
+            "id": 90000 + len(self.peers),
+            "machine_id": machine_id,
+            "num_gpus": num_gpus,
+            "gpu_name": gpu_name,
+            "dph_base": price_gpu * num_gpus,
+            "dph_total": price_gpu * num_gpus + 0.01,
+            "min_bid": price_gpu * 0.5,
+            "rentable": rentable,
+            "rented": False,
+            "verified": verified,
+            "verification": "verified" if verified else "unverified",
+            "external": False,
+            "reliability2": 0.99,
+            "geolocation": "DE",
+        }
+        self.peers.append(row)
+        return row
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "gpus": self.metrics})
 
     async def _create_instance(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -610,6 +656,13 @@ class FakeVast:
             "verification": "verified",
             **machine.extra,
         }
+
+
+def _order_key(value: object) -> tuple[int, float]:
+    """Numbers in order, NaN and missing last (as a database would sort them)."""
+    if isinstance(value, int | float) and math.isfinite(value):
+        return (0, float(value))
+    return (1, 0.0)
 
 
 async def drive(clock: FakeClock, awaitable: Awaitable[T], *, limit: float = 86400.0) -> T:
