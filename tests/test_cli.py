@@ -105,8 +105,11 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
 
 
 def test_check_on_the_example(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # The example's state_dir is under ~: a home of its own, so no ledger left there by
+    # an older broker (or another run) decides the outcome.
+    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("GPU_BROKER_TOKEN", "check-example-token-0123")
     clock = FakeClock(datetime(2026, 11, 25, 23, 0, tzinfo=UTC))  # midnight in Berlin
     assert main(["check", "-c", str(EXAMPLE)], clock=clock) == 0
