@@ -7,9 +7,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
-from test_pool_survivors import T0, Pool, old_defaults
+from test_pool_survivors import LOCKED, T0, Pool, old_defaults
 
-from broker.scheduling.pool import List, PoolMachine, PoolState, ProviderView
+from broker.scheduling.pool import List, PoolMachine, PoolState, ProviderView, Unlist
 
 
 def _at(minutes: float) -> datetime:
@@ -122,3 +122,40 @@ def test_renewal_is_not_sent_while_a_request_was_refused() -> None:
     decision = pool.at(30, provider=_shown(_at(137)), refused_until=_at(60))
     assert not any(isinstance(a, List) for a in decision.actions)
     assert decision.state is PoolState.RECLAIMING
+
+
+BELOW_COST = "market median 0.12 below your power cost 0.15 per GPU-hour"
+
+
+def test_an_unrented_offer_comes_down_when_the_market_falls_below_the_power_cost() -> None:
+    pool = Pool()
+    pool.listed(17)
+    down = pool.at(20, market_blocked=BELOW_COST)
+    assert (down.state, down.actions) == (PoolState.RECLAIMING, (Unlist(),))
+    assert down.reason == f"reclaiming: {BELOW_COST}"
+    # and an idle pool is not listed while the market stays there
+    idle = Pool()
+    idle.at(0, market_blocked=BELOW_COST)
+    held = idle.at(15)
+    assert (held.state, held.actions, held.reason) == (PoolState.LOCAL, (), f"local: {BELOW_COST}")
+
+
+def test_a_renter_keeps_the_offer_when_the_market_falls_below_the_power_cost() -> None:
+    pool = Pool()
+    pool.listed(17)
+    rented = ProviderView(listed=True, rentals_running=1, locked_until=LOCKED)
+    # the rental and the market read land in the same step: the contract runs on
+    decision = pool.at(20, provider=rented, market_blocked=BELOW_COST)
+    assert (decision.state, decision.actions) == (PoolState.RENTED, ())
+    assert pool.at(21).state is PoolState.RENTED
+
+
+def test_an_offer_whose_end_nobody_knows_is_not_renewed() -> None:
+    # e.g. after a restart, before the marketplace shows the offer's end: no renewal can
+    # be timed, so none is sent (and nothing breaks) until the end is known again.
+    pool = Pool(old_defaults(renew_every="10m"))
+    pool.listed(17)
+    pool.machine.offer_end = None
+    unknown = ProviderView(listed=True, rentals_running=0, offer_end=None)
+    assert all(pool.at(m, provider=unknown).actions == () for m in (27, 60, 130))
+    assert pool.at(131, provider=_shown(_at(137))).actions == (List(_at(251), renewal=True),)

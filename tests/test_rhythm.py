@@ -4,10 +4,13 @@ weekends apart, and how far ahead an offer may end with a visit before it unlike
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from broker.scheduling.rhythm import VISIT_GAP, WeeklyRhythm
+import pytest
+
+from broker.scheduling.rhythm import VISIT_GAP, WEEK, WeeklyRhythm
 
 START = datetime(2026, 11, 2, 12, tzinfo=UTC)  # a Monday
 T0 = START.timestamp()
@@ -162,3 +165,23 @@ def test_the_budget_is_spent_hour_by_hour_from_a_time_inside_an_hour() -> None:
     assert rhythm.quiet_until(now, _risk(budget), timedelta(hours=2)) == START + timedelta(
         hours=7.25
     )
+
+
+def test_passes_are_counted_in_the_teams_zone_not_the_machines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The broker's machine may run in another zone than the team's windows (a server kept
+    # on UTC, or elsewhere): an hour of the week is the team's hour.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        berlin = ZoneInfo("Europe/Berlin")
+        rhythm = WeeklyRhythm(berlin)
+        monday = datetime(2026, 11, 2, tzinfo=berlin).timestamp()  # Monday 00:00 in Berlin
+        rhythm.start(monday)
+        assert rhythm._passes(0, monday + 1) == 1  # Monday 00h has begun once
+        assert rhythm._passes(1, monday + 1) == 0  # Monday 01h not yet
+        assert rhythm._passes(0, monday + WEEK + 1) == 2
+    finally:
+        monkeypatch.undo()
+        time.tzset()

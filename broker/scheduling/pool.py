@@ -373,7 +373,7 @@ class PoolMachine:
         if view.rentals_running == 0 and state is PoolState.RECLAIMING and not view.listed:
             return self._reclaimed(obs), "reclaimed: no renter left"
 
-        want_local = self._local_reason(obs)
+        want_local = self._local_reason(obs, view)
         if want_local:
             if view.rentals_running == 0 and not view.listed:
                 return self._reclaimed(obs), f"unlisted: {want_local}"
@@ -410,7 +410,7 @@ class PoolMachine:
     def _unexplained(obs: Observation) -> bool:
         return obs.gpus_idle is False and not obs.busy_is_renters
 
-    def _local_reason(self, obs: Observation) -> str | None:
+    def _local_reason(self, obs: Observation, view: ProviderView) -> str | None:
         if obs.paused:
             return "paused"
         if obs.reclaim_requested:
@@ -428,8 +428,9 @@ class PoolMachine:
                 return "GPU telemetry unavailable"
             if self._unexplained(obs) and obs.view_after_activity:
                 return "local GPU use"
-            renters = obs.provider.rentals_running if obs.provider is not None else 1
-            if obs.market_blocked and not renters:
+            if view.rentals_running == 0:
+                # price_gpu = "market": an unrented offer under the power cost comes down;
+                # a renter's contract runs on. None: the market allows the listing.
                 return obs.market_blocked
         return None
 
