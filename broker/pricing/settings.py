@@ -10,6 +10,15 @@ from pydantic import Field, field_validator, model_validator
 from broker.configtypes import Duration, PositiveDuration, StrictModel
 
 
+def market_or_price(value: object) -> object:
+    """`price_gpu`: "market" (the ask follows the market) or a fixed price above 0."""
+    if value == "market":
+        return value
+    if isinstance(value, bool) or not isinstance(value, float | int) or value <= 0:
+        raise ValueError(f'expected "market" or a price above 0, got {value!r}')
+    return value
+
+
 class PricingSection(StrictModel):
     # Where our ask sits among the comparable rentable offers, in host terms (0.5: their
     # median). Chosen by scripts/bench-pricing: the most robust within 10 % of the best

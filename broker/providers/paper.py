@@ -30,7 +30,7 @@ from broker.errors import ProviderRejected
 from broker.ledger.base import EarningsRecord
 from broker.pricing.ask import Market
 from broker.pricing.market import MarketRead
-from broker.pricing.settings import PricingSection
+from broker.pricing.settings import PricingSection, market_or_price
 from broker.providers.base import (
     Capabilities,
     ListResult,
@@ -97,14 +97,7 @@ class PaperProvider(PolledProvider):
     def check(self) -> list[str]:
         return ["paper market (simulated renters, no account needed)"]
 
-    @field_validator("price_gpu", mode="before")
-    @classmethod
-    def _price_gpu(cls, value: object) -> object:
-        if value == "market":
-            return value
-        if isinstance(value, bool) or not isinstance(value, float | int) or value <= 0:
-            raise ValueError(f'expected "market" or a price above 0, got {value!r}')
-        return value
+    _price_gpu = field_validator("price_gpu", mode="before")(market_or_price)
 
     @property
     def market_priced(self) -> bool:

@@ -37,7 +37,7 @@ from broker.errors import (
     ProviderStateMismatch,
 )
 from broker.ledger.base import EarningsRecord
-from broker.pricing.settings import PricingSection
+from broker.pricing.settings import PricingSection, market_or_price
 from broker.providers.base import (
     Capabilities,
     ListResult,
@@ -113,14 +113,7 @@ class VastProvider(ProviderKey):
     def _no_socket(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("price_gpu", mode="before")
-    @classmethod
-    def _price_gpu(cls, value: object) -> object:
-        if value == "market":
-            return value
-        if isinstance(value, bool) or not isinstance(value, float | int) or value <= 0:
-            raise ValueError(f'expected "market" or a price above 0, got {value!r}')
-        return value
+    _price_gpu = field_validator("price_gpu", mode="before")(market_or_price)
 
     @property
     def market_priced(self) -> bool:
