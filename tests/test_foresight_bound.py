@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "foresight-bound"
+from script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def fb() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("foresight_bound", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("foresight_bound", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return load_script("foresight-bound")
 
 
 def test_bound_fills_the_quietest_hours_first(fb: ModuleType) -> None:

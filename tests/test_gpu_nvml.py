@@ -12,6 +12,7 @@ from typing import Any
 import pynvml
 import pytest
 from fakes.nvml import MB, StandInDriver, StandInGpu, install, uninstall
+from script_module import load_script
 
 from broker.config import GpusSection
 from broker.errors import GpuError, GpuPermissionError, GpuSettingError
@@ -223,17 +224,9 @@ async def test_close_shuts_nvml_down(
 def test_the_probe_script_reports_every_field(
     driver: StandInDriver, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import importlib.machinery
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "nvml-probe"
-    loader = importlib.machinery.SourceFileLoader("nvml_probe", str(path))
-    spec = importlib.util.spec_from_loader("nvml_probe", loader)
-    assert spec is not None
-    probe = importlib.util.module_from_spec(spec)
-    loader.exec_module(probe)
+    probe = load_script("nvml-probe")
     driver.fail[("nvmlDeviceGetTotalEnergyConsumption", 1)] = pynvml.NVML_ERROR_NOT_SUPPORTED
     assert probe.main(["--seconds", "0.05", "--repeat", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -306,16 +299,9 @@ def test_the_smoke_script_records_the_eco_fields(
 ) -> None:
     """scripts/gpu-smoke --eco-only on the stand-in driver: the code path that records a real
     card's eco fields in docs/hardware/ the next time one is at hand."""
-    import importlib.machinery
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu-smoke"
-    loader = importlib.machinery.SourceFileLoader("gpu_smoke", str(path))
-    spec = importlib.util.spec_from_loader("gpu_smoke", loader)
-    assert spec is not None
-    smoke = importlib.util.module_from_spec(spec)
-    loader.exec_module(smoke)
+    smoke = load_script("gpu-smoke")
     card = driver.gpus[0]
     card.power_mw, card.pstate, card.persistence, card.default_mw = 35_000, 2, 0, 370_000
     out = tmp_path / "eco.json"
