@@ -17,7 +17,7 @@ from broker.errors import LedgerError, LedgerVersionError
 from broker.instance_lock import InstanceLocked
 from broker.ledger import DemandRecord, EnergyRecord, JournalEntry, open_ledger
 from broker.ledger.postgres import SCHEMA_VERSION, PostgresLedger
-from broker.ledger.spool import SPOOL_FILE, Spool
+from broker.ledger.spool import SPOOL_FILE, Spool, StateChange
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)
 
@@ -218,6 +218,15 @@ async def test_a_full_spool_refuses_so_the_caller_keeps_the_records(tmp_path: Pa
     rows = await spool.take()
     assert [(kind, r) for _, kind, r in rows] == [("demand", record), ("demand", record)]
     await spool.done([row_id for row_id, _, _ in rows])
+    assert spool.pending == 0
+
+
+async def test_the_spool_refuses_naive_datetimes_as_the_database_does(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / SPOOL_FILE)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await spool.put("state", [StateChange("pool", "default", "LOCAL", datetime(2026, 1, 1))])
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await spool.put("demand", [DemandRecord("ollama", datetime(2026, 1, 1), 1.0, "passed")])
     assert spool.pending == 0
 
 

@@ -19,18 +19,19 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from broker.errors import LedgerError
 from broker.ledger.base import (
-    DemandOutcome,
     DemandRecord,
     EnergyRecord,
     JournalEntry,
     JournalStatus,
     Scope,
+    epoch,
+    utc_or_none,
 )
 
 SPOOL_FILE = "ledger-spool.sqlite3"
@@ -68,23 +69,22 @@ def _encode(record: Spooled) -> str:
     data = asdict(record)
     for key, value in data.items():
         if isinstance(value, datetime):
-            data[key] = value.timestamp()
+            data[key] = epoch(value)  # a naive time is refused here as online
     return json.dumps(data, sort_keys=True, default=str)
 
 
 def _times(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     for key in keys:
-        if d.get(key) is not None:
-            d[key] = datetime.fromtimestamp(d[key], UTC)
+        d[key] = utc_or_none(d.get(key))
     return d
 
 
 def _decode(kind: str, text: str) -> Spooled:
     d: dict[str, Any] = json.loads(text)
     if kind == "energy":
-        return _energy(text)
+        return EnergyRecord(**_times(d, "start", "end"))
     if kind == "demand":
-        return _demand(text)
+        return DemandRecord(**_times(d, "arrival"))
     if kind in ("state", "close_states"):
         return StateChange(**_times(d, "at"))
     if kind == "note":
@@ -92,20 +92,6 @@ def _decode(kind: str, text: str) -> Spooled:
     if kind == "complete":
         return Completion(**_times(d, "at"))
     raise LedgerError(f"the ledger spool holds a row of an unknown kind {kind!r}")
-
-
-def _energy(text: str) -> EnergyRecord:
-    d: dict[str, Any] = json.loads(text)
-    d["start"] = datetime.fromtimestamp(d["start"], UTC)
-    d["end"] = datetime.fromtimestamp(d["end"], UTC)
-    return EnergyRecord(**d)
-
-
-def _demand(text: str) -> DemandRecord:
-    d: dict[str, Any] = json.loads(text)
-    d["arrival"] = datetime.fromtimestamp(d["arrival"], UTC)
-    d["outcome"] = cast(DemandOutcome, d["outcome"])
-    return DemandRecord(**d)
 
 
 class Spool:
