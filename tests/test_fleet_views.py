@@ -90,6 +90,10 @@ def two_hosts(pg_server: PgServer, tmp_path: Path) -> tuple[str, Path]:
             ledger = await PostgresLedger.open(url, host, lock=True)
             try:
                 await write_host(ledger, watts, earned, hours)
+                # each host its own asks and market reads: the fleet's line sums them all
+                median = 0.9 if host == "gpu-a" else 1.2
+                await ledger.add_price(PriceRecord(DAY + timedelta(hours=9), "market", median, 12))
+                await ledger.add_price(PriceRecord(DAY + timedelta(hours=10), "ask", median))
             finally:
                 await ledger.close()
 
@@ -123,6 +127,11 @@ def test_report_host_all_is_the_sum_of_each_hosts_own(
         assert kwh == pytest.approx(
             own_a["totals"]["energy_kwh"][bucket] + own_b["totals"]["energy_kwh"][bucket]
         )
+    assert own_a["prices"]["market_median"] == pytest.approx(0.9)
+    assert own_b["prices"]["market_median"] == pytest.approx(1.2)
+    assert fleet["fleet"]["prices"]["market_median"] == pytest.approx(1.05)
+    assert fleet["fleet"]["prices"]["mean_ask"] == pytest.approx(1.05)
+    assert fleet["fleet"]["prices"]["listings"] == 2
     # the CSV carries a host column, "all" for the fleet's rows
     lines = run("report", "-c", str(config), "--format", "csv", "--host", "all",
                 "--since", "2026-11-25", "--until", "2026-11-25").splitlines()  # fmt: skip

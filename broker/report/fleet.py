@@ -32,7 +32,7 @@ from broker.report.build import (
     read_notes,
 )
 from broker.report.periods import By
-from broker.report.prices import read_prices
+from broker.report.prices import price_summary, read_prices
 from broker.report.render import to_csv_text, to_text
 
 
@@ -97,7 +97,15 @@ async def build_fleet_report(
     plan = plan_report(config, since=since, until=until, now=now, by=by, gpu=gpu)
     inputs = await read_fleet_inputs(ledger, names, plan, energy_from)
     reports = {host: compute_report(plan, inputs[host], config) for host in names}
-    return FleetReport(reports, add_reports(list(reports.values())))
+    fleet = add_reports(list(reports.values()))
+    # The fleet's price line is summarised from every host's prices, not the first host's.
+    prices = price_summary(
+        [p for host in names for p in inputs[host].prices],
+        earnings=fleet.totals.earnings,
+        rented_gpu_hours=fleet.totals.rented_gpu_hours,
+        usd_per_currency=config.provider.usd_per_currency,
+    )
+    return FleetReport(reports, replace(fleet, prices=prices))
 
 
 async def read_fleet_inputs(
