@@ -3,9 +3,11 @@ clock: the ask in force, once per refresh, never while rented, decay, provisiona
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from broker.clock import FakeClock
+from broker.errors import ProviderError
 from broker.pricing.ask import Market
 from broker.pricing.market import MarketRead
 from broker.pricing.settings import PricingSection
@@ -104,3 +106,41 @@ async def test_after_a_restart_the_listed_price_is_the_ask_in_force(clock: FakeC
     assert price.take(rented=True) == 0.33  # a renter runs: unchanged
     price.adopt(0.5)  # an ask in force is not replaced by what the platform shows
     assert price.ask == 0.33
+
+
+class UnknownMachineReader(StubReader):
+    """Vast's machine row without gpu_name/num_gpus: no search can be built."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.known = False
+        self.reads = 0
+
+    def knows_machine(self) -> bool:
+        return self.known
+
+    async def read(self) -> MarketRead:
+        self.reads += 1
+        if not self.known:
+            raise ProviderError("our machine's GPU model is not known yet")
+        return await super().read()
+
+
+async def test_a_read_waiting_for_our_machine_goes_once_it_is_known_not_every_tick(
+    clock: FakeClock,
+) -> None:
+    reader = UnknownMachineReader(clock)
+    section = PricingSection.model_validate({"refresh": "30m", "floor": 0.1})
+    price = PriceWatch(reader, clock, section, lambda: 0.1)  # type: ignore[arg-type]
+    await price.poller.read_now()
+    assert reader.reads == 1 and price.awaiting_machine
+    for _ in range(5):  # loop ticks while the machine stays unknown: no read each time
+        price.note_rented(False, True)
+        await asyncio.sleep(0)
+    assert reader.reads == 1 and not price.poller.refreshing
+    reader.known = True
+    price.note_rented(False, True)
+    for _ in range(5):  # the background read runs to its end in a few loop turns
+        await asyncio.sleep(0)
+    assert not price.poller.refreshing
+    assert reader.reads == 2 and price.blocker() is None

@@ -143,7 +143,12 @@ class PriceWatch:
     def note_rented(self, rented: bool, listed: bool) -> None:
         """The marketplace's latest view: decay counts listed-and-unrented time only (and
         a read that waited for our machine to be known goes now)."""
-        if self.awaiting_machine and not self.poller.fetching and not self.poller.refreshing:
+        if (
+            self.awaiting_machine
+            and self.reader.knows_machine()  # not before: the read would fail at once again
+            and not self.poller.fetching
+            and not self.poller.refreshing
+        ):
             self.awaiting_machine = False
             self.poller.request_refresh()
         if rented or not listed:
