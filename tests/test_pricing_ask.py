@@ -16,6 +16,7 @@ from broker.pricing.ask import (
     cents,
     cents_up,
     decayed,
+    market_median,
     next_ask,
     percentile,
     rank,
@@ -101,6 +102,12 @@ def test_the_population_median_decides_below_floor_when_known() -> None:
     assert not at_floor.below_floor and at_floor.price == 0.24
     peers_only = target(Market(PEERS, False), settings(), floor=0.33)
     assert peers_only.below_floor and peers_only.median == pytest.approx(0.324)
+
+
+def test_market_median_of_a_read_without_peers() -> None:
+    assert market_median(Market((), truncated=False)) is None  # nothing to tell
+    assert market_median(Market((), truncated=False, median=0.3)) == 0.3  # the metrics'
+    assert market_median(Market(PEERS, truncated=False)) == pytest.approx(0.324)
 
 
 def test_no_target_from_a_truncated_search_or_too_few_peers() -> None:

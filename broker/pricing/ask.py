@@ -65,6 +65,13 @@ class Market:
     median: float | None = None  # the whole population's (rented ones too), when known
 
 
+def market_median(market: Market) -> float | None:
+    """The population's median when the metrics gave it, else the peers'."""
+    if market.median is not None:
+        return market.median
+    return percentile(market.peers, 0.5) if market.peers else None
+
+
 @dataclass(frozen=True)
 class Target:
     price: float | None  # None: keep the ask in force (see `reason`)
@@ -87,7 +94,8 @@ def target(market: Market, settings: PricingSection, floor: float) -> Target:
             f"only {count} comparable offer(s) (min_peers {settings.min_peers}): "
             "the last ask is kept",
         )  # fmt: skip
-    median = market.median if market.median is not None else percentile(market.peers, 0.5)
+    median = market_median(market)
+    assert median is not None  # min_peers >= 1 peers
     if median < floor:
         return Target(
             None, True,

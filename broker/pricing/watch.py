@@ -18,7 +18,7 @@ from typing import Any
 from broker.clock import Clock
 from broker.errors import ProviderError
 from broker.ledger.base import PriceRecord
-from broker.pricing.ask import Market, Target, decayed, next_ask, percentile, rank, target
+from broker.pricing.ask import Target, decayed, market_median, next_ask, rank, target
 from broker.pricing.market import MarketRead, MarketReader
 from broker.pricing.settings import PricingSection
 from broker.scheduling.watch import Poller
@@ -62,11 +62,14 @@ class PricingStatus:
         }
 
 
-def market_median(market: Market) -> float | None:
-    """The population's median when the metrics gave it, else the peers'."""
-    if market.median is not None:
-        return market.median
-    return percentile(market.peers, 0.5) if market.peers else None
+def listing_blocker(verdict: Target, ask: float | None) -> str | None:
+    """Why a read's verdict forbids a listing: the market median below the floor, or no
+    ask formed yet (none in force and none from this read). None when it allows one."""
+    if verdict.below_floor:
+        return verdict.reason
+    if verdict.price is None and ask is None:
+        return f"no market ask yet: {verdict.reason}"
+    return None
 
 
 class PriceWatch:
@@ -127,11 +130,7 @@ class PriceWatch:
         verdict = self.target()
         if verdict is None:
             return None if self.ask is not None else "no market price read yet"
-        if verdict.below_floor:
-            return verdict.reason
-        if verdict.price is None and self.ask is None:
-            return f"no market ask yet: {verdict.reason}"
-        return None
+        return listing_blocker(verdict, self.ask)
 
     def adopt(self, listed_price: float | None) -> None:
         """The platform shows our offer listed at `listed_price` while no ask is in force
@@ -200,9 +199,7 @@ class PriceWatch:
         read = self.poller.latest
         verdict = self.target()
         market = read.market if read is not None else None
-        median = verdict.median if verdict is not None else None
-        if median is None and market is not None:
-            median = market_median(market)
+        median = market_median(market) if market is not None else None
         return PricingStatus(
             ask=self.ask,
             floor=self._floor(),

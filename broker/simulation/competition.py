@@ -29,6 +29,7 @@ from pathlib import Path
 from broker.config import Config
 from broker.pricing.ask import Market, auto_floor, next_ask, target
 from broker.pricing.settings import PricingSection
+from broker.pricing.watch import listing_blocker
 from broker.simulation.economics import EnergyPrice, Machine
 from broker.simulation.inputs import InputError, Renter
 
@@ -155,12 +156,7 @@ class MarketAsk:
         return Market(tuple(self.market.free_prices(t)), truncated=False, median=median)
 
     def blocked(self, t: float) -> str | None:
-        verdict = target(self._market(t), self.settings, self.floor(t))
-        if verdict.below_floor:
-            return verdict.reason
-        if verdict.price is None and self.ask is None:
-            return f"no market ask yet: {verdict.reason}"
-        return None
+        return listing_blocker(target(self._market(t), self.settings, self.floor(t)), self.ask)
 
     def take(self, t: float, *, rented: bool) -> float | None:
         """The ask a listing or renewal made at `t` carries."""
