@@ -9,7 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from broker.config import Config
-from broker.ledger.base import Ledger, ModelLoad
+from broker.ledger.base import DemandRecord, Ledger, ModelLoad
 from broker.scheduling.windows import to_instant
 from broker.sizing.usage import Run, ServiceUsage, runs_of, usage_of, use_share
 from broker.sizing.verdict import (
@@ -143,14 +143,15 @@ def compute(
     )
 
 
-async def first_record(ledger: Ledger, start: datetime, end: datetime) -> datetime | None:
+async def first_record(
+    ledger: Ledger, start: datetime, end: datetime, demand: Sequence[DemandRecord]
+) -> datetime | None:
     """When the ledger's record begins within [start, end): its first state interval or
-    local request; None when it holds neither."""
+    local request (`demand`: the ledger's over the same span); None when it holds neither."""
     firsts: list[datetime] = []
     intervals = await ledger.state_intervals(start, end, scope="pool")
     if intervals:
         firsts.append(max(intervals[0].start, start))
-    demand = await ledger.demand(start, end)
     if demand:
         firsts.append(demand[0].arrival)
     return min(firsts) if firsts else None
@@ -168,11 +169,12 @@ async def read_sizing(
     """Sizing from the ledger over [start, end); with `from_record`, begun where the record
     begins if that is later (hours before it would otherwise look unused). Returns the
     figures and the start used."""
+    # Read once: a later start from the record is never after its first request.
+    records = await ledger.demand(start, end)
     if from_record:
-        first = await first_record(ledger, start, end)
+        first = await first_record(ledger, start, end, records)
         if first is not None and first > start:
             start = first
-    records = await ledger.demand(start, end)
     loads = await ledger.model_loads(start, end)
     # GPU intervals are keyed by UUID: the GPUs the ledger saw, as indices 0..n-1.
     seen = {i.subject for i in await ledger.state_intervals(start, end, scope="gpu")}

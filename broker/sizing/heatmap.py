@@ -9,8 +9,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from broker.ledger.base import Ledger
-from broker.sizing.usage import runs_of, use_share
-from broker.sizing.week import HOURS_PER_WEEK, WEEKDAYS, grid, hour_counts, hour_of_week_at
+from broker.sizing.usage import arrivals_per_hour, runs_of, use_share
+from broker.sizing.week import WEEKDAYS, grid, hour_counts
 
 
 async def local_use_week(
@@ -18,10 +18,7 @@ async def local_use_week(
 ) -> dict[str, Any]:
     runs = runs_of(await ledger.demand(start, end))
     weeks = hour_counts(start, end, tz)
-    arrivals = [0.0] * HOURS_PER_WEEK
-    for run in runs:
-        arrivals[hour_of_week_at(run.arrival, tz)] += 1
-    requests = [n / w if w else 0.0 for n, w in zip(arrivals, weeks, strict=True)]
+    requests = arrivals_per_hour(runs, weeks, tz)
     return {
         "from": start.astimezone(tz).isoformat(),
         "to": end.astimezone(tz).isoformat(),
