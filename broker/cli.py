@@ -30,7 +30,7 @@ from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, find_config, load_config
 from broker.errors import BrokerError, ConfigError, ProviderError
-from broker.ledger import ledger_path
+from broker.ledger import ledger_exists, ledger_path
 from broker.ledger.sqlite import SCHEMA_VERSION
 from broker.preflight import (
     gpu_index_problems,
@@ -372,7 +372,7 @@ def cmd_report(
     now = clock.now()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     ledger_file = ledger_path(config.broker)
-    if config.broker.database_url is None and not ledger_file.exists():
+    if not ledger_exists(config.broker):
         err.print(
             f"gpu-broker report: no ledger at {ledger_file}: nothing has been recorded yet "
             "(gpu-broker run writes it)",

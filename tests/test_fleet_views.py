@@ -228,3 +228,16 @@ def test_check_reads_the_shared_ledger_without_changing_it(
     fresh_url = fresh.read_text().split('database_url = "')[1].split('"')[0]
     with psycopg.connect(fresh_url) as conn:
         assert conn.execute("SELECT to_regclass('gpu_broker_schema')").fetchone() == (None,)
+
+
+def test_simulate_and_sizing_read_the_shared_ledger(two_hosts: tuple[str, Path]) -> None:
+    """No SQLite file in state_dir: the shared database is the ledger (both commands once
+    looked for the file alone)."""
+    _, config = two_hosts
+    span = ["--since", "2026-11-25", "--until", "2026-11-25"]
+    rows = json.loads(
+        run("simulate", "-c", str(config), "--demand", "ledger", *span, "--format", "json")
+    )["rows"]
+    assert rows[-1]["policy"] == "oracle" and rows[0]["requests"] == 0
+    sizing = json.loads(run("sizing", "-c", str(config), *span, "--json"))
+    assert sizing["gpus_present"] == 2  # the two GPUs this host recorded

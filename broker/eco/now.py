@@ -12,8 +12,8 @@ from broker.config import Config
 from broker.eco.advice import Flag, flags
 from broker.eco.history import IdleSummary, summarize
 from broker.gpu import create_backend
-from broker.gpu.base import GpuDevice, GpuSample, ProcessMap
-from broker.ledger import IdleRecord, ledger_path, open_ledger
+from broker.gpu.base import GpuDevice, GpuProcess, GpuSample, ProcessMap
+from broker.ledger import IdleRecord, ledger_exists, open_ledger
 
 # A process is said to keep a card awake when it held it this share of its idle samples:
 # a model kept loaded a few minutes after each request is normal, one held all day is not.
@@ -44,26 +44,24 @@ def eco_object(
         past = history.get(dev.uuid) if history is not None else None
         found: list[Flag] = []
         judged_on: str | None = None
-        idle_w = pstate = None
+        idle_w = pstate = mean_w = None
+        live_held: Sequence[GpuProcess] = ()
+        holders: list[tuple[str, float]] = []
         if past is not None and past.samples:
             judged_on, idle_w, pstate = "history", past.median_watts, past.pstate
-            found = flags(
-                dev,
-                idle_w=idle_w,
-                idle_pstate=pstate,
-                idle_holders=[(n, s) for n, s in past.processes if s >= HOLDER_SHARE],
-                mean_idle_w=past.mean_watts,
-                target_w=target,
-                tariff_per_kwh=config.energy.price_per_kwh,
-                co2_g_per_kwh=config.energy.carbon_g_per_kwh,
-            )
+            holders = [(n, s) for n, s in past.processes if s >= HOLDER_SHARE]
+            mean_w = past.mean_watts
         elif idle_now and sample is not None:
             judged_on, idle_w, pstate = "live", sample.power_w, sample.pstate
+            live_held = held
+        if judged_on is not None:
             found = flags(
                 dev,
                 idle_w=idle_w,
                 idle_pstate=pstate,
-                idle_processes=held,
+                idle_processes=live_held,
+                idle_holders=holders,
+                mean_idle_w=mean_w,
                 target_w=target,
                 tariff_per_kwh=config.energy.price_per_kwh,
                 co2_g_per_kwh=config.energy.carbon_g_per_kwh,
@@ -137,7 +135,7 @@ def summaries(records: Sequence[IdleRecord]) -> dict[str, IdleSummary]:
 async def read_history(config: Config, clock: Clock, days: float) -> dict[str, IdleSummary] | None:
     """Each card's idle samples over the last `days`, from the ledger; None when there is
     no ledger yet (nothing has been recorded)."""
-    if config.broker.database_url is None and not ledger_path(config.broker).exists():
+    if not ledger_exists(config.broker):
         return None
     now = clock.now()
     ledger = await open_ledger(config.broker)

@@ -39,6 +39,7 @@ __all__ = [
     "StateInterval",
     "claim_host",
     "energy_totals_of",
+    "ledger_exists",
     "ledger_path",
     "open_ledger",
 ]
@@ -46,6 +47,12 @@ __all__ = [
 
 def ledger_path(broker: BrokerSection) -> Path:
     return broker.state_dir / LEDGER_FILE
+
+
+def ledger_exists(broker: BrokerSection) -> bool:
+    """Whether there is a ledger to read: the shared database, or the SQLite file once the
+    service has written it (reading must not create an empty one)."""
+    return broker.database_url is not None or ledger_path(broker).exists()
 
 
 async def open_ledger(

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from broker.config import Config, PolicySection
 from broker.errors import ConfigError
-from broker.ledger import ledger_path, open_ledger
+from broker.ledger import ledger_exists, ledger_path, open_ledger
 from broker.pricing.settings import PricingSection
 from broker.providers.paper import PaperProvider
 from broker.report import resolve_when
@@ -120,7 +120,7 @@ def run_simulate(args: argparse.Namespace, config: Config, now: datetime, out: C
     chosen = policies(config, args.policy)
     priced = pricings(config, args.policy)
     if args.demand == "ledger":
-        if not ledger_path(config.broker).exists():
+        if not ledger_exists(config.broker):
             raise InputError(
                 f"no ledger at {ledger_path(config.broker)}: give --demand FILE.csv, or run "
                 "the service first so it records the team's requests"

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from broker.config import Config
 from broker.errors import BrokerError
-from broker.ledger import ledger_path, open_ledger
+from broker.ledger import ledger_exists, ledger_path, open_ledger
 from broker.report import resolve_when
 from broker.sizing.build import DEFAULT_SPAN, Sizing, read_sizing, to_json
 from broker.sizing.render import to_renderable
@@ -38,7 +38,7 @@ def run_sizing(args: argparse.Namespace, config: Config, now: datetime, out: Con
     """Exit 0 with the figures; SizingUsageError for bad usage; BrokerError (exit 1) when
     there is no ledger to read."""
     tz = config.broker.tz
-    if config.broker.database_url is None and not ledger_path(config.broker).exists():
+    if not ledger_exists(config.broker):
         raise BrokerError(
             f"no ledger at {ledger_path(config.broker)}: nothing has been recorded yet "
             "(gpu-broker run writes it)"
