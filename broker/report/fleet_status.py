@@ -9,7 +9,7 @@ from typing import Any
 
 from broker.config import Config
 from broker.ledger.base import Ledger
-from broker.report.build import build_report
+from broker.report.fleet import build_fleet_report
 
 # A host not heard from for this long is shown as silent.
 SILENT_AFTER = timedelta(minutes=5)
@@ -48,6 +48,12 @@ async def fleet_status(ledger: Ledger, config: Config, now: datetime) -> list[Ho
     tz = config.broker.tz
     midnight = datetime.combine(now.astimezone(tz).date(), time(0), tzinfo=tz)
     hosts = await ledger.hosts()
+    # Today's figures for every host at once (the fleet report's batched reads).
+    today = (
+        (await build_fleet_report(ledger, hosts, config, since=midnight, until=now, now=now)).hosts
+        if hosts and now > midnight
+        else {}
+    )
     out: list[HostStatus] = []
     for host in hosts:
         view = ledger if host == ledger.host else await ledger.for_host(host)
@@ -62,14 +68,10 @@ async def fleet_status(ledger: Ledger, config: Config, now: datetime) -> list[Ho
                 last.end or last.start if last else None,
                 recent[-1].end if recent else None,
             ) if t is not None]  # fmt: skip
-            today = (
-                await build_report(view, config, since=midnight, until=now, now=now)
-                if now > midnight
-                else None
-            )
         finally:
             if view is not ledger:
                 await view.close()
+        day = today.get(host)
         out.append(
             HostStatus(
                 host=host,
@@ -77,9 +79,9 @@ async def fleet_status(ledger: Ledger, config: Config, now: datetime) -> list[Ho
                 since=last.start if last else None,
                 gpus=sum(1 for g in gpus if g.end is None),
                 last_seen=max(seen) if seen else None,
-                earned=today.totals.earnings if today else 0.0,
-                energy_cost=today.totals.energy_cost if today else 0.0,
-                net=today.totals.net if today else 0.0,
+                earned=day.totals.earnings if day else 0.0,
+                energy_cost=day.totals.energy_cost if day else 0.0,
+                net=day.totals.net if day else 0.0,
             )
         )
     return out
