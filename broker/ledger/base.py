@@ -11,7 +11,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal, Protocol
+from itertools import pairwise
+from typing import Any, Literal, Protocol, cast
 
 Scope = Literal["pool", "gpu"]
 JournalStatus = Literal["intent", "done", "failed", "note"]
@@ -26,6 +27,14 @@ def epoch(t: datetime) -> float:
     if t.tzinfo is None:
         raise ValueError("the ledger takes timezone-aware datetimes only")
     return t.timestamp()
+
+
+def cut_bounds(cuts: Sequence[datetime]) -> list[float]:
+    """`energy_totals`' cuts as POSIX seconds; ValueError unless they increase."""
+    bounds = [epoch(t) for t in cuts]
+    if any(b <= a for a, b in pairwise(bounds)):
+        raise ValueError("energy_totals: the cuts must increase")
+    return bounds
 
 
 def utc_or_none(ts: float | None) -> datetime | None:
@@ -389,3 +398,41 @@ def int_counts(text: str) -> dict[int, int]:
 
 def str_counts(text: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in json.loads(text).items()}
+
+
+# Rows of the tables both stores share, as their columns run (the SQL differs, not these).
+
+
+def idle_row(host: str, r: IdleRecord) -> tuple[Any, ...]:
+    """gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, watts, pstates,
+    memory_mb, processes)."""
+    return (
+        host, r.gpu_uuid, r.gpu_index, epoch(r.start), epoch(r.end), r.samples,
+        counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
+        counts_json(r.processes),
+    )  # fmt: skip
+
+
+def idle_of(row: Sequence[Any]) -> IdleRecord:
+    """A gpu_idle row read as (gpu_uuid, gpu_index, start_ts, end_ts, samples, watts,
+    pstates, memory_mb, processes, host)."""
+    return IdleRecord(
+        row[0], row[1], utc(row[2]), utc(row[3]), row[4], int_counts(row[5]),
+        int_counts(row[6]), int_counts(row[7]), str_counts(row[8]), row[9],
+    )  # fmt: skip
+
+
+def model_load_row(host: str, r: ModelLoad) -> tuple[Any, ...]:
+    """model_loads (host, service, ts, model, gpus)."""
+    return (host, r.service, epoch(r.at), r.model, gpu_list_text(r.gpus))
+
+
+def model_load_of(row: Sequence[Any]) -> ModelLoad:
+    """A model_loads row read as (service, ts, model, gpus, host)."""
+    return ModelLoad(row[0], utc(row[1]), row[2], gpu_list(row[3]), row[4])
+
+
+def price_of(row: Sequence[Any]) -> PriceRecord:
+    """A prices row read as (ts, kind, price, peers, host)."""
+    ts, kind, price, peers, host = row
+    return PriceRecord(utc(ts), cast(PriceKind, kind), price, peers, host)

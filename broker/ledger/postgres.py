@@ -30,7 +30,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -53,12 +52,13 @@ from broker.ledger.base import (
     PriceRecord,
     Scope,
     StateInterval,
-    counts_json,
+    cut_bounds,
     epoch,
-    gpu_list,
-    gpu_list_text,
-    int_counts,
-    str_counts,
+    idle_of,
+    idle_row,
+    model_load_of,
+    model_load_row,
+    price_of,
     utc,
     utc_or_none,
 )
@@ -915,9 +915,7 @@ class PostgresLedger:
         self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> dict[str, list[EnergyTotal]]:
         """`energy_totals` of each of `hosts` in one query (a fleet report's energy)."""
-        bounds = [epoch(t) for t in cuts]
-        if any(b <= a for a, b in pairwise(bounds)):
-            raise ValueError("energy_totals: the cuts must increase")
+        bounds = cut_bounds(cuts)
         if len(bounds) < 2 or not hosts:
             return {}
         names = list(hosts)
@@ -939,8 +937,6 @@ class PostgresLedger:
         def share(t: str) -> str:
             return share_sql(t, "LEAST", "GREATEST")
 
-        inside = inside_sql
-
         out: dict[str, list[EnergyTotal]] = {}
         if gpu_index is not None:
             rows = await self._read(
@@ -948,7 +944,7 @@ class PostgresLedger:
                 + f"SELECT e.host, s.i, e.pool_state, SUM({share('e')} * e.joules), "
                 f"SUM({share('e')} * e.overhead_joules), e.gpu_uuid, e.gpu_index "
                 "FROM s JOIN energy AS e ON e.host = ANY(%s) AND e.gpu_index = %s "
-                f"AND e.start_ts >= s.a - %s AND {inside('e')} "
+                f"AND e.start_ts >= s.a - %s AND {inside_sql('e')} "
                 "GROUP BY e.host, s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
                 "ORDER BY e.host, s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
                 (starts, ends, names, gpu_index, reach),
@@ -977,7 +973,7 @@ class PostgresLedger:
             f"SELECT e.host AS host, s.i AS i, e.pool_state AS pool_state, "
             f"{share('e')} * e.joules AS j, {share('e')} * e.overhead_joules AS o "
             "FROM s JOIN energy AS e ON e.host = ANY(%s) AND e.slot IS NULL "
-            f"AND e.end_ts >= s.a AND e.end_ts < s.b + %s AND {inside('e')} "
+            f"AND e.end_ts >= s.a AND e.end_ts < s.b + %s AND {inside_sql('e')} "
             ") AS u GROUP BY host, i, pool_state "
             "UNION ALL "
             "SELECT g.host, w.i, g.pool_state, g.j, g.o FROM w CROSS JOIN LATERAL ("
@@ -991,7 +987,7 @@ class PostgresLedger:
             f"SUM({share('m')} * m.joules), SUM({share('m')} * m.overhead_joules) "
             "FROM s JOIN energy_slots AS m ON s.i = ANY(%s) AND m.host = ANY(%s) "
             f"AND m.slot >= floor(s.a / {ROLLUP_SECONDS})::bigint "
-            f"AND m.slot <= floor(s.b / {ROLLUP_SECONDS})::bigint AND {inside('m')} "
+            f"AND m.slot <= floor(s.b / {ROLLUP_SECONDS})::bigint AND {inside_sql('m')} "
             "GROUP BY m.host, s.i, m.pool_state"
             ') AS v GROUP BY host, i, pool_state ORDER BY host, i, pool_state COLLATE "C"',
             (
@@ -1111,10 +1107,7 @@ class PostgresLedger:
             sql += " AND kind = %s"
             params.append(kind)
         rows = await self._read(sql + " ORDER BY ts, id", params)
-        return [
-            PriceRecord(utc(ts), cast(PriceKind, k), price, peers, host)
-            for ts, k, price, peers, host in rows
-        ]
+        return [price_of(r) for r in rows]
     # -- idle statistics ------------------------------------------------------------------
 
     async def add_idle(self, records: Sequence[IdleRecord]) -> None:
@@ -1123,13 +1116,8 @@ class PostgresLedger:
         await self._write_many(
             "INSERT INTO gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, "
             "watts, pstates, memory_mb, processes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (self._host, r.gpu_uuid, r.gpu_index, epoch(r.start), epoch(r.end), r.samples,
-                 counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
-                 counts_json(r.processes))
-                for r in records
-            ],
-        )  # fmt: skip
+            [idle_row(self._host, r) for r in records],
+        )
 
     async def idle(
         self, start: datetime, end: datetime, gpu_uuid: str | None = None
@@ -1143,13 +1131,7 @@ class PostgresLedger:
             sql += " AND gpu_uuid = %s"
             params.append(gpu_uuid)
         rows = await self._read(sql + " ORDER BY start_ts, id", params)
-        return [
-            IdleRecord(
-                r[0], r[1], utc(r[2]), utc(r[3]), r[4], int_counts(r[5]),
-                int_counts(r[6]), int_counts(r[7]), str_counts(r[8]), r[9],
-            )
-            for r in rows
-        ]  # fmt: skip
+        return [idle_of(r) for r in rows]
 
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None
@@ -1178,10 +1160,7 @@ class PostgresLedger:
             return
         await self._write_many(
             "INSERT INTO model_loads (host, service, ts, model, gpus) VALUES (%s, %s, %s, %s, %s)",
-            [
-                (self._host, r.service, epoch(r.at), r.model, gpu_list_text(r.gpus))
-                for r in records
-            ],
+            [model_load_row(self._host, r) for r in records],
         )
 
     async def model_loads(
@@ -1196,9 +1175,7 @@ class PostgresLedger:
             sql += " AND service = %s"
             params.append(service)
         rows = await self._read(sql + " ORDER BY ts, id", params)
-        return [
-            ModelLoad(r[0], utc(r[1]), r[2], gpu_list(r[3]), r[4]) for r in rows
-        ]
+        return [model_load_of(r) for r in rows]
 
     # -- earnings -------------------------------------------------------------------------
 

@@ -50,12 +50,13 @@ from broker.ledger.base import (
     PriceRecord,
     Scope,
     StateInterval,
-    counts_json,
+    cut_bounds,
     epoch,
-    gpu_list,
-    gpu_list_text,
-    int_counts,
-    str_counts,
+    idle_of,
+    idle_row,
+    model_load_of,
+    model_load_row,
+    price_of,
     utc,
     utc_or_none,
 )
@@ -623,20 +624,14 @@ class SqliteLedger:
     async def energy_totals(
         self, cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> list[EnergyTotal]:
-        bounds = [epoch(t) for t in cuts]
-        if any(b <= a for a, b in pairwise(bounds)):
-            raise ValueError("energy_totals: the cuts must increase")
-        if len(bounds) < 2:
-            return []
-        return await self._call(self._energy_totals, self._host, bounds, gpu_index)
+        totals = await self.energy_totals_by_host([self._host], cuts, gpu_index)
+        return totals.get(self._host, [])
 
     async def energy_totals_by_host(
         self, hosts: Sequence[str], cuts: Sequence[datetime], gpu_index: int | None = None
     ) -> dict[str, list[EnergyTotal]]:
         """`energy_totals` of each of `hosts` (one file rarely holds more than one)."""
-        bounds = [epoch(t) for t in cuts]
-        if any(b <= a for a, b in pairwise(bounds)):
-            raise ValueError("energy_totals: the cuts must increase")
+        bounds = cut_bounds(cuts)
         out: dict[str, list[EnergyTotal]] = {}
         for host in hosts if len(bounds) >= 2 else ():
             totals = await self._call(self._energy_totals, host, bounds, gpu_index)
@@ -667,8 +662,6 @@ class SqliteLedger:
         def share(t: str) -> str:
             return share_sql(t, "MIN", "MAX")
 
-        inside = inside_sql
-
         if gpu_index is not None:
             # One GPU: its records as written and its slot sums, by its index.
             rows = self._read(
@@ -677,7 +670,7 @@ class SqliteLedger:
                 f"SUM({share('e')} * e.overhead_joules), e.gpu_uuid, e.gpu_index "
                 "FROM s CROSS JOIN energy AS e INDEXED BY energy_by_gpu "
                 "WHERE e.host = ? AND e.gpu_index = ? AND e.start_ts >= s.a - ? "
-                f"AND {inside('e')} "
+                f"AND {inside_sql('e')} "
                 "GROUP BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index "
                 "ORDER BY s.i, e.pool_state, e.gpu_uuid, e.gpu_index",
                 (cuts, host, gpu_index, reach),
@@ -692,13 +685,13 @@ class SqliteLedger:
             f"{share('e')} * e.overhead_joules AS o "
             "FROM s CROSS JOIN energy AS e INDEXED BY energy_raw "
             "WHERE e.host = ? AND e.slot IS NULL AND e.end_ts >= s.a AND e.end_ts < s.b + ? "
-            f"AND {inside('e')} "
+            f"AND {inside_sql('e')} "
             "UNION ALL "
             f"SELECT s.i, m.pool_state, {share('m')} * m.joules, "
             f"{share('m')} * m.overhead_joules "
             "FROM s CROSS JOIN energy_slots AS m "
             f"WHERE m.host = ? AND m.slot >= CAST(s.a / {ROLLUP_SECONDS} AS INTEGER) "
-            f"AND m.slot <= CAST(s.b / {ROLLUP_SECONDS} AS INTEGER) AND {inside('m')}"
+            f"AND m.slot <= CAST(s.b / {ROLLUP_SECONDS} AS INTEGER) AND {inside_sql('m')}"
             ") GROUP BY i, pool_state ORDER BY i, pool_state",
             (cuts, host, raw_reach, host),
         )
@@ -797,10 +790,7 @@ class SqliteLedger:
             sql += " AND kind = ?"
             params.append(kind)
         rows = await self._call(self._read, sql + " ORDER BY ts, id", params)
-        return [
-            PriceRecord(utc(ts), cast(PriceKind, k), price, peers, host)
-            for ts, k, price, peers, host in rows
-        ]
+        return [price_of(r) for r in rows]
     # -- idle statistics ------------------------------------------------------------------
 
     async def add_idle(self, records: Sequence[IdleRecord]) -> None:
@@ -810,13 +800,8 @@ class SqliteLedger:
             self._write_many,
             "INSERT INTO gpu_idle (host, gpu_uuid, gpu_index, start_ts, end_ts, samples, "
             "watts, pstates, memory_mb, processes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (self._host, r.gpu_uuid, r.gpu_index, epoch(r.start), epoch(r.end), r.samples,
-                 counts_json(r.watts), counts_json(r.pstates), counts_json(r.memory_mb),
-                 counts_json(r.processes))
-                for r in records
-            ],
-        )  # fmt: skip
+            [idle_row(self._host, r) for r in records],
+        )
 
     async def idle(
         self, start: datetime, end: datetime, gpu_uuid: str | None = None
@@ -830,13 +815,7 @@ class SqliteLedger:
             sql += " AND gpu_uuid = ?"
             params.append(gpu_uuid)
         rows = await self._call(self._read, sql + " ORDER BY start_ts, id", params)
-        return [
-            IdleRecord(
-                r[0], r[1], utc(r[2]), utc(r[3]), r[4], int_counts(r[5]),
-                int_counts(r[6]), int_counts(r[7]), str_counts(r[8]), r[9],
-            )
-            for r in rows
-        ]  # fmt: skip
+        return [idle_of(r) for r in rows]
 
     async def demand(
         self, start: datetime, end: datetime, service: str | None = None
@@ -876,10 +855,7 @@ class SqliteLedger:
         await self._call(
             self._write_many,
             "INSERT INTO model_loads (host, service, ts, model, gpus) VALUES (?, ?, ?, ?, ?)",
-            [
-                (self._host, r.service, epoch(r.at), r.model, gpu_list_text(r.gpus))
-                for r in records
-            ],
+            [model_load_row(self._host, r) for r in records],
         )
 
     async def model_loads(
@@ -894,9 +870,7 @@ class SqliteLedger:
             sql += " AND service = ?"
             params.append(service)
         rows = await self._call(self._read, sql + " ORDER BY ts, id", params)
-        return [
-            ModelLoad(r[0], utc(r[1]), r[2], gpu_list(r[3]), r[4]) for r in rows
-        ]
+        return [model_load_of(r) for r in rows]
 
     # -- earnings -------------------------------------------------------------------------
 
