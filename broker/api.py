@@ -33,7 +33,7 @@ from broker.connlimit import CappedSite, ConnectionLimit
 from broker.eco.view import eco_view
 from broker.errors import BrokerError, ConfigError, LedgerError
 from broker.hosts import HostCheck
-from broker.ledger.base import StateInterval
+from broker.ledger.base import StateInterval, host_view
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.report import ReportError, build_report
 from broker.report.fleet import build_fleet_report
@@ -275,12 +275,8 @@ class ApiServer:
                     since=since, until=now, now=now,
                 )  # fmt: skip
                 return web.json_response(fleet.to_json())
-            view = ledger if host == ledger.host else await ledger.for_host(host)
-            try:
+            async with host_view(ledger, host) as view:
                 report = await build_report(view, config, since=since, until=now, now=now)
-            finally:
-                if view is not ledger:
-                    await view.close()
         except ReportError as err:
             return web.json_response({"error": str(err)}, status=500)
         return web.json_response(report.to_json())

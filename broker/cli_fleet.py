@@ -17,6 +17,7 @@ from broker.config import BrokerSection, Config, check_database_url
 from broker.errors import BrokerError
 from broker.instance_lock import InstanceLock
 from broker.ledger import ledger_path, open_ledger
+from broker.ledger.base import host_view
 from broker.report import Report, build_report
 from broker.report.fleet import FleetReport, build_fleet_report
 from broker.report.fleet_status import HostStatus, fleet_status
@@ -41,14 +42,10 @@ async def report_for_host(
                 )  # fmt: skip
             finally:
                 await energy_from.close()
-        view = ledger if host in (None, ledger.host) else await ledger.for_host(host)
-        try:
+        async with host_view(ledger, host) as view:
             return await build_report(
                 view, config, since=since, until=until, now=now, by=by, gpu=gpu
             )
-        finally:
-            if view is not ledger:
-                await view.close()
     finally:
         await ledger.close()
 

@@ -8,7 +8,8 @@ every timestamp in, so a store never reads a clock.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import pairwise
@@ -436,3 +437,17 @@ def price_of(row: Sequence[Any]) -> PriceRecord:
     """A prices row read as (ts, kind, price, peers, host)."""
     ts, kind, price, peers, host = row
     return PriceRecord(utc(ts), cast(PriceKind, kind), price, peers, host)
+
+
+@asynccontextmanager
+async def host_view(ledger: Ledger, host: str | None) -> AsyncIterator[Ledger]:
+    """`ledger` read as `host`'s rows: itself for its own host (or None), else a view that
+    is closed after."""
+    if host is None or host == ledger.host:
+        yield ledger
+        return
+    view = await ledger.for_host(host)
+    try:
+        yield view
+    finally:
+        await view.close()

@@ -18,7 +18,7 @@ from rich.console import Group
 from rich.text import Text
 
 from broker.config import Config
-from broker.ledger.base import EnergyTotal, Ledger
+from broker.ledger.base import EnergyTotal, Ledger, host_view
 from broker.report.build import (
     BUCKETS,
     Report,
@@ -129,8 +129,7 @@ async def read_fleet_inputs(
         out: dict[str, ReportInputs] = {}
         for host in hosts:
             # Earnings, notes and prices are a few rows a day: read per host.
-            view = ledger if host == ledger.host else await ledger.for_host(host)
-            try:
+            async with host_view(ledger, host) as view:
                 out[host] = ReportInputs(
                     energy=[],
                     baseline_energy=[],
@@ -140,9 +139,6 @@ async def read_fleet_inputs(
                     notes=await read_notes(view, plan),
                     prices=await read_prices(view, plan.since, plan.end),
                 )
-            finally:
-                if view is not ledger:
-                    await view.close()
         return out
 
     if energy_from is None or energy_from is ledger:

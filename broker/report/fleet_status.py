@@ -8,7 +8,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from broker.config import Config
-from broker.ledger.base import Ledger
+from broker.ledger.base import Ledger, host_view
 from broker.report.fleet import build_fleet_report
 
 # A host not heard from for this long is shown as silent.
@@ -56,8 +56,7 @@ async def fleet_status(ledger: Ledger, config: Config, now: datetime) -> list[Ho
     )
     out: list[HostStatus] = []
     for host in hosts:
-        view = ledger if host == ledger.host else await ledger.for_host(host)
-        try:
+        async with host_view(ledger, host) as view:
             # a year back is as far as a silent host's last state is looked for
             far = now - timedelta(days=366)
             pool = await view.state_intervals(far, now + timedelta(seconds=1), scope="pool")
@@ -68,9 +67,6 @@ async def fleet_status(ledger: Ledger, config: Config, now: datetime) -> list[Ho
                 last.end or last.start if last else None,
                 recent[-1].end if recent else None,
             ) if t is not None]  # fmt: skip
-        finally:
-            if view is not ledger:
-                await view.close()
         day = today.get(host)
         out.append(
             HostStatus(
