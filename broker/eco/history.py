@@ -130,6 +130,12 @@ def process_label(name: str | None, pid: int) -> str:
     return os.path.basename(name) if name else f"pid {pid}"
 
 
+def idle_sample(s: GpuSample, utilization_pct: float) -> bool:
+    """A reading of a card doing no work (below `gpus.idle_utilization_pct`): only such a
+    card says anything about idle draw."""
+    return not s.lost and s.utilization_pct is not None and s.utilization_pct < utilization_pct
+
+
 class IdleHistory:
     """Counts idle samples per card and slot; writes finished slots to the ledger."""
 
@@ -180,12 +186,7 @@ class IdleHistory:
             self._task = asyncio.create_task(self._write(), name="idle-history-write")
 
     def _idle(self, s: GpuSample) -> bool:
-        return (
-            not s.lost
-            and s.power_w is not None
-            and s.utilization_pct is not None
-            and s.utilization_pct < self._util
-        )
+        return s.power_w is not None and idle_sample(s, self._util)
 
     def _finish(self, slot: _Slot) -> None:
         record = slot.record()

@@ -10,7 +10,7 @@ from typing import Any
 from broker.clock import Clock
 from broker.config import Config
 from broker.eco.advice import Flag, flags
-from broker.eco.history import IdleSummary, summarize
+from broker.eco.history import IdleSummary, idle_sample, summarize
 from broker.gpu import create_backend
 from broker.gpu.base import GpuDevice, GpuProcess, GpuSample, ProcessMap
 from broker.ledger import IdleRecord, ledger_exists, open_ledger
@@ -34,13 +34,7 @@ def eco_object(
     for dev in devices:
         sample = samples.get(dev.index)
         held = processes.get(dev.index) or ()
-        # Only a card doing no work says anything about idle draw: a busy card is not judged.
-        idle_now = (
-            sample is not None
-            and not sample.lost
-            and sample.utilization_pct is not None
-            and sample.utilization_pct < config.gpus.idle_utilization_pct
-        )
+        idle_now = sample is not None and idle_sample(sample, config.gpus.idle_utilization_pct)
         past = history.get(dev.uuid) if history is not None else None
         found: list[Flag] = []
         judged_on: str | None = None
