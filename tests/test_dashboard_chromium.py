@@ -234,6 +234,35 @@ async def wait_for(dev: DevTools, expression: str, limit: float = 20.0) -> None:
         await asyncio.sleep(0.2)
 
 
+@contextlib.asynccontextmanager
+async def open_page(
+    session: aiohttp.ClientSession,
+    page_ws: str,
+    url: str,
+    ready: str,
+    *,
+    viewport: tuple[int, int] | None = None,
+) -> AsyncIterator[DevTools]:
+    """The browser's page at `url`, once `ready` is true there; console errors collected."""
+    async with session.ws_connect(page_ws, max_msg_size=0) as ws:
+        dev = DevTools(ws)
+        try:
+            for domain in ("Page", "Runtime", "Log"):
+                await dev.call(f"{domain}.enable")
+            if viewport is not None:
+                width, height = viewport
+                await dev.call(
+                    "Emulation.setDeviceMetricsOverride",
+                    width=width, height=height, deviceScaleFactor=1, mobile=False,
+                )  # fmt: skip
+            await dev.call("Page.navigate", url=url)
+            await wait_for(dev, ready)
+            yield dev
+        finally:
+            with contextlib.suppress(Exception):
+                await dev.aclose()
+
+
 def save_screenshot(png: bytes, path: Path) -> None:
     path.write_bytes(png)
     wanted = os.environ.get("GPU_BROKER_DASHBOARD_PNG")
@@ -280,81 +309,69 @@ async def test_dashboard_draws_what_the_api_serves_in_headless_chromium(
     session, page_ws = browser
     try:
         await rig.until_state(PoolState.LISTED, limit=600)
-        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-            dev = DevTools(ws)
-            try:
-                for domain in ("Page", "Runtime", "Log"):
-                    await dev.call(f"{domain}.enable")
-                await dev.call(
-                    "Emulation.setDeviceMetricsOverride",
-                    width=1280, height=1000, deviceScaleFactor=1, mobile=False,
-                )  # fmt: skip
-                await dev.call("Page.navigate", url=rig.api_url + "/")
-                await wait_for(dev, READY)
-                await wait_for(dev, "document.getElementById('pool-state').textContent"
-                                    " === 'LISTED'")  # fmt: skip
+        page = open_page(session, page_ws, rig.api_url + "/", READY, viewport=(1280, 1000))
+        async with page as dev:
+            await wait_for(dev, "document.getElementById('pool-state').textContent"
+                                " === 'LISTED'")  # fmt: skip
 
-                # Live: a renter arrives; the page follows within its polling interval.
-                fake_vast.add_rental(RentalKind.ON_DEMAND, gpus=2)
-                await rig.until_state(PoolState.RENTED, limit=60)
-                await rig.run_for(600, step=30)
-                await wait_for(dev, "document.getElementById('pool-state').textContent"
-                                    " === 'RENTED'", limit=20)  # fmt: skip
-                # The chart polls every 30 s: load the page again rather than wait for it.
-                await dev.evaluate("window.oldPage = true")
-                await dev.call("Page.navigate", url=rig.api_url + "/")
-                await wait_for(dev, f"!window.oldPage && {READY}")
+            # Live: a renter arrives; the page follows within its polling interval.
+            fake_vast.add_rental(RentalKind.ON_DEMAND, gpus=2)
+            await rig.until_state(PoolState.RENTED, limit=60)
+            await rig.run_for(600, step=30)
+            await wait_for(dev, "document.getElementById('pool-state').textContent"
+                                " === 'RENTED'", limit=20)  # fmt: skip
+            # The chart polls every 30 s: load the page again rather than wait for it.
+            await dev.evaluate("window.oldPage = true")
+            await dev.call("Page.navigate", url=rig.api_url + "/")
+            await wait_for(dev, f"!window.oldPage && {READY}")
 
-                drawn = json.loads(await dev.evaluate(DOM_COUNTS))
-                async with session.get(rig.api_url + "/api/timeline?hours=24") as response:
-                    timeline = await response.json()
-                async with session.get(rig.api_url + "/api/report?days=14") as response:
-                    report = await response.json()
-                assert drawn["gpuRows"] == [
-                    {"uuid": g["uuid"], "segments": len(g["intervals"])} for g in timeline["gpus"]
-                ]
-                assert len(drawn["gpuRows"]) == 2
-                assert drawn["poolSegments"] == len(timeline["pool"]["intervals"])
-                assert drawn["days"] == [row["period"] for row in report["rows"]]
-                assert len(drawn["days"]) == 14
-                assert drawn["sources"] == [row["earnings_source"] for row in report["rows"]]
-                assert "provider" in drawn["sources"] and "estimate" in drawn["sources"]
-                assert drawn["costBars"] == [row["energy_cost"] > 0 for row in report["rows"]]
-                # the extra-net line sits above net (a smaller y) by what idle draw cost
-                assert [d > 0 for d in drawn["netOverExtraNet"]] == [
-                    row["extra_net"] > row["net"] for row in report["rows"]
-                ]
-                assert any(d > 0 for d in drawn["netOverExtraNet"])
-                assert "extra energy only: cost" in drawn["totalsText"]
-                assert drawn["tableRows"] == 2
-                assert drawn["errorShown"] is False
+            drawn = json.loads(await dev.evaluate(DOM_COUNTS))
+            async with session.get(rig.api_url + "/api/timeline?hours=24") as response:
+                timeline = await response.json()
+            async with session.get(rig.api_url + "/api/report?days=14") as response:
+                report = await response.json()
+            assert drawn["gpuRows"] == [
+                {"uuid": g["uuid"], "segments": len(g["intervals"])} for g in timeline["gpus"]
+            ]
+            assert len(drawn["gpuRows"]) == 2
+            assert drawn["poolSegments"] == len(timeline["pool"]["intervals"])
+            assert drawn["days"] == [row["period"] for row in report["rows"]]
+            assert len(drawn["days"]) == 14
+            assert drawn["sources"] == [row["earnings_source"] for row in report["rows"]]
+            assert "provider" in drawn["sources"] and "estimate" in drawn["sources"]
+            assert drawn["costBars"] == [row["energy_cost"] > 0 for row in report["rows"]]
+            # the extra-net line sits above net (a smaller y) by what idle draw cost
+            assert [d > 0 for d in drawn["netOverExtraNet"]] == [
+                row["extra_net"] > row["net"] for row in report["rows"]
+            ]
+            assert any(d > 0 for d in drawn["netOverExtraNet"])
+            assert "extra energy only: cost" in drawn["totalsText"]
+            assert drawn["tableRows"] == 2
+            assert drawn["errorShown"] is False
 
-                # The week heat map of local use draws /api/local-use, cell for cell.
-                await wait_for(dev, "document.getElementById('local-use-map').dataset.ready"
-                                    " === '1'")  # fmt: skip
-                cells = json.loads(await dev.evaluate(HEAT_CELLS))
-                async with session.get(rig.api_url + "/api/local-use?days=28") as response:
-                    week = await response.json()
-                assert len(cells) == 7 * 24
-                assert {(c["day"], c["hour"]): c["used"] for c in cells} == {
-                    (d, h): week["used"][d][h] for d in range(7) for h in range(24)
-                }
-                tz = config.broker.tz
-                hot = {(a.astimezone(tz).weekday(), a.astimezone(tz).hour) for a in arrivals}
-                assert {(c["day"], c["hour"]) for c in cells if c["used"] > 0} == hot
-                assert all(c["fill"] != "#f7f8fa" for c in cells if c["used"] > 0)
-                assert all(c["fill"] == "#f7f8fa" for c in cells if c["used"] == 0)
-                assert week["total_requests"] == 3
-                assert drawn["fleetShown"] is False  # a ledger of its own: no fleet table
-                assert dev.errors() == []
+            # The week heat map of local use draws /api/local-use, cell for cell.
+            await wait_for(dev, "document.getElementById('local-use-map').dataset.ready"
+                                " === '1'")  # fmt: skip
+            cells = json.loads(await dev.evaluate(HEAT_CELLS))
+            async with session.get(rig.api_url + "/api/local-use?days=28") as response:
+                week = await response.json()
+            assert len(cells) == 7 * 24
+            assert {(c["day"], c["hour"]): c["used"] for c in cells} == {
+                (d, h): week["used"][d][h] for d in range(7) for h in range(24)
+            }
+            tz = config.broker.tz
+            hot = {(a.astimezone(tz).weekday(), a.astimezone(tz).hour) for a in arrivals}
+            assert {(c["day"], c["hour"]) for c in cells if c["used"] > 0} == hot
+            assert all(c["fill"] != "#f7f8fa" for c in cells if c["used"] > 0)
+            assert all(c["fill"] == "#f7f8fa" for c in cells if c["used"] == 0)
+            assert week["total_requests"] == 3
+            assert drawn["fleetShown"] is False  # a ledger of its own: no fleet table
+            assert dev.errors() == []
 
-                shot = await dev.call("Page.captureScreenshot", format="png")
-                png = base64.b64decode(shot["data"])
-                assert png.startswith(b"\x89PNG\r\n\x1a\n")
-                save_screenshot(png, tmp_path / "dashboard.png")
-            finally:
-                with contextlib.suppress(Exception):
-                    await dev.aclose()
+            shot = await dev.call("Page.captureScreenshot", format="png")
+            png = base64.b64decode(shot["data"])
+            assert png.startswith(b"\x89PNG\r\n\x1a\n")
+            save_screenshot(png, tmp_path / "dashboard.png")
     finally:
         await rig.aclose()
 
@@ -390,17 +407,8 @@ async def test_a_first_days_dashboard_follows_its_data(
         fake_vast.add_rental(RentalKind.ON_DEMAND, gpus=2)
         await rig.until_state(PoolState.RENTED, limit=60)
         await rig.run_for(600, step=30)
-        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-            dev = DevTools(ws)
-            try:
-                await dev.call("Page.enable")
-                await dev.call("Runtime.enable")
-                await dev.call("Page.navigate", url=rig.api_url + "/")
-                await wait_for(dev, READY)
-                drawn = json.loads(await dev.evaluate(AXIS))
-            finally:
-                with contextlib.suppress(Exception):
-                    await dev.aclose()
+        async with open_page(session, page_ws, rig.api_url + "/", READY) as dev:
+            drawn = json.loads(await dev.evaluate(AXIS))
     finally:
         await rig.aclose()
     # One day drawn, not thirteen empty ones before it.
@@ -442,28 +450,19 @@ async def test_the_fleet_table_shows_every_host_of_a_shared_ledger(
                       2 * 3.6e6)]
     )  # fmt: skip
     await other.close()
-    config = rig_config(tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url)
-    config = config.model_copy(
-        update={"broker": config.broker.model_copy(update={"database_url": url})}
-    )
+    config = rig_config(
+        tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url,
+        broker={"database_url": url},
+    )  # fmt: skip
     rig = Rig(clock, config, fake_ollama, fake_vast)
     await rig.start()
     session, page_ws = browser
     try:
         await rig.until_state(PoolState.LISTED, limit=600)
         await rig.run_for(120, step=30)
-        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-            dev = DevTools(ws)
-            try:
-                for domain in ("Page", "Runtime", "Log"):
-                    await dev.call(f"{domain}.enable")
-                await dev.call("Page.navigate", url=rig.api_url + "/")
-                await wait_for(dev, READY)
-                drawn = json.loads(await dev.evaluate(FLEET))
-                errors = dev.errors()
-            finally:
-                with contextlib.suppress(Exception):
-                    await dev.aclose()
+        async with open_page(session, page_ws, rig.api_url + "/", READY) as dev:
+            drawn = json.loads(await dev.evaluate(FLEET))
+            errors = dev.errors()
         async with session.get(rig.api_url + "/api/fleet") as response:
             fleet = await response.json()
     finally:

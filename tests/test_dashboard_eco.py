@@ -3,15 +3,13 @@ as `GET /api/eco` serves them (the Chromium harness is test_dashboard_chromium.p
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import aiohttp
 from fakes.rig import Rig, RigFactory
 from test_dashboard_chromium import (
-    DevTools,
     browser,  # noqa: F401 - the fixture
-    wait_for,
+    open_page,
 )
 
 CARDS = [
@@ -35,18 +33,10 @@ async def test_a_card_per_gpu_with_its_idle_draw_and_flags(
     rig: Rig = await make_rig(gpus={"fake": CARDS})
     await rig.run_for(120, step=10)
     session, page_ws = browser
-    async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-        dev = DevTools(ws)
-        try:
-            await dev.call("Page.enable")
-            await dev.call("Runtime.enable")
-            await dev.call("Page.navigate", url=rig.api_url + "/")
-            await wait_for(dev, "document.body !== null && document.body.dataset.ecoReady === '1'")
-            drawn = json.loads(await dev.evaluate(DRAWN))
-            assert dev.errors() == []
-        finally:
-            with contextlib.suppress(Exception):
-                await dev.aclose()
+    eco_ready = "document.body !== null && document.body.dataset.ecoReady === '1'"
+    async with open_page(session, page_ws, rig.api_url + "/", eco_ready) as dev:
+        drawn = json.loads(await dev.evaluate(DRAWN))
+        assert dev.errors() == []
     bad, good = drawn
     assert bad["title"].startswith("GPU 0 · ") and bad["watts"] == "35 W idle"
     assert len(bad["flags"]) == 3 and not bad["ok"]

@@ -50,11 +50,8 @@ async def test_the_database_going_away_stalls_no_gate_and_lists_nothing(
         # Each attempt to list while the database is away counts as a cycle (see docs/fleet.md).
         config = rig_config(
             tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url,
-            policy={"max_cycles_per_day": 20},
+            policy={"max_cycles_per_day": 20}, broker={"database_url": url},
         )  # fmt: skip
-        config = config.model_copy(
-            update={"broker": config.broker.model_copy(update={"database_url": url})}
-        )
         rig = Rig(clock, config, fake_ollama, fake_vast)
         await rig.start()
         try:
@@ -118,10 +115,10 @@ async def test_api_report_reads_one_host_or_the_whole_fleet(
     )
     await other.close()
 
-    config = rig_config(tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url)
-    config = config.model_copy(
-        update={"broker": config.broker.model_copy(update={"database_url": url})}
-    )
+    config = rig_config(
+        tmp_path / "state", ollama_url=fake_ollama.url, vast_url=fake_vast.url,
+        broker={"database_url": url},
+    )  # fmt: skip
     rig = Rig(clock, config, fake_ollama, fake_vast)
     await rig.start()
     try:
