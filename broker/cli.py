@@ -29,7 +29,7 @@ from broker.cli_fleet import (
 from broker.client import ServiceClient, show_status
 from broker.clock import Clock, SystemClock
 from broker.config import Config, find_config, load_config
-from broker.errors import BrokerError, ConfigError, ProviderError
+from broker.errors import BrokerError, ConfigError, ProviderError, UsageError
 from broker.ledger import ledger_exists, ledger_path
 from broker.ledger.sqlite import SCHEMA_VERSION
 from broker.preflight import (
@@ -51,8 +51,7 @@ from broker.report.render import to_csv_text, to_json_text, to_text
 from broker.scheduling.tariffs import TariffSchedule
 from broker.scheduling.windows import Calendar
 from broker.simulation.command import run_simulate
-from broker.simulation.inputs import InputError
-from broker.sizing.command import SizingUsageError, run_sizing
+from broker.sizing.command import run_sizing
 from broker.sizing.command import share as sizing_share
 from broker.units import describe_duration
 
@@ -79,6 +78,9 @@ def main(argv: Sequence[str] | None = None, clock: Clock | None = None) -> int:
         err.print(f"gpu-broker: {where}: {count} problem{'s' if count != 1 else ''}", markup=False)
         for problem in error.problems:
             err.print(f"  {problem}", markup=False)
+        return EXIT_USAGE
+    except UsageError as error:
+        err.print(f"gpu-broker {args.command}: {error}", markup=False)
         return EXIT_USAGE
     except BrokerError as error:
         err.print(f"gpu-broker: {error}", markup=False)
@@ -437,23 +439,13 @@ def cmd_report(
 def cmd_simulate(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
-    try:
-        return run_simulate(args, config, clock.now(), out)
-    except InputError as error:
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        err.print(f"gpu-broker simulate: {error}", markup=False)
-        return EXIT_USAGE
+    return run_simulate(args, config, clock.now(), out)
 
 
 def cmd_sizing(
     args: argparse.Namespace, config: Config, path: Path, clock: Clock, out: Console
 ) -> int:
-    try:
-        return run_sizing(args, config, clock.now(), out)
-    except SizingUsageError as error:
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        err.print(f"gpu-broker sizing: {error}", markup=False)
-        return EXIT_USAGE
+    return run_sizing(args, config, clock.now(), out)
 
 
 # -- check --------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ class SecretError(ConfigError):
         super().__init__([f"{key}: {reason}"])
 
 
+class UsageError(BrokerError):
+    """Bad arguments or input files for one command: it says why and exits 2."""
+
+
 class LedgerError(BrokerError):
     """The ledger cannot be opened, migrated or written."""
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from broker.errors import BrokerError
+from broker.errors import UsageError
 from broker.ledger.base import DemandRecord
 
 KINDS = ("on-demand", "interruptible")
 
 
-class InputError(BrokerError):
+class InputError(UsageError):
     """A demand or market file that cannot be read (exit 2: bad usage)."""
 
 

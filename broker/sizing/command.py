@@ -10,14 +10,14 @@ from datetime import datetime
 from rich.console import Console
 
 from broker.config import Config
-from broker.errors import BrokerError
+from broker.errors import BrokerError, UsageError
 from broker.ledger import ledger_exists, ledger_path, open_ledger
 from broker.report import resolve_when
 from broker.sizing.build import DEFAULT_SPAN, Sizing, read_sizing, to_json
 from broker.sizing.render import to_renderable
 
 
-class SizingUsageError(BrokerError):
+class SizingUsageError(UsageError):
     """Bad arguments (exit 2)."""
 
 
