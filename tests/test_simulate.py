@@ -275,7 +275,7 @@ def test_a_bad_trace_is_a_usage_error(
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp,duration_s\n2026-11-02T12:00:00Z,soon\n")
     assert main(["simulate", "-c", str(files["config"]), "--demand", str(bad)]) == 2
-    assert f"{bad}:2: expected a number" in capsys.readouterr().err
+    assert f"gpu-broker simulate: {bad}:2: expected a number" in capsys.readouterr().err
     market = tmp_path / "market.csv"
     market.write_text("timestamp,gpus,hours\n")
     args = ["simulate", "-c", str(files["config"]), "--demand", str(files["demand"])]

@@ -187,7 +187,7 @@ def test_usage_errors_and_a_missing_ledger(
     (tmp_path / "state" / "ledger.sqlite3").touch()
     args = ["sizing", "-c", str(path), "--since", "2026-11-10", "--until", "2026-11-01"]
     assert main(args) == 2
-    assert "--since must be before --until" in capsys.readouterr().err
+    assert "gpu-broker sizing: --since must be before --until" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["sizing", "-c", str(path), "--max-use-share", "1.5"])
     assert exit_info.value.code == 2
